@@ -1,0 +1,186 @@
+"""Structured pruning as a Lightning callback.
+
+Runs in ``setup``, the last callback hook before the strategy wraps and moves the model: estimate
+importance on calibration windows (sharded over the ranks, statistics summed), score every coupled
+group with a granularity, allocate per-layer widths, select units, slice. Rank 0's plan is
+broadcast, so every rank prunes identically.
+
+Override points: :meth:`estimate`, :meth:`score`, :meth:`make_plan`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lightning import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from hywia_lightning.calibration import CalibrationData
+from hywia_lightning.estimation import ImportanceEstimation, Statistics
+from hywia_lightning.granularities import Granularity, check_scores, make_granularity
+from hywia_lightning.plan import LayerPlan, PruningPlan, allocate_widths, count_parameters, select_heads, top_units
+from hywia_lightning.slicing import apply_plan
+from hywia_lightning.structures import LayerStructures, discover_structures
+from hywia_lightning.unit_groups import ATTENTION_UNITS, attention_group, mlp_group, prunable_parameters
+
+from .preflight import Preflight, run_preflight
+
+log = logging.getLogger(__name__)
+
+
+class StructuredPruning(Preflight, Callback):
+    def __init__(
+        self,
+        target_ratio: float,
+        calibration: CalibrationData | None = None,
+        granularity: str | Granularity = "element1",
+        layer_start: int = 0,
+        layer_end: int | None = None,
+        attention_unit: str = "query_heads",
+        heads_to_keep: int | None = None,
+        round_to: int = 1,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            target_ratio: fraction of the model's total parameters to remove (embeddings counted), in (0, 1).
+            calibration: token windows for importance estimation; ``None`` uses the job's ``data``,
+                which must then be a :class:`CalibrationData`.
+            granularity: ``random``, ``magnitude``, ``element1``, ``element2``, ``vector``, or a
+                :class:`Granularity` instance (``class_path`` in YAML).
+            layer_start, layer_end: prune layers ``[layer_start, layer_end)``; negative values count
+                from the end, ``None`` means the last layer.
+            attention_unit: ``query_heads`` (the same number of query heads from every KV group),
+                ``kv_groups`` (whole KV groups) or ``none`` (attention untouched).
+            heads_to_keep: query heads every pruned layer keeps; ``None`` derives it from the ratio.
+            round_to: kept MLP widths are multiples of this (hardware-friendly shapes).
+            seed: seeds the random granularity.
+        """
+        if not 0 < target_ratio < 1:
+            raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
+        if attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"attention_unit={attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
+        if round_to < 1:
+            raise ValueError(f"round_to={round_to} must be a positive integer")
+        if heads_to_keep is not None and heads_to_keep < 1:
+            raise ValueError(f"heads_to_keep={heads_to_keep} must be at least 1 (or null to derive it from target_ratio)")
+        self.target_ratio = target_ratio
+        self.calibration = calibration
+        self.granularity = make_granularity(granularity, seed)
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.attention_unit = attention_unit
+        self.heads_to_keep = heads_to_keep
+        self.round_to = round_to
+        self.plan: PruningPlan | None = None
+
+    # -- validation -----------------------------------------------------------------------------
+    def layer_range(self, num_layers: int) -> range:
+        start = self.layer_start + num_layers if self.layer_start < 0 else self.layer_start
+        end = num_layers if self.layer_end is None else self.layer_end + (num_layers if self.layer_end < 0 else 0)
+        if not 0 <= start < end <= num_layers:
+            raise ValueError(
+                f"layer_start={self.layer_start}, layer_end={self.layer_end} select no valid range of the model's "
+                f"{num_layers} layers; allowed: 0 <= layer_start < layer_end <= {num_layers} (negative counts from the end)"
+            )
+        return range(start, end)
+
+    def target_layers(self, pl_module: LightningModule) -> list[LayerStructures]:
+        structures = discover_structures(pl_module.model)
+        return [structures[i] for i in self.layer_range(len(structures))]
+
+    def calibration_data(self, trainer: Trainer) -> CalibrationData:
+        data = self.calibration if self.calibration is not None else trainer.datamodule
+        if not isinstance(data, CalibrationData):
+            raise ValueError(
+                f"StructuredPruning with granularity={self.granularity.name!r} needs calibration windows: set its "
+                f"calibration to a hywia_lightning.CalibrationData, or the job's data to one (found {type(data).__name__})"
+            )
+        return data
+
+    def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.plan is not None:
+            return  # already pruned: the model no longer is the one the keys were written for
+        layers = self.target_layers(pl_module)
+        allocate_widths(
+            layers, count_parameters(pl_module.model), self.target_ratio, self.attention_unit,
+            self.heads_to_keep, self.round_to,
+        )
+        if self.granularity.needs_gradients:
+            calibration = self.calibration_data(trainer)
+            calibration.check("calibration.source" if calibration is self.calibration else "data.source")
+            calibration.attach_tokenizer(pl_module.tokenizer)
+            calibration.windows()  # a file too short fails now, before any forward pass
+
+    # -- the stage ------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.plan is not None:
+            return
+        run_preflight(trainer, pl_module)
+        report = pl_module.report
+        layers = self.target_layers(pl_module)
+        params_before = count_parameters(pl_module.model)
+        with report.stage("estimation"):
+            statistics = self.estimate(trainer, pl_module, layers) if self.granularity.needs_gradients else None
+        with report.stage("pruning"):
+            scores = self.score(layers, statistics, pl_module.model.config.num_hidden_layers)
+            plan = self.make_plan(layers, scores, params_before)
+            plan = PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+            apply_plan(pl_module.model, plan)
+        self.plan = pl_module.pruning_plan = plan
+        params_after = count_parameters(pl_module.model)
+        config = pl_module.model.config
+        report.record("pruning", {
+            "granularity": self.granularity.name,
+            "target_ratio": self.target_ratio,
+            "params_before": params_before,
+            "params_after": params_after,
+            "fraction_removed": (params_before - params_after) / params_before,
+            "layers": [layers[0].layer, layers[-1].layer + 1],
+            "attention_unit": self.attention_unit,
+            "round_to": self.round_to,
+            "calibration": None if statistics is None else self.calibration_data(trainer).describe(),
+            "layer_widths": {
+                "num_attention_heads": config.layer_num_attention_heads,
+                "num_key_value_heads": config.layer_num_key_value_heads,
+                "intermediate_size": config.layer_intermediate_size,
+            },
+        })
+        log.info("pruned %d -> %d parameters (%.2f%% removed)", params_before, params_after,
+                 100 * (params_before - params_after) / params_before)
+
+    def estimate(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures]) -> Statistics:
+        """Gradient statistics over this rank's share of the windows, summed over all ranks."""
+        model = pl_module.model.to(trainer.strategy.root_device)
+        estimator = ImportanceEstimation(model, prunable_parameters(layers, self.attention_unit))
+        windows = self.calibration_data(trainer).windows()[trainer.global_rank :: trainer.world_size]
+        estimator.accumulate(windows)
+        if trainer.world_size == 1:
+            return estimator.statistics()
+        return estimator.statistics(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+
+    def score(self, layers: list[LayerStructures], statistics: Statistics | None, num_layers: int) -> dict[str, Tensor]:
+        """One score per unit for every group, by this callback's granularity."""
+        scores = {}
+        for s in layers:
+            groups = [mlp_group(s.mlp, num_layers, statistics)]
+            if self.attention_unit != "none":
+                groups.append(attention_group(s.attention, self.attention_unit, num_layers, statistics))
+            for group in groups:
+                scores[group.name] = check_scores(self.granularity(group), group, self.granularity)
+        return scores
+
+    def make_plan(self, layers: list[LayerStructures], scores: dict[str, Tensor], total_params: int) -> PruningPlan:
+        """Per-layer widths from the target, then the highest-scoring units of each group."""
+        widths = allocate_widths(
+            layers, total_params, self.target_ratio, self.attention_unit, self.heads_to_keep, self.round_to
+        )
+        plan = PruningPlan(self.attention_unit)
+        for s in layers:
+            w = widths[s.layer]
+            layer_plan = LayerPlan(channels=top_units(scores[f"layers.{s.layer}.mlp"], w.num_channels))
+            if self.attention_unit != "none":
+                layer_plan.heads, layer_plan.kv_heads = select_heads(
+                    scores[f"layers.{s.layer}.self_attn"], s.attention, w, self.attention_unit
+                )
+            plan.layers[s.layer] = layer_plan
+        return plan

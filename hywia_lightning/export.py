@@ -1,0 +1,56 @@
+"""Export a (pruned) model as a self-contained Hugging Face folder, written atomically.
+
+The folder holds safetensors weights, the config with per-layer widths, the tokenizer and a copy
+of :mod:`hywia_lightning.modeling_pruned`, so it loads with plain transformers and
+``trust_remote_code=True`` on a machine without this package.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import modeling_pruned
+from .structures import check_supported
+
+MODELING_FILE = Path(modeling_pruned.__file__).name
+
+
+def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``out_dir``, replacing it only once the new folder is complete."""
+    check_supported(model)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    config = model.config
+    class_name = modeling_pruned.PRUNED_CLASSES[config.model_type]
+    previous = {key: getattr(config, key, None) for key in ("auto_map", "architectures")}
+    try:
+        config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"}
+        config.architectures = [class_name]
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        for key, value in previous.items():
+            setattr(config, key, value)
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into place: the old folder is moved aside first and removed last."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

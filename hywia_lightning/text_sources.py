@@ -1,0 +1,90 @@
+"""Text sources for calibration and evaluation: local files, the built-in corpus, hub datasets.
+
+The built-in corpus is the Python documentation topics that ship with CPython itself
+(``pydoc_data.topics``, about 460k characters of English prose and code): it is on every machine,
+so the offline default needs no download. The topics, in name order, are cut at the paragraph
+boundary nearest 80% of the characters: the first part is ``train`` (calibration), the rest
+``test`` (evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BUILTIN_SOURCES = ("builtin:python-docs/train", "builtin:python-docs/test")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def describe_sources() -> str:
+    return (
+        f"a local file ({', '.join(FILE_SUFFIXES)}), one of {', '.join(BUILTIN_SOURCES)}, "
+        "or a hub dataset 'hub:<id>[:<config>]' (needs a network)"
+    )
+
+
+def check_source(source: str, key: str) -> None:
+    """Fail fast, before any model work, on a source that cannot be read."""
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES:
+            raise ValueError(f"{key}={source!r} is not a built-in corpus; allowed: {', '.join(BUILTIN_SOURCES)}")
+        return
+    if source.startswith("hub:"):
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={source!r}: no such file; expected {describe_sources()}")
+    if path.suffix not in FILE_SUFFIXES:
+        raise ValueError(f"{key}={source!r}: unsupported file type {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+
+
+def read_text(source: str, key: str, text_field: str = "text", split: str = "train") -> str:
+    """All documents of ``source`` joined by blank lines (lines of a .txt file count as documents,
+    as in the usual WikiText-2 evaluation)."""
+    check_source(source, key)
+    if source.startswith("builtin:"):
+        return _python_docs(source.rsplit("/", 1)[1])
+    if source.startswith("hub:"):
+        return _hub_text(source[len("hub:"):], text_field, split)
+    path = Path(source).expanduser()
+    if path.suffix == ".txt":
+        return "\n\n".join(path.read_text(encoding="utf-8").splitlines())
+    return "\n\n".join(_json_records(path, text_field, key))
+
+
+def _json_records(path: Path, text_field: str, key: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{key}: {path}:{number} is not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{key}: {path}:{number} has no field {text_field!r} (set text_field)")
+            texts.append(str(record[text_field]))
+    return texts
+
+
+def _python_docs(split: str) -> str:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    cut = text.find("\n\n", int(0.8 * len(text)))
+    return text[:cut] if split == "train" else text[cut + 2 :]
+
+
+def _hub_text(spec: str, text_field: str, split: str, max_chars: int = 20_000_000) -> str:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    texts, size = [], 0
+    for record in stream:
+        texts.append(record[text_field])
+        size += len(record[text_field])
+        if size >= max_chars:
+            break
+    return "\n\n".join(texts)

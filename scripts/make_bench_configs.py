@@ -1,0 +1,72 @@
+"""Write configs/bench/<row>_<target>.yaml, one per benchmark row (../shared/BENCHMARK.md).
+
+The rows differ only in the keys of ROWS; everything else is the protocol. A test checks that the
+committed files equal this script's output: edit here, then run
+``python scripts/make_bench_configs.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
+TARGETS = {"20": 0.2, "50": 0.5}
+# row name -> StructuredPruning init_args that define it
+ROWS = {
+    "random": {"granularity": "random"},
+    "magnitude": {"granularity": "magnitude"},
+    "element1": {"granularity": "element1"},
+    "element2": {"granularity": "element2"},
+    "vector": {"granularity": "vector"},
+}
+CALIBRATION = "../shared/data/wikitext-2/valid.txt"
+EVALUATION = "../shared/data/wikitext-2/test.txt"
+
+
+def job(name: str, pruning: dict | None) -> dict:
+    callbacks = []
+    if pruning is not None:
+        callbacks.append({
+            "class_path": "callbacks.StructuredPruning",
+            "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1, **pruning},
+        })
+    callbacks += [
+        {"class_path": "callbacks.PerplexityEvaluation",
+         "init_args": {"source": EVALUATION, "seq_len": 128, "num_chunks": 256}},
+        {"class_path": "callbacks.Export", "init_args": {"dirname": "export"}},
+    ]
+    return {
+        "seed_everything": 0,
+        "model": {"class_path": "hywia_lightning.CausalLM",
+                  "init_args": {"model_name_or_path": "bundled:SmolLM2-135M-Instruct"}},
+        "data": {"class_path": "hywia_lightning.CalibrationData",
+                 "init_args": {"source": CALIBRATION, "num_windows": 32, "seq_len": 128, "seed": 0}},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 0, "limit_train_batches": 0,
+            "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+            "default_root_dir": f"runs/bench/{name}", "callbacks": callbacks,
+        },
+    }
+
+
+def configs() -> dict[str, str]:
+    """File name -> YAML text of every benchmark row."""
+    jobs = {"dense": job("dense", None)}
+    for row, args in ROWS.items():
+        for target, ratio in TARGETS.items():
+            jobs[f"{row}_{target}"] = job(f"{row}_{target}", {"target_ratio": ratio, **args})
+    header = (
+        "# python main.py fit --config configs/bench/{name}.yaml\n"
+        "# A row of the benchmark (../shared/BENCHMARK.md), written by scripts/make_bench_configs.py.\n"
+        "# Calibration text: --data.init_args.source PATH.\n"
+    )
+    return {f"{name}.yaml": header.format(name=name) + yaml.safe_dump(cfg, sort_keys=False) for name, cfg in jobs.items()}
+
+
+if __name__ == "__main__":
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    for name, text in configs().items():
+        (BENCH_DIR / name).write_text(text)
+    print(f"wrote {len(configs())} configs to {BENCH_DIR}")

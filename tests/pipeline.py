@@ -1,0 +1,76 @@
+"""Run a job through the real CLI, as ``python main.py fit --config`` would, from a config dict."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from hywia_lightning.cli import HywiaCLI
+
+
+def prune_job(model_dir: Path, root: Path, data: dict | None = None, **pruning) -> dict:
+    """A pruning-only job on ``model_dir``: prune, evaluate on a few chunks, export to ``root/export``."""
+    return {
+        "seed_everything": 0,
+        "model": {"class_path": "hywia_lightning.CausalLM", "init_args": {"model_name_or_path": str(model_dir)}},
+        "data": {"class_path": "hywia_lightning.CalibrationData", "init_args": {
+            "source": "builtin:python-docs/train", "num_windows": 4, "seq_len": 32, "seed": 0, **(data or {}),
+        }},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 0, "limit_train_batches": 0, "limit_val_batches": 0,
+            "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+            "default_root_dir": str(root),
+            "callbacks": [
+                {"class_path": "callbacks.StructuredPruning", "init_args": {
+                    "target_ratio": 0.1, "granularity": "element1", "layer_start": 1, "layer_end": -1, **pruning,
+                }},
+                {"class_path": "callbacks.PerplexityEvaluation", "init_args": {
+                    "source": "builtin:python-docs/test", "seq_len": 32, "num_chunks": 4,
+                }},
+                {"class_path": "callbacks.Export", "init_args": {"dirname": "export"}},
+            ],
+        },
+    }
+
+
+def run_fit(config: dict, workdir: Path) -> HywiaCLI:
+    path = workdir / "job.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(copy.deepcopy(config)))
+    return HywiaCLI(args=["fit", "--config", str(path)])
+
+
+FRESH_PROCESS_LOAD = r"""
+import sys
+sys.modules["hywia_lightning"] = None  # the export must not need this package
+try:
+    import hywia_lightning
+except ImportError:
+    pass
+else:
+    raise SystemExit("hywia_lightning is importable")
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[3])
+print(type(model).__name__)
+"""
+
+
+def logits_in_fresh_process(export_dir: Path, input_ids: torch.Tensor, workdir: Path) -> tuple[torch.Tensor, str]:
+    """Logits of ``export_dir`` loaded by plain transformers in a new process where this package
+    cannot be imported; also the class name transformers chose."""
+    torch.save(input_ids, workdir / "ids.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_LOAD, str(export_dir), str(workdir / "ids.pt"), str(workdir / "out.pt")],
+        capture_output=True, text=True, cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(workdir / "out.pt"), result.stdout.strip().splitlines()[-1]
