@@ -28,7 +28,7 @@ def perplexity(model: nn.Module, chunks: Tensor, batch_size: int = 8) -> float:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    metric = Perplexity().to(device)
+    metric = Perplexity(sync_on_compute=False).to(device)  # one process evaluates; no collective
     try:
         for batch in chunks.split(batch_size):
             batch = batch.to(device)
