@@ -5,7 +5,8 @@ importance on calibration windows (sharded over the ranks, statistics summed), s
 group with a granularity, allocate per-layer widths, select units, slice. Rank 0's plan is
 broadcast, so every rank prunes identically.
 
-Override points: :meth:`estimate`, :meth:`score`, :meth:`make_plan`.
+Override points: :meth:`estimate`, :meth:`score`, :meth:`make_plan`. Callbacks that mix in
+:class:`~callbacks.pruning_hooks.PruningHooks` are called just before and after slicing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from hywia_lightning.slicing import apply_plan
 from hywia_lightning.structures import LayerStructures, discover_structures
 from hywia_lightning.unit_groups import ATTENTION_UNITS, attention_group, mlp_group, prunable_parameters
 
+from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
+from .pruning_hooks import PruningHooks
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +91,6 @@ class StructuredPruning(Preflight, Callback):
         structures = discover_structures(pl_module.model)
         return [structures[i] for i in self.layer_range(len(structures))]
 
-    def calibration_data(self, trainer: Trainer) -> CalibrationData:
-        data = self.calibration if self.calibration is not None else trainer.datamodule
-        if not isinstance(data, CalibrationData):
-            raise ValueError(
-                f"StructuredPruning with granularity={self.granularity.name!r} needs calibration windows: set its "
-                f"calibration to a hywia_lightning.CalibrationData, or the job's data to one (found {type(data).__name__})"
-            )
-        return data
-
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.plan is not None:
             return  # already pruned: the model no longer is the one the keys were written for
@@ -106,10 +100,8 @@ class StructuredPruning(Preflight, Callback):
             self.heads_to_keep, self.round_to,
         )
         if self.granularity.needs_gradients:
-            calibration = self.calibration_data(trainer)
-            calibration.check("calibration.source" if calibration is self.calibration else "data.source")
-            calibration.attach_tokenizer(pl_module.tokenizer)
-            calibration.windows()  # a file too short fails now, before any forward pass
+            checked_calibration(f"StructuredPruning(granularity={self.granularity.name!r})", self.calibration, trainer,
+                                pl_module.tokenizer)
 
     # -- the stage ------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -125,8 +117,11 @@ class StructuredPruning(Preflight, Callback):
             scores = self.score(layers, statistics, pl_module.model.config.num_hidden_layers)
             plan = self.make_plan(layers, scores, params_before)
             plan = PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+        self._call_hooks("on_before_slicing", trainer, pl_module, plan)
+        with report.stage("pruning"):
             apply_plan(pl_module.model, plan)
         self.plan = pl_module.pruning_plan = plan
+        self._call_hooks("on_after_slicing", trainer, pl_module, plan)
         params_after = count_parameters(pl_module.model)
         config = pl_module.model.config
         report.record("pruning", {
@@ -138,7 +133,7 @@ class StructuredPruning(Preflight, Callback):
             "layers": [layers[0].layer, layers[-1].layer + 1],
             "attention_unit": self.attention_unit,
             "round_to": self.round_to,
-            "calibration": None if statistics is None else self.calibration_data(trainer).describe(),
+            "calibration": None if statistics is None else calibration_for("", self.calibration, trainer).describe(),
             "layer_widths": {
                 "num_attention_heads": config.layer_num_attention_heads,
                 "num_key_value_heads": config.layer_num_key_value_heads,
@@ -148,11 +143,18 @@ class StructuredPruning(Preflight, Callback):
         log.info("pruned %d -> %d parameters (%.2f%% removed)", params_before, params_after,
                  100 * (params_before - params_after) / params_before)
 
+    @staticmethod
+    def _call_hooks(name: str, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, PruningHooks):
+                getattr(callback, name)(trainer, pl_module, plan)
+
     def estimate(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures]) -> Statistics:
         """Gradient statistics over this rank's share of the windows, summed over all ranks."""
         model = pl_module.model.to(trainer.strategy.root_device)
         estimator = ImportanceEstimation(model, prunable_parameters(layers, self.attention_unit))
-        windows = self.calibration_data(trainer).windows()[trainer.global_rank :: trainer.world_size]
+        windows = calibration_for("StructuredPruning", self.calibration, trainer).windows()
+        windows = windows[trainer.global_rank :: trainer.world_size]
         estimator.accumulate(windows)
         if trainer.world_size == 1:
             return estimator.statistics()

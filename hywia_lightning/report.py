@@ -48,10 +48,11 @@ class RunReport:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage into ``seconds.<name>``."""
+        """Add the time spent in a stage to ``seconds.<name>`` (a stage may run in several parts)."""
         start = time.perf_counter()
         yield
-        self.record("seconds", {name: round(time.perf_counter() - start, 3)})
+        spent = time.perf_counter() - start + self.sections["seconds"].get(name, 0.0)
+        self.record("seconds", {name: round(spent, 3)})
 
     def write_to(self, path: Path) -> None:
         self.path = path

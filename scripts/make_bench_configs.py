@@ -21,17 +21,22 @@ ROWS = {
     "element2": {"granularity": "element2"},
     "vector": {"granularity": "vector"},
 }
+# rows that also run with least-squares reconstruction (<row>_recon_<target>)
+RECONSTRUCTED = ("element1",)
+RECONSTRUCTION = {"mode": "independent", "damping": 0.01}
 CALIBRATION = "../shared/data/wikitext-2/valid.txt"
 EVALUATION = "../shared/data/wikitext-2/test.txt"
 
 
-def job(name: str, pruning: dict | None) -> dict:
+def job(name: str, pruning: dict | None, reconstruction: bool = False) -> dict:
     callbacks = []
     if pruning is not None:
         callbacks.append({
             "class_path": "callbacks.StructuredPruning",
             "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1, **pruning},
         })
+    if reconstruction:
+        callbacks.append({"class_path": "callbacks.LeastSquaresReconstruction", "init_args": dict(RECONSTRUCTION)})
     callbacks += [
         {"class_path": "callbacks.PerplexityEvaluation",
          "init_args": {"source": EVALUATION, "seq_len": 128, "num_chunks": 256}},
@@ -57,6 +62,9 @@ def configs() -> dict[str, str]:
     for row, args in ROWS.items():
         for target, ratio in TARGETS.items():
             jobs[f"{row}_{target}"] = job(f"{row}_{target}", {"target_ratio": ratio, **args})
+            if row in RECONSTRUCTED:
+                name = f"{row}_recon_{target}"
+                jobs[name] = job(name, {"target_ratio": ratio, **args}, reconstruction=True)
     header = (
         "# python main.py fit --config configs/bench/{name}.yaml\n"
         "# A row of the benchmark (../shared/BENCHMARK.md), written by scripts/make_bench_configs.py.\n"

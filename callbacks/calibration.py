@@ -1,0 +1,26 @@
+"""Which calibration windows a stage uses: its own, or the job's ``data``."""
+
+from __future__ import annotations
+
+from lightning import Trainer
+
+from hywia_lightning.calibration import CalibrationData
+
+
+def calibration_for(stage: str, own: CalibrationData | None, trainer: Trainer) -> CalibrationData:
+    data = own if own is not None else trainer.datamodule
+    if not isinstance(data, CalibrationData):
+        raise ValueError(
+            f"{stage} needs calibration windows: set its calibration to a hywia_lightning.CalibrationData, "
+            f"or the job's data to one (found {type(data).__name__})"
+        )
+    return data
+
+
+def checked_calibration(stage: str, own: CalibrationData | None, trainer: Trainer, tokenizer) -> CalibrationData:
+    """The windows, built now so that a missing or too short source fails before any forward pass."""
+    data = calibration_for(stage, own, trainer)
+    data.check(f"{stage}.calibration.source" if data is own else "data.source")
+    data.attach_tokenizer(tokenizer)
+    data.windows()
+    return data

@@ -1,0 +1,141 @@
+"""Least-squares reconstruction: exact where exactness is possible, bounded memory, clear failures."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning import Trainer
+
+from callbacks import LeastSquaresReconstruction
+from hywia_lightning.calibration import CalibrationData
+from hywia_lightning.plan import LayerPlan, PruningPlan
+from hywia_lightning.reconstruction import RefitStatistics, solve_refit
+from hywia_lightning.report import RunReport
+from hywia_lightning.slicing import apply_plan
+
+from .conftest import REPO, tiny_llama
+from .pipeline import prune_job, run_fit
+
+INPUT = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def model_with_redundant_units():
+    """Layers 1 and 2: query heads 1 and 3 copy heads 0 and 2 (same KV group), MLP channels 48..95
+    copy channels 0..47, so every unit a plan below removes is an exact copy of a kept one."""
+    model = tiny_llama(num_key_value_heads=2)
+    with torch.no_grad():
+        for i in (1, 2):
+            attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+            attn.q_proj.weight[16:32] = attn.q_proj.weight[0:16]
+            attn.q_proj.weight[48:64] = attn.q_proj.weight[32:48]
+            mlp.gate_proj.weight[48:] = mlp.gate_proj.weight[:48]
+            mlp.up_proj.weight[48:] = mlp.up_proj.weight[:48]
+    return model
+
+
+PLAN = PruningPlan("query_heads", {i: LayerPlan([0, 2], [0, 1], list(range(48))) for i in (1, 2)})
+
+
+def run_reconstruction(model, mode, tokenizer, damping=1e-9, windows=6):
+    callback = LeastSquaresReconstruction(mode=mode, damping=damping,
+                                          calibration=CalibrationData("builtin:python-docs/train", windows, 24))
+    callback.calibration.attach_tokenizer(tokenizer)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    module = SimpleNamespace(model=model, report=RunReport(), tokenizer=tokenizer)
+    callback.on_before_slicing(trainer, module, PLAN)
+    apply_plan(model, PLAN)
+    callback.on_after_slicing(trainer, module, PLAN)
+    return module.report.sections["reconstruction"]
+
+
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_refit_recovers_the_dense_output_when_removed_units_are_copies(mode, tiny_tokenizer):
+    model = model_with_redundant_units()
+    with torch.no_grad():
+        dense = model(INPUT).logits
+    sliced_only = model_with_redundant_units()
+    apply_plan(sliced_only, PLAN)
+    with torch.no_grad():
+        naive_error = (sliced_only(INPUT).logits - dense).abs().max()
+    report = run_reconstruction(model, mode, tiny_tokenizer)
+    with torch.no_grad():
+        refit = model(INPUT).logits
+    assert naive_error > 1e-2  # slicing alone does change the outputs
+    torch.testing.assert_close(refit, dense, atol=1e-5, rtol=1e-5)
+    assert set(report["layers"]) == {"layers.1.self_attn", "layers.1.mlp", "layers.2.self_attn", "layers.2.mlp"}
+    for layer in report["layers"].values():
+        assert layer["error_before"] > 1e-3 and layer["error_after"] < 1e-8
+
+
+def test_a_singular_system_falls_back_and_says_so(caplog):
+    x = torch.randn(50, 3, dtype=torch.float64)
+    features = torch.cat([x, x[:, :1]], dim=1)  # a repeated feature: X Xᵀ is singular
+    stats = RefitStatistics(4, 4)
+    stats.add(features, features)
+    stats.gram[3, 3] -= 1e-3  # and slightly indefinite, as rounding can make it
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    result = solve_refit(weight, weight, stats, damping=0.0, name="layers.0.mlp")
+    assert result.fallback is not None and result.damping > 0
+    assert "not positive definite" in caplog.text
+    assert torch.isfinite(result.weight).all() and result.error_after < 1e-3
+
+
+def test_nan_activations_and_negative_damping_are_refused():
+    stats = RefitStatistics(2, 2)
+    stats.add(torch.tensor([[1.0, float("nan")]]), torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="activations of layers.3.mlp contain NaN"):
+        solve_refit(torch.eye(2), torch.eye(2), stats, 0.01, "layers.3.mlp")
+    with pytest.raises(ValueError, match="damping=-1 must be >= 0"):
+        LeastSquaresReconstruction(damping=-1)
+    with pytest.raises(ValueError, match="mode='greedy' is unknown; allowed: independent, sequential"):
+        LeastSquaresReconstruction(mode="greedy")
+    with pytest.raises(ValueError, match="saw no calibration token"):
+        solve_refit(torch.eye(2), torch.eye(2), RefitStatistics(2, 2), 0.01)
+
+
+def test_missing_calibration_data_fails_before_any_work(tiny_model_dir, tmp_path):
+    job = prune_job(tiny_model_dir, tmp_path, granularity="magnitude")  # needs no calibration itself
+    job.pop("data")
+    job["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction"})
+    with pytest.raises(ValueError, match="LeastSquaresReconstruction needs calibration windows"):
+        run_fit(job, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_reconstruction_in_a_job_lowers_every_layers_error(mode, tiny_model_dir, tmp_path):
+    job = prune_job(tiny_model_dir, tmp_path)
+    job["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction",
+                                           "init_args": {"mode": mode, "damping": 0.01}})
+    run_fit(job, tmp_path)
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    layers = report["reconstruction"]["layers"]
+    assert layers and all(r["error_after"] < r["error_before"] for r in layers.values())
+    assert report["seconds"]["reconstruction"] > 0
+
+
+MEMORY_PROBE = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[2])
+from tests.conftest import tiny_llama
+from hywia_lightning.reconstruction import dense_grams
+model = tiny_llama(intermediate_size=1536, num_hidden_layers=2)
+projections = {i: layer.mlp.down_proj for i, layer in enumerate(model.model.layers)}
+windows = torch.randint(0, 300, (int(sys.argv[1]), 128), generator=torch.Generator().manual_seed(0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dense_grams(model, projections, windows)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_windows():
+    def growth_mib(windows):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(windows), str(REPO)],
+                             capture_output=True, text=True, check=True).stdout
+        return float(out.strip().splitlines()[-1])
+
+    few, many = growth_mib(4), growth_mib(48)
+    # keeping the inputs of 48 windows would cost 48 × 128 × 1536 × 4 B = 36 MiB per layer, 72 MiB in all
+    assert many < few + 16, (few, many)
