@@ -8,14 +8,15 @@ from lightning import Callback, LightningModule, Trainer
 
 from hywia_lightning.export import export_pretrained
 from hywia_lightning.plan import count_parameters
+from hywia_lightning.plots import write_plots
 from hywia_lightning.report import write_json_atomic
 
 from .preflight import Preflight, run_preflight
 
 
 class Export(Preflight, Callback):
-    """Write ``<default_root_dir>/<dirname>/``: a Hugging Face folder, ``report.json`` and, after
-    pruning, ``pruning_plan.json``. Only global rank 0 writes; the previous export is replaced
+    """Write ``<default_root_dir>/<dirname>/``: a Hugging Face folder, ``report.json``, PNG plots
+    of the report and, after pruning, ``pruning_plan.json``. Only global rank 0 writes; the previous export is replaced
     only once the new one is complete."""
 
     def __init__(self, dirname: str = "export") -> None:
@@ -53,5 +54,6 @@ class Export(Preflight, Callback):
             "model_name_or_path": pl_module.hparams.get("model_name_or_path"),
             "params": count_parameters(pl_module.model),
             "export_dir": str(out),
+            "plots": write_plots(report.sections, out),
         })
         report.write_to(out / "report.json")

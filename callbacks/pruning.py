@@ -22,7 +22,7 @@ from hywia_lightning.granularities import Granularity, check_scores, make_granul
 from hywia_lightning.plan import LayerPlan, PruningPlan, allocate_widths, count_parameters, select_heads, top_units
 from hywia_lightning.slicing import apply_plan
 from hywia_lightning.structures import LayerStructures, discover_structures
-from hywia_lightning.unit_groups import ATTENTION_UNITS, attention_group, mlp_group, prunable_parameters
+from hywia_lightning.unit_groups import ATTENTION_UNITS, attention_group, mlp_group, prunable_linears
 
 from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
@@ -94,13 +94,9 @@ class StructuredPruning(Preflight, Callback):
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.plan is not None:
             return  # already pruned: the model no longer is the one the keys were written for
-        layers = self.target_layers(pl_module)
-        allocate_widths(
-            layers, count_parameters(pl_module.model), self.target_ratio, self.attention_unit,
-            self.heads_to_keep, self.round_to,
-        )
-        if self.granularity.needs_gradients:
-            checked_calibration(f"StructuredPruning(granularity={self.granularity.name!r})", self.calibration, trainer,
+        self.widths(self.target_layers(pl_module), count_parameters(pl_module.model))
+        if self.needs_statistics:
+            checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
                                 pl_module.tokenizer)
 
     # -- the stage ------------------------------------------------------------------------------
@@ -112,9 +108,10 @@ class StructuredPruning(Preflight, Callback):
         layers = self.target_layers(pl_module)
         params_before = count_parameters(pl_module.model)
         with report.stage("estimation"):
-            statistics = self.estimate(trainer, pl_module, layers) if self.granularity.needs_gradients else None
+            statistics = self.estimate(trainer, pl_module, layers) if self.needs_statistics else None
+        with report.stage("scoring"):
+            scores = self.score(trainer, pl_module, layers, statistics)
         with report.stage("pruning"):
-            scores = self.score(layers, statistics, pl_module.model.config.num_hidden_layers)
             plan = self.make_plan(layers, scores, params_before)
             plan = PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
         self._call_hooks("on_before_slicing", trainer, pl_module, plan)
@@ -125,7 +122,7 @@ class StructuredPruning(Preflight, Callback):
         params_after = count_parameters(pl_module.model)
         config = pl_module.model.config
         report.record("pruning", {
-            "granularity": self.granularity.name,
+            "granularity": self.method,
             "target_ratio": self.target_ratio,
             "params_before": params_before,
             "params_after": params_after,
@@ -152,7 +149,7 @@ class StructuredPruning(Preflight, Callback):
     def estimate(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures]) -> Statistics:
         """Gradient statistics over this rank's share of the windows, summed over all ranks."""
         model = pl_module.model.to(trainer.strategy.root_device)
-        estimator = ImportanceEstimation(model, prunable_parameters(layers, self.attention_unit))
+        estimator = ImportanceEstimation(model, prunable_linears(layers, self.attention_unit))
         windows = calibration_for("StructuredPruning", self.calibration, trainer).windows()
         windows = windows[trainer.global_rank :: trainer.world_size]
         estimator.accumulate(windows)
@@ -160,22 +157,39 @@ class StructuredPruning(Preflight, Callback):
             return estimator.statistics()
         return estimator.statistics(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
 
-    def score(self, layers: list[LayerStructures], statistics: Statistics | None, num_layers: int) -> dict[str, Tensor]:
-        """One score per unit for every group, by this callback's granularity."""
-        scores = {}
+    @property
+    def needs_statistics(self) -> bool:
+        return self.granularity.needs_statistics
+
+    @property
+    def method(self) -> str:
+        """How units are scored, as the report names it."""
+        return self.granularity.name
+
+    def unit_groups(self, layers: list[LayerStructures], statistics: Statistics | None, num_layers: int) -> list:
+        """Every coupled structure to score, unit-major."""
+        groups = []
         for s in layers:
-            groups = [mlp_group(s.mlp, num_layers, statistics)]
+            groups.append(mlp_group(s.mlp, num_layers, statistics))
             if self.attention_unit != "none":
                 groups.append(attention_group(s.attention, self.attention_unit, num_layers, statistics))
-            for group in groups:
-                scores[group.name] = check_scores(self.granularity(group), group, self.granularity)
-        return scores
+        return groups
+
+    def score(
+        self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures], statistics: Statistics | None
+    ) -> dict[str, Tensor]:
+        """One score per unit for every group, by this callback's granularity."""
+        groups = self.unit_groups(layers, statistics, pl_module.model.config.num_hidden_layers)
+        return {g.name: check_scores(self.granularity(g), g, self.granularity) for g in groups}
+
+    def widths(self, layers: list[LayerStructures], total_params: int) -> dict:
+        return allocate_widths(
+            layers, total_params, self.target_ratio, self.attention_unit, self.heads_to_keep, self.round_to
+        )
 
     def make_plan(self, layers: list[LayerStructures], scores: dict[str, Tensor], total_params: int) -> PruningPlan:
         """Per-layer widths from the target, then the highest-scoring units of each group."""
-        widths = allocate_widths(
-            layers, total_params, self.target_ratio, self.attention_unit, self.heads_to_keep, self.round_to
-        )
+        widths = self.widths(layers, total_params)
         plan = PruningPlan(self.attention_unit)
         for s in layers:
             w = widths[s.layer]

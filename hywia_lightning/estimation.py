@@ -4,7 +4,9 @@ mean gradient ``g`` and mean squared gradient ``g²`` (the diagonal empirical Fi
 Only the prunable weights get accumulators; every other parameter is frozen during the pass, and
 each gradient is folded into its accumulators as soon as autograd produces it and then freed, so
 no separate gradient buffer lives alongside the accumulators. One window per backward keeps
-``g²`` a true per-window Fisher (a batched backward would square a batch mean instead).
+``g²`` a true per-window Fisher (a batched backward would square a batch mean instead). The same
+forward passes also sum the squared input features of every prunable Linear (activation-aware
+schemes such as Wanda's |W|·‖X‖ read their norms), at O(width) memory.
 """
 
 from __future__ import annotations
@@ -15,16 +17,22 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-Statistics = dict[nn.Parameter, tuple[Tensor, Tensor]]
+# per parameter: mean g, mean g², and for a Linear's weight the L2 norm of each of its input
+# features over all calibration tokens (None for biases)
+Statistics = dict[nn.Parameter, tuple[Tensor, Tensor, Tensor | None]]
 
 
 class ImportanceEstimation(LightningModule):
     """Calibration language-model loss of a frozen model, with gradient statistics of ``params``."""
 
-    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], accumulate_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, model: nn.Module, linears: Sequence[nn.Linear], accumulate_dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.model = model
-        self.params = list(params)
+        self.linears = list(linears)
+        self.params = [p for m in self.linears for p in (m.weight, m.bias) if p is not None]
+        self.input_sq_sum: dict[nn.Linear, Tensor] = {}
         self.accumulate_dtype = accumulate_dtype
         self.grad_sum: dict[nn.Parameter, Tensor] = {}
         self.sq_grad_sum: dict[nn.Parameter, Tensor] = {}
@@ -44,6 +52,7 @@ class ImportanceEstimation(LightningModule):
         for p in self.model.parameters():
             p.requires_grad_(id(p) in tracked)
         handles = [p.register_post_accumulate_grad_hook(self._fold_gradient) for p in self.params]
+        handles += [m.register_forward_pre_hook(self._fold_input) for m in self.linears]
         was_training = self.model.training
         self.model.eval()  # no dropout: the statistics are those of the deployed model
         try:
@@ -68,8 +77,15 @@ class ImportanceEstimation(LightningModule):
         self.sq_grad_sum[param].addcmul_(grad, grad)
         param.grad = None
 
+    def _fold_input(self, module: nn.Linear, args) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.accumulate_dtype)
+        if module not in self.input_sq_sum:
+            self.input_sq_sum[module] = torch.zeros(x.shape[-1], dtype=self.accumulate_dtype, device=x.device)
+        self.input_sq_sum[module].add_(x.pow(2).sum(0))
+
     def statistics(self, all_reduce: Callable[[Tensor], Tensor] | None = None) -> Statistics:
-        """Mean ``g`` and ``g²`` per parameter, summed over all processes by ``all_reduce`` when given."""
+        """Mean ``g`` and ``g²`` per parameter and input norms per weight, summed over all processes
+        by ``all_reduce`` when given."""
         count = torch.tensor(float(self.windows_seen), dtype=torch.float64)
         if all_reduce is not None:
             count = all_reduce(count)
@@ -81,5 +97,11 @@ class ImportanceEstimation(LightningModule):
             g, g2 = self.grad_sum.get(p, empty), self.sq_grad_sum.get(p, empty)
             if all_reduce is not None:
                 g, g2 = all_reduce(g), all_reduce(g2)
-            stats[p] = (g / count.item(), g2 / count.item())
+            stats[p] = (g / count.item(), g2 / count.item(), None)
+        for m in self.linears:
+            sq = self.input_sq_sum.get(m, torch.zeros(m.in_features, dtype=self.accumulate_dtype, device=m.weight.device))
+            if all_reduce is not None:
+                sq = all_reduce(sq)
+            g, g2, _ = stats[m.weight]
+            stats[m.weight] = (g, g2, sq.sqrt())
         return stats

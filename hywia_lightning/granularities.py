@@ -2,7 +2,8 @@
 
 Fine-grained scores sum element-wise Taylor terms over a unit (LLM-Pruner's Element¹/Element²);
 the coarse-grained score takes the Taylor term of the whole unit vector (Vector). Magnitude and
-random are the baselines. A new scheme subclasses :class:`Granularity` and implements ``__call__``.
+random are the baselines. A new scheme subclasses :class:`Granularity` and implements ``__call__``
+(see docs/extending.md and callbacks/wanda.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from .unit_groups import UnitGroup
 class Granularity:
     """Score every unit of a group; higher means more important (kept first)."""
 
-    #: Whether scores need the gradient statistics of an estimation pass.
-    needs_gradients: bool = True
+    #: Whether scores need the statistics of an estimation pass (gradients, input norms).
+    needs_statistics: bool = True
+    #: ``"fine"`` (element-wise), ``"coarse"`` (vector/group-wise) or ``None``: how the heuristic
+    #: fusion weighs the scheme along depth (front layers fine, back layers coarse).
+    grain: str | None = None
 
     @property
     def name(self) -> str:
@@ -37,7 +41,7 @@ def _require_gradients(group: UnitGroup, name: str) -> None:
 class Random(Granularity):
     """Seeded uniform scores: the floor every real criterion must beat."""
 
-    needs_gradients = False
+    needs_statistics = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -51,7 +55,7 @@ class Random(Granularity):
 class Magnitude(Granularity):
     """Squared L2 norm of everything the unit owns."""
 
-    needs_gradients = False
+    needs_statistics = False
 
     def __call__(self, group: UnitGroup) -> Tensor:
         return sum(w.double().pow(2).sum(1) for w in group.weights)
@@ -60,6 +64,8 @@ class Magnitude(Granularity):
 class Element1(Granularity):
     """First-order element-wise Taylor: Σ |w·g|."""
 
+    grain = "fine"
+
     def __call__(self, group: UnitGroup) -> Tensor:
         _require_gradients(group, self.name)
         return sum((w.double() * g.double()).abs().sum(1) for w, g in zip(group.weights, group.grads))
@@ -67,6 +73,8 @@ class Element1(Granularity):
 
 class Element2(Granularity):
     """Second-order element-wise Taylor with the diagonal Fisher: Σ |w·g − ½·w²·F|."""
+
+    grain = "fine"
 
     def __call__(self, group: UnitGroup) -> Tensor:
         _require_gradients(group, self.name)
@@ -78,6 +86,8 @@ class Element2(Granularity):
 
 class Vector(Granularity):
     """Coarse-grained (vector-wise) Taylor over the whole coupled unit: |Σ w·g|."""
+
+    grain = "coarse"
 
     def __call__(self, group: UnitGroup) -> Tensor:
         _require_gradients(group, self.name)

@@ -23,7 +23,9 @@ class UnitGroup:
 
     ``weights[i]``, ``grads[i]`` (mean gradient over calibration windows) and ``sq_grads[i]`` (mean
     squared gradient, the diagonal empirical Fisher) are ``[num_units, -1]`` views of the same
-    parameter. ``grads`` and ``sq_grads`` are ``None`` when no estimation pass ran.
+    parameter. ``input_norms[i]`` holds, for every element of ``weights[i]``, the L2 norm over the
+    calibration tokens of the input feature that element multiplies (1 for biases). The statistics
+    are ``None`` when no estimation pass ran.
     """
 
     name: str
@@ -34,6 +36,7 @@ class UnitGroup:
     weights: tuple[Tensor, ...]
     grads: tuple[Tensor, ...] | None = None
     sq_grads: tuple[Tensor, ...] | None = None
+    input_norms: tuple[Tensor, ...] | None = None
 
 
 def effective_attention_unit(attn: AttentionStructure, unit: str) -> str:
@@ -70,15 +73,20 @@ def mlp_members(mlp: MLPStructure) -> list[tuple[nn.Parameter, Callable[[Tensor,
     return members
 
 
-def prunable_parameters(layers: list[LayerStructures], attention_unit: str, prune_mlp: bool = True) -> list[nn.Parameter]:
-    """The parameters whose gradients estimation must accumulate (nothing else gets an accumulator)."""
-    params: list[nn.Parameter] = []
-    for structures in layers:
+def prunable_linears(layers: list[LayerStructures], attention_unit: str) -> list[nn.Linear]:
+    """The projections whose statistics estimation must accumulate (nothing else gets an accumulator)."""
+    linears: list[nn.Linear] = []
+    for s in layers:
         if attention_unit != "none":
-            params += [p for p, _ in attention_members(structures.attention, "kv_groups")]
-        if prune_mlp:
-            params += [p for p, _ in mlp_members(structures.mlp)]
-    return params
+            linears += [s.attention.q_proj, s.attention.k_proj, s.attention.v_proj, s.attention.o_proj]
+        linears += [s.mlp.gate_proj, s.mlp.up_proj, s.mlp.down_proj]
+    return linears
+
+
+def _input_view(p: nn.Parameter, norm: Tensor | None, view, units: int) -> Tensor:
+    if norm is None:  # a bias multiplies no input
+        return view(torch.ones_like(p), units)
+    return view(norm.to(p.dtype)[None, :].expand(p.shape), units)
 
 
 def build_group(
@@ -92,11 +100,12 @@ def build_group(
 ) -> UnitGroup:
     with torch.no_grad():
         weights = tuple(view(p.detach(), num_units) for p, view in members)
-        grads = sq_grads = None
+        grads = sq_grads = norms = None
         if statistics is not None:
             grads = tuple(view(statistics[p][0], num_units) for p, view in members)
             sq_grads = tuple(view(statistics[p][1], num_units) for p, view in members)
-    return UnitGroup(name, kind, layer, num_layers, num_units, weights, grads, sq_grads)
+            norms = tuple(_input_view(p, statistics[p][2], view, num_units) for p, view in members)
+    return UnitGroup(name, kind, layer, num_layers, num_units, weights, grads, sq_grads, norms)
 
 
 def attention_group(

@@ -1,10 +1,12 @@
 """Run the benchmark rows (configs/bench/*.yaml, ../shared/BENCHMARK.md) and tabulate them.
 
-    python scripts/benchmark.py                      # every row
-    python scripts/benchmark.py --rows dense element1_20
+    python scripts/benchmark.py                             # every row, perplexity and zero-shot
+    python scripts/benchmark.py --rows dense element1_20 --zeroshot-limit 0
 
 Each row runs as ``python main.py fit --config configs/bench/<row>.yaml`` in its own process; its
 ``report.json`` is collected into ``<out>/results.json`` and the Markdown table ``<out>/results.md``.
+Zero-shot accuracy (PIQA and ARC-Easy through lm-eval, the first ``--zeroshot-limit`` items) is
+measured on each row's export afterwards, in this process, as a plain transformers model.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def run_row(row: str, runs_dir: Path, data_root: str | None) -> dict:
     root = runs_dir / row
     command = [sys.executable, "main.py", "fit", "--config", str(BENCH / f"{row}.yaml"),
                "--trainer.default_root_dir", str(root)]
-    if data_root:
+    if data_root != "../shared/data":
         command += ["--data.init_args.source", f"{data_root}/wikitext-2/valid.txt"]
     start = time.perf_counter()
     log = root.with_suffix(".log")
@@ -37,11 +39,32 @@ def run_row(row: str, runs_dir: Path, data_root: str | None) -> dict:
     return report
 
 
+ZEROSHOT_TASKS = ["piqa", "arc_easy"]
+
+
+def zeroshot_row(export_dir: Path, data_dir: str, limit: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hywia_lightning.zeroshot import evaluate_zeroshot
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    start = time.perf_counter()
+    scores = evaluate_zeroshot(model, tokenizer, ZEROSHOT_TASKS, data_dir, limit, batch_size=16)
+    return {"limit": limit, "seconds": round(time.perf_counter() - start, 1), **scores}
+
+
+def _accuracy(r: dict, task: str) -> str:
+    score = r.get("zeroshot", {}).get(task)
+    return f"{100 * score['acc']:.1f}" if score else "–"
+
+
 def markdown(results: dict[str, dict]) -> str:
     dense = results.get("dense", {}).get("perplexity", {}).get("value")
     lines = [
-        "| row | params | removed | WikiText-2 PPL | × dense | estimation s | pruning s | peak RSS GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | params | removed | WikiText-2 PPL | × dense | PIQA acc | ARC-e acc | estimation s | "
+        "reconstruction s | peak RSS GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row, r in results.items():
         pruning = r.get("pruning", {})
@@ -50,8 +73,8 @@ def markdown(results: dict[str, dict]) -> str:
         seconds = r.get("seconds", {})
         lines.append(
             f"| {row} | {r['model']['params']:,} | {100 * pruning.get('fraction_removed', 0):.2f}% | {ppl:.2f} | "
-            f"{ratio} | {seconds.get('estimation', 0):.1f} | {seconds.get('pruning', 0):.2f} | "
-            f"{r['memory']['peak_rss_gib']:.2f} |"
+            f"{ratio} | {_accuracy(r, 'piqa')} | {_accuracy(r, 'arc_easy')} | {seconds.get('estimation', 0):.1f} | "
+            f"{seconds.get('reconstruction', 0):.1f} | {r['memory']['peak_rss_gib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -61,7 +84,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", help="row names (default: every configs/bench/*.yaml, dense first)")
     parser.add_argument("--out", default="docs/benchmark", help="folder for results.json and results.md")
     parser.add_argument("--runs", default="runs/bench", help="folder for each row's run")
-    parser.add_argument("--data-root", help="folder holding wikitext-2/ (default: the configs' ../shared/data)")
+    parser.add_argument("--data-root", default="../shared/data", help="folder holding wikitext-2/ and zeroshot/")
+    parser.add_argument("--zeroshot-limit", type=int, default=500, help="items per zero-shot task (0: skip zero-shot)")
+    parser.add_argument("--zeroshot-only", action="store_true", help="only add zero-shot scores to existing rows")
     args = parser.parse_args()
     rows = args.rows or sorted((p.stem for p in BENCH.glob("*.yaml")), key=lambda r: (r != "dense", r))
     out = ROOT / args.out
@@ -69,15 +94,22 @@ def main() -> None:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for row in rows:
-        print(f"[benchmark] {row} ...", flush=True)
-        results[row] = run_row(row, ROOT / args.runs, args.data_root)
-        print(f"[benchmark] {row}: PPL {results[row]['perplexity']['value']:.2f} in {results[row]['wall_seconds']} s", flush=True)
+        if not args.zeroshot_only:
+            print(f"[benchmark] {row} ...", flush=True)
+            results[row] = run_row(row, ROOT / args.runs, args.data_root)
+            print(f"[benchmark] {row}: PPL {results[row]['perplexity']['value']:.2f} in {results[row]['wall_seconds']} s", flush=True)
+        if args.zeroshot_limit > 0:
+            results[row]["zeroshot"] = zeroshot_row(
+                Path(results[row]["model"]["export_dir"]), f"{args.data_root}/zeroshot", args.zeroshot_limit
+            )
+            print(f"[benchmark] {row}: zero-shot {results[row]['zeroshot']}", flush=True)
         ordered = dict(sorted(results.items(), key=lambda kv: (kv[0] != "dense", kv[0])))
         results_path.write_text(json.dumps(ordered, indent=1) + "\n")
         (out / "results.md").write_text(
             "# Benchmark results\n\nProduced by `python scripts/benchmark.py` (protocol: ../shared/BENCHMARK.md; "
             "bundled SmolLM2-135M-Instruct, CPU, 32×128-token WikiText-2 valid calibration windows, "
-            "layers 4..27, perplexity on the first 256×128 tokens of WikiText-2 test).\n\n" + markdown(ordered)
+            "layers 4..27, perplexity on the first 256×128 tokens of WikiText-2 test, zero-shot acc on the first "
+            "N items of PIQA and ARC-Easy, N in results.json).\n\n" + markdown(ordered)
         )
 
 

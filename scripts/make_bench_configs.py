@@ -13,27 +13,34 @@ import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
 TARGETS = {"20": 0.2, "50": 0.5}
-# row name -> StructuredPruning init_args that define it
+# row name -> (pruning callback, its init_args that define the row)
+HYWIA = {"schemes": ["element1", "element2", "vector"]}
+LEARNED = {"epochs": 6, "lr": 0.02, "patience": 2, "holdout": 8, "temperatures": [1.0, 0.05], "width": 16}
 ROWS = {
-    "random": {"granularity": "random"},
-    "magnitude": {"granularity": "magnitude"},
-    "element1": {"granularity": "element1"},
-    "element2": {"granularity": "element2"},
-    "vector": {"granularity": "vector"},
+    "random": ("StructuredPruning", {"granularity": "random"}),
+    "magnitude": ("StructuredPruning", {"granularity": "magnitude"}),
+    "element1": ("StructuredPruning", {"granularity": "element1"}),
+    "element2": ("StructuredPruning", {"granularity": "element2"}),
+    "vector": ("StructuredPruning", {"granularity": "vector"}),
+    "hywia_fixed": ("HybridPruning", {**HYWIA, "mode": "fixed",
+                                      "weights": {"element1": 1.0, "element2": 1.0, "vector": 1.0}}),
+    "hywia_heuristic": ("HybridPruning", {**HYWIA, "mode": "heuristic", "sharpness": 4.0}),
+    "hywia_learned": ("HybridPruning", {**HYWIA, "mode": "learned", **LEARNED}),
 }
 # rows that also run with least-squares reconstruction (<row>_recon_<target>)
-RECONSTRUCTED = ("element1",)
+RECONSTRUCTED = ("element1", "hywia_fixed", "hywia_heuristic", "hywia_learned")
 RECONSTRUCTION = {"mode": "independent", "damping": 0.01}
 CALIBRATION = "../shared/data/wikitext-2/valid.txt"
 EVALUATION = "../shared/data/wikitext-2/test.txt"
 
 
-def job(name: str, pruning: dict | None, reconstruction: bool = False) -> dict:
+def job(name: str, pruning: tuple[str, dict] | None, reconstruction: bool = False) -> dict:
     callbacks = []
     if pruning is not None:
+        callback, args = pruning
         callbacks.append({
-            "class_path": "callbacks.StructuredPruning",
-            "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1, **pruning},
+            "class_path": f"callbacks.{callback}",
+            "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1, **args},
         })
     if reconstruction:
         callbacks.append({"class_path": "callbacks.LeastSquaresReconstruction", "init_args": dict(RECONSTRUCTION)})
@@ -59,12 +66,12 @@ def job(name: str, pruning: dict | None, reconstruction: bool = False) -> dict:
 def configs() -> dict[str, str]:
     """File name -> YAML text of every benchmark row."""
     jobs = {"dense": job("dense", None)}
-    for row, args in ROWS.items():
+    for row, (callback, args) in ROWS.items():
         for target, ratio in TARGETS.items():
-            jobs[f"{row}_{target}"] = job(f"{row}_{target}", {"target_ratio": ratio, **args})
+            pruning = (callback, {"target_ratio": ratio, **args})
+            jobs[f"{row}_{target}"] = job(f"{row}_{target}", pruning)
             if row in RECONSTRUCTED:
-                name = f"{row}_recon_{target}"
-                jobs[name] = job(name, {"target_ratio": ratio, **args}, reconstruction=True)
+                jobs[f"{row}_recon_{target}"] = job(f"{row}_recon_{target}", pruning, reconstruction=True)
     header = (
         "# python main.py fit --config configs/bench/{name}.yaml\n"
         "# A row of the benchmark (../shared/BENCHMARK.md), written by scripts/make_bench_configs.py.\n"

@@ -4,17 +4,35 @@ import json
 import subprocess
 import sys
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from .conftest import REPO
 from .pipeline import prune_job, run_fit
 
 
-def test_two_processes_prune_like_one(tiny_model_dir, tmp_path):
-    single = tmp_path / "single"
-    run_fit(prune_job(tiny_model_dir, single), single)
+import pytest
 
-    config = prune_job(tiny_model_dir, tmp_path / "ddp")
+LEARNED_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
+    "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "epochs": 2, "holdout": 2}}
+
+
+@pytest.mark.parametrize("pruning", [None, LEARNED_HYWIA], ids=["element1", "hywia_learned"])
+def test_two_processes_prune_like_one(pruning, tiny_model_dir, tmp_path):
+    """Estimation sharded over 2 ranks (statistics summed), the learned fusion trained on each rank
+    by its own single-device Trainer, reconstruction moments summed: the plan equals 1 process's."""
+    def job(root):
+        config = prune_job(tiny_model_dir, root, data={"num_windows": 6})
+        if pruning is not None:
+            config["trainer"]["callbacks"][0] = pruning
+        config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction"})
+        return config
+
+    single = tmp_path / "single"
+    run_fit(job(single), single)
+
+    config = job(tmp_path / "ddp")
     config["trainer"].update(strategy="ddp", devices=2)
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -27,3 +45,8 @@ def test_two_processes_prune_like_one(tiny_model_dir, tmp_path):
     assert plan(tmp_path / "ddp") == plan(single)
     report = json.loads((tmp_path / "ddp" / "export" / "report.json").read_text())
     assert report["pruning"]["params_after"] < report["pruning"]["params_before"]
+    weights = lambda root: load_file(root / "export" / "model.safetensors")
+    ddp, one = weights(tmp_path / "ddp"), weights(single)
+    assert ddp.keys() == one.keys()
+    for name in one:  # refit weights differ only by the order of floating-point sums
+        torch.testing.assert_close(ddp[name], one[name], atol=1e-4, rtol=1e-4)

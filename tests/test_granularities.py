@@ -67,3 +67,15 @@ def test_scores_of_the_wrong_shape_or_nan_are_refused():
         check_scores(Broken()(g), g, Broken())
     with pytest.raises(ValueError, match="NaN"):
         check_scores(torch.tensor([0.0, float("nan")]), g, Broken())
+
+
+def test_wanda_weighs_each_element_by_its_input_norm():
+    from callbacks.wanda import WandaActivation
+
+    g = group(W)
+    norms = tuple(torch.tensor(n) for n in ([[1.0, 10.0], [1.0, 10.0]], [[2.0], [2.0]]))
+    g = UnitGroup(g.name, g.kind, g.layer, g.num_layers, g.num_units, g.weights, None, None, norms)
+    # unit 0: 1·1 + 2·10 + 3·2 = 27;  unit 1: 1·1 + 2·10 + 1·2 = 23
+    assert WandaActivation()(g).tolist() == [27.0, 23.0]
+    with pytest.raises(ValueError, match="needs the input norms"):
+        WandaActivation()(group(W))

@@ -1,0 +1,145 @@
+"""The fusion attention: normalization, the rule blends, and that it learns which grain to trust."""
+
+import pytest
+import torch
+from lightning import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.hybrid_pruning import HybridPruning
+from hywia_lightning.fusion import FusionAttention, GroupScores, standardized_log
+from hywia_lightning.fusion_training import FusionTraining, MaskTarget, hard_mask, soft_mask
+
+from .conftest import tiny_llama
+
+
+def test_standardized_log_is_comparable_and_keeps_the_order():
+    scores = torch.tensor([1e-9, 1.0, 5.0, 1e4])
+    z = standardized_log(scores)
+    assert torch.equal(z.argsort(), scores.argsort())
+    assert abs(z.mean().item()) < 1e-9 and abs(z.std(unbiased=False).item() - 1) < 1e-9
+    torch.testing.assert_close(standardized_log(scores * 1e6), z)  # scale-free
+
+
+def test_fusion_starts_as_the_uniform_blend_and_needs_two_schemes():
+    fusion = FusionAttention(3)
+    group = GroupScores.build("layers.0.mlp", "mlp", 0, 4, [torch.rand(10) for _ in range(3)])
+    w = fusion.weights(group.shared_features()[None], group.scheme_features()[None])
+    torch.testing.assert_close(w, torch.full((1, 3), 1 / 3))
+    with pytest.raises(ValueError, match="at least two granularities"):
+        FusionAttention(1)
+
+
+def test_masks_keep_the_planned_count_per_block():
+    fused = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2])
+    target = MaskTarget(torch.nn.Linear(6, 2), 1, keep=1, blocks=2)
+    assert hard_mask(fused, target).tolist() == [0, 1, 0, 0, 1, 0]
+    soft = soft_mask(fused, target, temperature=0.01)
+    torch.testing.assert_close(soft, hard_mask(fused, target), atol=1e-3, rtol=0)
+
+
+def test_heuristic_blend_moves_from_fine_to_coarse_with_depth():
+    callback = HybridPruning(0.2, mode="heuristic")
+    groups = [GroupScores.build(f"layers.{i}.mlp", "mlp", i, 8, [torch.rand(6) for _ in range(3)]) for i in (0, 7)]
+    w = callback.rule_weights(groups)  # schemes: element1 (fine), element2 (fine), vector (coarse)
+    assert w[0, 0] > w[0, 2] and w[1, 2] > w[1, 0]
+    torch.testing.assert_close(w.sum(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_bad_fusion_keys_are_refused():
+    with pytest.raises(ValueError, match="mode='average' is unknown; allowed: fixed, heuristic, learned"):
+        HybridPruning(0.2, mode="average")
+    with pytest.raises(ValueError, match=r"schemes=\['vector'\] fuses fewer than two"):
+        HybridPruning(0.2, schemes=["vector"])
+    with pytest.raises(ValueError, match=r"schemes=\[\] fuses fewer than two"):
+        HybridPruning(0.2, schemes=[])
+    with pytest.raises(ValueError, match="mode='fixed' needs weights: one non-negative weight for each of"):
+        HybridPruning(0.2, mode="fixed", weights={"element1": 1.0})
+
+
+def test_the_fusion_learns_which_granularity_is_right_per_layer():
+    """Half of every layer's MLP channels are dead (zero down_proj columns). Scheme A ranks them last
+    in the front layers and is noise in the back ones; scheme B the reverse. Trained on the frozen
+    model's loss over text the model itself predicts well (its greedy continuations), the fusion must
+    trust A in front and B at the back, and so keep (almost) only live channels everywhere."""
+    torch.manual_seed(0)
+    model = tiny_llama(num_key_value_heads=2, num_hidden_layers=4)
+    dead = torch.arange(0, 96, 2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, dead] = 0
+            layer.mlp.down_proj.weight.mul_(4)  # make the live channels matter
+        model.lm_head.weight.mul_(30)  # confident predictions: a wrong channel choice costs loss
+    informative = torch.ones(96)
+    informative[dead] = 1e-3
+    noise = torch.Generator().manual_seed(1)
+    groups, targets = [], []
+    for i, layer in enumerate(model.model.layers):
+        random_scores = torch.rand(96, generator=noise) + 0.01
+        a, b = (informative, random_scores) if i < 2 else (random_scores, informative)
+        groups.append(GroupScores.build(f"layers.{i}.mlp", "mlp", i, 4, [a, b]))
+        targets.append(MaskTarget(layer.mlp.down_proj, 1, keep=48))
+    torch.manual_seed(0)
+    module = FusionTraining(model, FusionAttention(2, width=8), groups, targets, lr=0.05,
+                            temperatures=(0.5, 0.1), max_epochs=12)
+    prompts = torch.randint(0, 300, (16, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        windows = model.generate(prompts, max_new_tokens=31, min_new_tokens=31, do_sample=False)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=12, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(TensorDataset(windows[:12]), batch_size=1, shuffle=True,
+                                   generator=torch.Generator().manual_seed(0)),
+                DataLoader(TensorDataset(windows[12:]), batch_size=1))
+    w = module.weights()
+    assert (w[:2, 0] > w[:2, 1]).all() and (w[2:, 1] > w[2:, 0]).all(), w
+    live = torch.ones(96)
+    live[dead] = 0
+    for fused, target in zip(module.fused(), targets):
+        kept = hard_mask(fused.detach(), target).bool()
+        assert live[kept].mean() >= 0.9  # a blend that ignored the layer would keep about 0.5
+
+
+@pytest.mark.parametrize("mode", ["fixed", "heuristic", "learned"])
+def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path):
+    """The extension API end to end: a scheme class named by class_path joins the fusion as a key."""
+    import json
+
+    from .pipeline import prune_job, run_fit
+
+    schemes = ["element1", "vector", {"class_path": "callbacks.wanda.WandaActivation"}]
+    extra = {"learned": {"epochs": 2, "holdout": 2},
+             "fixed": {"weights": {"element1": 1.0, "vector": 1.0, "wandaactivation": 2.0}}}.get(mode, {})
+    job = prune_job(tiny_model_dir, tmp_path, data={"num_windows": 6})
+    job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "schemes": schemes, "mode": mode, **extra}}
+    run_fit(job, tmp_path)
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    fusion = report["fusion"]
+    assert fusion["schemes"] == ["element1", "vector", "wandaactivation"]
+    assert set(fusion["weights"]) == {"layers.1.mlp", "layers.1.self_attn", "layers.2.mlp", "layers.2.self_attn"}
+    for weights in fusion["weights"].values():
+        assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-4
+    assert report["pruning"]["granularity"] == f"hywia-{mode}(element1+vector+wandaactivation)"
+    assert (tmp_path / "export" / "fusion_weights.png").stat().st_size > 1000
+    if mode == "learned":
+        assert report["fusion"]["training"]["epochs_run"] >= 1
+
+
+def test_a_scheme_returning_nan_is_refused_naming_it(tiny_model_dir, tmp_path):
+    from .pipeline import prune_job, run_fit
+
+    job = prune_job(tiny_model_dir, tmp_path)
+    job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "heuristic",
+        "schemes": ["element1", {"class_path": "tests.test_fusion.NaNScheme"}]}}
+    with pytest.raises(ValueError, match="granularity 'nanscheme' returned NaN or infinite scores for layers.1"):
+        run_fit(job, tmp_path)
+
+
+from hywia_lightning.granularities import Granularity  # noqa: E402
+
+
+class NaNScheme(Granularity):
+    needs_statistics = False
+
+    def __call__(self, group):
+        return torch.full((group.num_units,), float("nan"))
