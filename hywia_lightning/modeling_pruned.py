@@ -42,28 +42,28 @@ def apply_layer_widths(model: nn.Module) -> None:
         mlp.intermediate_size = channels
 
 
-class PrunedLlamaForCausalLM(LlamaForCausalLM):
+class PerLayerWidths:
+    """Mixin: build the family's model, then give each layer its own widths."""
+
     def __init__(self, config):
         super().__init__(config)
         apply_layer_widths(self)
 
 
-class PrunedMistralForCausalLM(MistralForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        apply_layer_widths(self)
+class PrunedLlamaForCausalLM(PerLayerWidths, LlamaForCausalLM):
+    pass
 
 
-class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        apply_layer_widths(self)
+class PrunedMistralForCausalLM(PerLayerWidths, MistralForCausalLM):
+    pass
 
 
-class PrunedQwen3ForCausalLM(Qwen3ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        apply_layer_widths(self)
+class PrunedQwen2ForCausalLM(PerLayerWidths, Qwen2ForCausalLM):
+    pass
+
+
+class PrunedQwen3ForCausalLM(PerLayerWidths, Qwen3ForCausalLM):
+    pass
 
 
 PRUNED_CLASSES = {
