@@ -34,7 +34,6 @@ from hywia_lightning.plan import count_parameters
 from hywia_lightning.structures import LayerStructures, decoder_layers
 from hywia_lightning.unit_groups import effective_attention_unit
 
-from .calibration import calibration_for
 from .pruning import StructuredPruning
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class HybridPruning(StructuredPruning):
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().check(trainer, pl_module)
         if self.plan is None and self.mode == "learned":
-            windows = calibration_for("HybridPruning", self.calibration, trainer).num_windows
+            windows = self.calibration_data(trainer).num_windows
             if not 0 < self.holdout < windows:
                 raise ValueError(
                     f"holdout={self.holdout} must leave windows for both training and early stopping: "
@@ -172,7 +171,7 @@ class HybridPruning(StructuredPruning):
     ) -> tuple[Tensor, dict]:
         """Train the fusion attention with its own single-device Trainer (every rank trains the same
         fusion from the same seed and windows; rank 0's weights are broadcast)."""
-        windows = calibration_for("HybridPruning", self.calibration, trainer).windows()
+        windows = self.calibration_data(trainer).windows()
         train, held_out = windows[: -self.holdout], windows[-self.holdout :]
         torch.manual_seed(self.seed)
         module = FusionTraining(

@@ -130,7 +130,7 @@ class StructuredPruning(Preflight, Callback):
             "layers": [layers[0].layer, layers[-1].layer + 1],
             "attention_unit": self.attention_unit,
             "round_to": self.round_to,
-            "calibration": None if statistics is None else calibration_for("", self.calibration, trainer).describe(),
+            "calibration": None if statistics is None else self.calibration_data(trainer).describe(),
             "layer_widths": {
                 "num_attention_heads": config.layer_num_attention_heads,
                 "num_key_value_heads": config.layer_num_key_value_heads,
@@ -150,12 +150,14 @@ class StructuredPruning(Preflight, Callback):
         """Gradient statistics over this rank's share of the windows, summed over all ranks."""
         model = pl_module.model.to(trainer.strategy.root_device)
         estimator = ImportanceEstimation(model, prunable_linears(layers, self.attention_unit))
-        windows = calibration_for("StructuredPruning", self.calibration, trainer).windows()
-        windows = windows[trainer.global_rank :: trainer.world_size]
+        windows = self.calibration_data(trainer).windows()[trainer.global_rank :: trainer.world_size]
         estimator.accumulate(windows)
         if trainer.world_size == 1:
             return estimator.statistics()
         return estimator.statistics(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+
+    def calibration_data(self, trainer: Trainer) -> CalibrationData:
+        return calibration_for(type(self).__name__, self.calibration, trainer)
 
     @property
     def needs_statistics(self) -> bool:

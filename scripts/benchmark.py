@@ -56,7 +56,7 @@ def zeroshot_row(export_dir: Path, data_dir: str, limit: int) -> dict:
 
 def _accuracy(r: dict, task: str) -> str:
     score = r.get("zeroshot", {}).get(task)
-    return f"{100 * score['acc']:.1f}" if score else "–"
+    return f"{100 * score['acc']:.1f} (n={score['items']})" if score else "–"
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -77,6 +77,20 @@ def markdown(results: dict[str, dict]) -> str:
             f"{seconds.get('reconstruction', 0):.1f} | {r['memory']['peak_rss_gib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, dict], out: Path) -> None:
+    """``results.json`` and the Markdown table, dense first."""
+    ordered = dict(sorted(results.items(), key=lambda kv: (kv[0] != "dense", kv[0])))
+    (out / "results.json").write_text(json.dumps(ordered, indent=1) + "\n")
+    (out / "results.md").write_text(
+        "# Benchmark results\n\nProduced by `python scripts/benchmark.py` (protocol: ../shared/BENCHMARK.md; "
+        "bundled SmolLM2-135M-Instruct, CPU, 32×128-token WikiText-2 valid calibration windows, "
+        "layers 4..27, perplexity on the first 256×128 tokens of WikiText-2 test, zero-shot acc on the first "
+        "n items of PIQA and ARC-Easy through lm-eval on each row's export; – = not measured yet: "
+        "`python scripts/benchmark.py --zeroshot-only --rows ROW...` adds them).\n\n"
+        + markdown(ordered)
+    )
 
 
 def main() -> None:
@@ -103,15 +117,7 @@ def main() -> None:
                 Path(results[row]["model"]["export_dir"]), f"{args.data_root}/zeroshot", args.zeroshot_limit
             )
             print(f"[benchmark] {row}: zero-shot {results[row]['zeroshot']}", flush=True)
-        ordered = dict(sorted(results.items(), key=lambda kv: (kv[0] != "dense", kv[0])))
-        results_path.write_text(json.dumps(ordered, indent=1) + "\n")
-        (out / "results.md").write_text(
-            "# Benchmark results\n\nProduced by `python scripts/benchmark.py` (protocol: ../shared/BENCHMARK.md; "
-            "bundled SmolLM2-135M-Instruct, CPU, 32×128-token WikiText-2 valid calibration windows, "
-            "layers 4..27, perplexity on the first 256×128 tokens of WikiText-2 test, zero-shot acc on the first "
-            "N items of PIQA and ARC-Easy, N in results.json).\n\n" + markdown(ordered)
-        )
-
+        write_results(results, out)
 
 if __name__ == "__main__":
     main()

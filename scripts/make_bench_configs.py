@@ -22,6 +22,7 @@ ROWS = {
     "element1": ("StructuredPruning", {"granularity": "element1"}),
     "element2": ("StructuredPruning", {"granularity": "element2"}),
     "vector": ("StructuredPruning", {"granularity": "vector"}),
+    "wanda": ("StructuredPruning", {"granularity": {"class_path": "callbacks.wanda.WandaActivation"}}),
     "hywia_fixed": ("HybridPruning", {**HYWIA, "mode": "fixed",
                                       "weights": {"element1": 1.0, "element2": 1.0, "vector": 1.0}}),
     "hywia_heuristic": ("HybridPruning", {**HYWIA, "mode": "heuristic", "sharpness": 4.0}),
