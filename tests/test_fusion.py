@@ -143,3 +143,13 @@ class NaNScheme(Granularity):
 
     def __call__(self, group):
         return torch.full((group.num_units,), float("nan"))
+
+
+def test_holdout_must_leave_training_windows(tiny_model_dir, tmp_path):
+    from .pipeline import prune_job, run_fit
+
+    job = prune_job(tiny_model_dir, tmp_path)  # 4 calibration windows
+    job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "holdout": 4}}
+    with pytest.raises(ValueError, match=r"holdout=4 must leave windows .* allowed 1..3 with 4 calibration windows"):
+        run_fit(job, tmp_path)
