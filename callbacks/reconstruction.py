@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MODES = ("independent", "sequential")
 # block attribute, its output projection, the plan field whose kept units are that projection's inputs
 BLOCKS = (("self_attn", "o_proj", "heads"), ("mlp", "down_proj", "channels"))
+KEPT_FIELD = {block: field for block, _, field in BLOCKS}
+OUTPUT_PROJECTION = {block: proj for block, proj, _ in BLOCKS}
 
 
 class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
@@ -92,8 +94,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             grams, tokens = dense_grams(pl_module.model, projections, self.windows(trainer))
             tokens = int(self._sum_over_ranks(trainer, torch.tensor(float(tokens))).item())
             for (i, block), proj in projections.items():
-                field = dict((b, f) for b, _, f in BLOCKS)[block]
-                keep = self._kept_inputs(getattr(plan.layers[i], field), layers[i].self_attn.head_dim if block == "self_attn" else 1)
+                keep = self._kept_inputs(getattr(plan.layers[i], KEPT_FIELD[block]), layers[i].self_attn.head_dim if block == "self_attn" else 1)
                 gram = self._sum_over_ranks(trainer, grams.pop((i, block)))
                 stats = RefitStatistics.from_dense_gram(gram, keep, tokens)
                 sliced = proj.weight[:, keep]
@@ -120,8 +121,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                     del self._dense_blocks[i]
             else:
                 for (i, block), result in self._pending.items():
-                    proj = dict((b, p) for b, p, _ in BLOCKS)[block]
-                    self._assign(getattr(getattr(layers[i], block), proj), result)
+                    self._assign(getattr(getattr(layers[i], block), OUTPUT_PROJECTION[block]), result)
         self._record(pl_module)
 
     # -- helpers --------------------------------------------------------------------------------

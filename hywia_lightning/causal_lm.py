@@ -9,6 +9,7 @@ from __future__ import annotations
 from lightning import LightningModule
 from torch import Tensor
 
+from .lm_loss import language_model_loss
 from .models import load_causal_lm, resolve_model_path
 from .report import RunReport
 
@@ -31,8 +32,7 @@ class CausalLM(LightningModule):
         return self.model(input_ids=input_ids, **kwargs)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        input_ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        loss = language_model_loss(self.model, batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

@@ -17,6 +17,8 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from .lm_loss import language_model_loss
+
 # per parameter: mean g, mean g², and for a Linear's weight the L2 norm of each of its input
 # features over all calibration tokens (None for biases)
 Statistics = dict[nn.Parameter, tuple[Tensor, Tensor, Tensor | None]]
@@ -39,8 +41,7 @@ class ImportanceEstimation(LightningModule):
         self.windows_seen = 0
 
     def training_step(self, batch: Tensor, batch_idx: int = 0) -> Tensor:
-        input_ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.model(input_ids=input_ids, labels=input_ids).loss
+        return language_model_loss(self.model, batch)
 
     def configure_optimizers(self):
         return None  # estimation reads gradients; it never changes a weight

@@ -18,6 +18,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from .fusion import FusionAttention, GroupScores
+from .lm_loss import language_model_loss
 
 
 @dataclass
@@ -103,21 +104,17 @@ class FusionTraining(LightningModule):
             self.fusion.load_state_dict(self.best_state)
 
     # -- steps ----------------------------------------------------------------------------------
-    def _loss(self, batch) -> Tensor:
-        input_ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-
     def training_step(self, batch, batch_idx: int) -> Tensor:
         temperature = self.temperature()
         self._masks = [soft_mask(f, t, temperature) for f, t in zip(self.fused(), self.targets)]
-        loss = self._loss(batch)
+        loss = language_model_loss(self.model, batch)
         self.log_dict({"fusion_train_loss": loss, "temperature": temperature}, on_epoch=True, on_step=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> Tensor:
         with torch.no_grad():
             self._masks = [hard_mask(f, t) for f, t in zip(self.fused(), self.targets)]
-        loss = self._loss(batch)
+        loss = language_model_loss(self.model, batch)
         self.log("val_loss", loss, on_epoch=True, prog_bar=True)
         return loss
 
