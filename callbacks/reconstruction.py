@@ -24,6 +24,7 @@ from torch import nn
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.plan import PruningPlan
 from hywia_lightning.reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
+from hywia_lightning.slicing import unit_indices
 from hywia_lightning.structures import decoder_layers
 
 from .calibration import calibration_for, checked_calibration
@@ -94,7 +95,8 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             grams, tokens = dense_grams(pl_module.model, projections, self.windows(trainer))
             tokens = int(self._sum_over_ranks(trainer, torch.tensor(float(tokens))).item())
             for (i, block), proj in projections.items():
-                keep = self._kept_inputs(getattr(plan.layers[i], KEPT_FIELD[block]), layers[i].self_attn.head_dim if block == "self_attn" else 1)
+                unit_size = layers[i].self_attn.head_dim if block == "self_attn" else 1
+                keep = unit_indices(getattr(plan.layers[i], KEPT_FIELD[block]), unit_size)
                 gram = self._sum_over_ranks(trainer, grams.pop((i, block)))
                 stats = RefitStatistics.from_dense_gram(gram, keep, tokens)
                 sliced = proj.weight[:, keep]
@@ -125,10 +127,6 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         self._record(pl_module)
 
     # -- helpers --------------------------------------------------------------------------------
-    @staticmethod
-    def _kept_inputs(units: list[int], size: int) -> list[int]:
-        return [u * size + j for u in units for j in range(size)]
-
     @staticmethod
     def _assign(linear: nn.Linear, result: RefitResult) -> None:
         if linear.weight.shape != result.weight.shape:

@@ -137,7 +137,6 @@ def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, int]:
     """``X Xᵀ`` (float64) of the input of every projection (keyed as given) over ``windows``, in one pass."""
     grams = {name: torch.zeros(p.in_features, p.in_features, dtype=torch.float64, device=p.weight.device)
              for name, p in projections.items()}
-    tokens = 0
 
     def hook(name):
         def accumulate(module, args):
@@ -148,11 +147,10 @@ def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, int]:
     handles = [p.register_forward_pre_hook(hook(name)) for name, p in projections.items()]
     try:
         _run_windows(model, windows)
-        tokens = windows.numel()
     finally:
         for handle in handles:
             handle.remove()
-    return grams, tokens
+    return grams, windows.numel()
 
 
 def sequential_statistics(

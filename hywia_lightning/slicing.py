@@ -24,8 +24,8 @@ def _slice_linear(linear: nn.Linear, keep: list[int], dim: int) -> None:
         linear.in_features = len(keep)
 
 
-def _expand(units: list[int], size: int) -> list[int]:
-    """Row indices of whole units of ``size`` rows each."""
+def unit_indices(units: list[int], size: int) -> list[int]:
+    """Row (or column) indices of whole units of ``size`` rows each."""
     return [u * size + i for u in units for i in range(size)]
 
 
@@ -36,10 +36,10 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan) -> None:
         attn, mlp = layers[index].self_attn, layers[index].mlp
         if layer_plan.heads is not None:
             head_dim = attn.head_dim
-            _slice_linear(attn.q_proj, _expand(layer_plan.heads, head_dim), 0)
-            _slice_linear(attn.o_proj, _expand(layer_plan.heads, head_dim), 1)
-            _slice_linear(attn.k_proj, _expand(layer_plan.kv_heads, head_dim), 0)
-            _slice_linear(attn.v_proj, _expand(layer_plan.kv_heads, head_dim), 0)
+            _slice_linear(attn.q_proj, unit_indices(layer_plan.heads, head_dim), 0)
+            _slice_linear(attn.o_proj, unit_indices(layer_plan.heads, head_dim), 1)
+            _slice_linear(attn.k_proj, unit_indices(layer_plan.kv_heads, head_dim), 0)
+            _slice_linear(attn.v_proj, unit_indices(layer_plan.kv_heads, head_dim), 0)
             attn.num_key_value_groups = len(layer_plan.heads) // len(layer_plan.kv_heads)
         if layer_plan.channels is not None:
             _slice_linear(mlp.gate_proj, layer_plan.channels, 0)
