@@ -1,4 +1,4 @@
-"""Lightning callbacks that run the pipeline's stages inside ``fit``; add yours here."""
+"""Lightning callbacks that run the pipeline's stages inside ``fit`` (and evaluate in ``validate``/``test``); add yours here."""
 
 from .export import Export
 from .hybrid_pruning import HybridPruning
@@ -7,9 +7,10 @@ from .preflight import Preflight, run_preflight
 from .pruning import StructuredPruning
 from .pruning_hooks import PruningHooks
 from .reconstruction import LeastSquaresReconstruction
+from .report import Report
 from .zeroshot import ZeroShotEvaluation
 
 __all__ = [
-    "Export", "HybridPruning", "LeastSquaresReconstruction", "PerplexityEvaluation", "Preflight", "PruningHooks", "StructuredPruning",
-    "ZeroShotEvaluation", "run_preflight",
+    "Export", "HybridPruning", "LeastSquaresReconstruction", "PerplexityEvaluation", "Preflight", "PruningHooks", "Report",
+    "StructuredPruning", "ZeroShotEvaluation", "run_preflight",
 ]

@@ -7,16 +7,15 @@ from pathlib import Path
 from lightning import Callback, LightningModule, Trainer
 
 from hywia_lightning.export import export_pretrained
-from hywia_lightning.plan import count_parameters
-from hywia_lightning.plots import write_plots
 from hywia_lightning.report import write_json_atomic
 
 from .preflight import Preflight, run_preflight
+from .report import write_report
 
 
 class Export(Preflight, Callback):
-    """Write ``<default_root_dir>/<dirname>/``: a Hugging Face folder, ``report.json``, PNG plots
-    of the report and, after pruning, ``pruning_plan.json``. Only global rank 0 writes; the previous export is replaced
+    """Write ``<default_root_dir>/<dirname>/``: a Hugging Face folder, ``report.json``, ``report.md``,
+    PNG plots of the report, after pruning ``pruning_plan.json``, and after LoRA recovery ``adapter/``. Only global rank 0 writes; the previous export is replaced
     only once the new one is complete."""
 
     def __init__(self, dirname: str = "export") -> None:
@@ -40,20 +39,20 @@ class Export(Preflight, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         run_preflight(trainer, pl_module)
 
+    def write_artifacts(self, pl_module: LightningModule, folder: Path) -> None:
+        """What goes into the export besides the model: the pruning plan, and the module's own
+        artifacts (``write_artifacts(folder)``, e.g. the LoRA adapters)."""
+        plan = getattr(pl_module, "pruning_plan", None)
+        if plan is not None:
+            write_json_atomic(folder / "pruning_plan.json", plan.to_dict())
+        if hasattr(pl_module, "write_artifacts"):
+            pl_module.write_artifacts(folder)
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         out = self.export_dir(trainer)
         report = pl_module.report
         with report.stage("export"):
-            export_pretrained(pl_module.model, pl_module.tokenizer, out)
-            plan = getattr(pl_module, "pruning_plan", None)
-            if plan is not None:
-                write_json_atomic(out / "pruning_plan.json", plan.to_dict())
-        report.record("model", {
-            "model_name_or_path": pl_module.hparams.get("model_name_or_path"),
-            "params": count_parameters(pl_module.model),
-            "export_dir": str(out),
-            "plots": write_plots(report.sections, out),
-        })
-        report.write_to(out / "report.json")
+            export_pretrained(pl_module.model, pl_module.tokenizer, out, lambda folder: self.write_artifacts(pl_module, folder))
+        write_report(trainer, pl_module, out, export_dir=str(out))  # report.json, report.md, plots, logger

@@ -30,6 +30,7 @@ from hywia_lightning.estimation import Statistics
 from hywia_lightning.fusion import FusionAttention, GroupScores, fuse
 from hywia_lightning.fusion_training import FusionTraining, MaskTarget
 from hywia_lightning.granularities import Granularity, check_scores, make_granularity
+from hywia_lightning.importance_summary import importance_summary
 from hywia_lightning.plan import count_parameters
 from hywia_lightning.structures import LayerStructures, decoder_layers
 from hywia_lightning.unit_groups import effective_attention_unit
@@ -63,6 +64,8 @@ class HybridPruning(StructuredPruning):
         heads_to_keep: int | None = None,
         round_to: int = 1,
         seed: int = 0,
+        accumulate_dtype: str = "float32",
+        estimation_batch_size: int = 1,
     ) -> None:
         """
         Args:
@@ -76,7 +79,8 @@ class HybridPruning(StructuredPruning):
             Other arguments: as :class:`StructuredPruning`.
         """
         super().__init__(target_ratio, calibration, "element1", layer_start, layer_end, attention_unit,
-                         heads_to_keep, round_to, seed)
+                         heads_to_keep, round_to, seed, accumulate_dtype=accumulate_dtype,
+                         estimation_batch_size=estimation_batch_size)
         if mode not in FUSION_MODES:
             raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(FUSION_MODES)}")
         self.schemes = [make_granularity(s, seed) for s in schemes]
@@ -125,6 +129,9 @@ class HybridPruning(StructuredPruning):
             GroupScores.build(g.name, g.kind, g.layer, num_layers, [check_scores(s(g), g, s) for s in self.schemes])
             for g in unit_groups
         ]
+        pl_module.report.record("importance", importance_summary(
+            {s.name: {g.name: g.raw[i] for g in groups} for i, s in enumerate(self.schemes)}
+        ))
         start = time.perf_counter()
         if self.mode == "learned":
             weights, training = self.learn_weights(trainer, pl_module, layers, groups)

@@ -5,6 +5,9 @@ importance on calibration windows (sharded over the ranks, statistics summed), s
 group with a granularity, allocate per-layer widths, select units, slice. Rank 0's plan is
 broadcast, so every rank prunes identically.
 
+The plan is saved in checkpoints: a run resumed from one (``--ckpt_path``) rebuilds the pruned
+architecture from the saved plan instead of estimating again, and the checkpoint's weights fill it.
+
 Override points: :meth:`estimate`, :meth:`score`, :meth:`make_plan`. Callbacks that mix in
 :class:`~callbacks.pruning_hooks.PruningHooks` are called just before and after slicing.
 """
@@ -17,8 +20,10 @@ from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from hywia_lightning.calibration import CalibrationData
-from hywia_lightning.estimation import ImportanceEstimation, Statistics
+from hywia_lightning.checkpoints import callback_state
+from hywia_lightning.estimation import ImportanceEstimation, Statistics, accumulate_dtype_named
 from hywia_lightning.granularities import Granularity, check_scores, make_granularity
+from hywia_lightning.importance_summary import importance_summary
 from hywia_lightning.plan import LayerPlan, PruningPlan, allocate_widths, count_parameters, select_heads, top_units
 from hywia_lightning.slicing import apply_plan
 from hywia_lightning.structures import LayerStructures, discover_structures
@@ -43,6 +48,8 @@ class StructuredPruning(Preflight, Callback):
         heads_to_keep: int | None = None,
         round_to: int = 1,
         seed: int = 0,
+        accumulate_dtype: str = "float32",
+        estimation_batch_size: int = 1,
     ) -> None:
         """
         Args:
@@ -58,6 +65,10 @@ class StructuredPruning(Preflight, Callback):
             heads_to_keep: query heads every pruned layer keeps; ``None`` derives it from the ratio.
             round_to: kept MLP widths are multiples of this (hardware-friendly shapes).
             seed: seeds the random granularity.
+            accumulate_dtype: dtype of the ``g``/``g²`` accumulators: ``float32``, ``float64`` or
+                ``bfloat16`` (half the memory, about 3 significant digits).
+            estimation_batch_size: calibration windows per forward + backward of the estimation;
+                the statistics are the same for any value (per-window gradients are exact).
         """
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
@@ -65,6 +76,10 @@ class StructuredPruning(Preflight, Callback):
             raise ValueError(f"attention_unit={attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
         if round_to < 1:
             raise ValueError(f"round_to={round_to} must be a positive integer")
+        if estimation_batch_size < 1:
+            raise ValueError(f"estimation_batch_size={estimation_batch_size} must be at least 1")
+        self.accumulate_dtype = accumulate_dtype_named(accumulate_dtype)
+        self.estimation_batch_size = estimation_batch_size
         if heads_to_keep is not None and heads_to_keep < 1:
             raise ValueError(f"heads_to_keep={heads_to_keep} must be at least 1 (or null to derive it from target_ratio)")
         self.target_ratio = target_ratio
@@ -103,6 +118,8 @@ class StructuredPruning(Preflight, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.plan is not None:
             return
+        if self.resume(trainer, pl_module):
+            return
         run_preflight(trainer, pl_module)
         report = pl_module.report
         layers = self.target_layers(pl_module)
@@ -140,6 +157,37 @@ class StructuredPruning(Preflight, Callback):
         log.info("pruned %d -> %d parameters (%.2f%% removed)", params_before, params_after,
                  100 * (params_before - params_after) / params_before)
 
+    def resume(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Give the model the pruned shapes of the plan saved in ``trainer.ckpt_path``, if any.
+
+        The weights are the checkpoint's (loaded by Lightning after ``setup``), so neither
+        estimation nor the slicing hooks (reconstruction) run again.
+        """
+        if not trainer.ckpt_path:
+            return False
+        if str(trainer.ckpt_path) in ("last", "best", "hpc", "registry"):
+            raise ValueError(
+                f"ckpt_path={trainer.ckpt_path!r}: a pruning job resumes from a checkpoint path "
+                "(e.g. <dirpath>/last.ckpt), which holds the pruning plan; keywords are resolved too late for it"
+            )
+        state = callback_state(trainer.ckpt_path, self.state_key)
+        if not state or "plan" not in state:
+            raise ValueError(
+                f"ckpt_path={str(trainer.ckpt_path)!r} holds no pruning plan of {self.state_key}: it was not written by a "
+                "run of this pruning job; resume from a checkpoint of the same config"
+            )
+        plan = PruningPlan.from_dict(state["plan"])
+        apply_plan(pl_module.model, plan)
+        self.plan = pl_module.pruning_plan = plan
+        log.info("resuming from %s: pruned architecture rebuilt from the saved plan, estimation skipped", trainer.ckpt_path)
+        return True
+
+    def state_dict(self) -> dict:
+        return {} if self.plan is None else {"plan": self.plan.to_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to do: :meth:`resume` already applied the saved plan in ``setup``, before the weights were loaded."""
+
     @staticmethod
     def _call_hooks(name: str, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
         for callback in trainer.callbacks:
@@ -149,7 +197,8 @@ class StructuredPruning(Preflight, Callback):
     def estimate(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures]) -> Statistics:
         """Gradient statistics over this rank's share of the windows, summed over all ranks."""
         model = pl_module.model.to(trainer.strategy.root_device)
-        estimator = ImportanceEstimation(model, prunable_linears(layers, self.attention_unit))
+        estimator = ImportanceEstimation(model, prunable_linears(layers, self.attention_unit), self.accumulate_dtype,
+                                         self.estimation_batch_size)
         windows = self.calibration_data(trainer).windows()[trainer.global_rank :: trainer.world_size]
         estimator.accumulate(windows)
         if trainer.world_size == 1:
@@ -182,7 +231,9 @@ class StructuredPruning(Preflight, Callback):
     ) -> dict[str, Tensor]:
         """One score per unit for every group, by this callback's granularity."""
         groups = self.unit_groups(layers, statistics, pl_module.model.config.num_hidden_layers)
-        return {g.name: check_scores(self.granularity(g), g, self.granularity) for g in groups}
+        scores = {g.name: check_scores(self.granularity(g), g, self.granularity) for g in groups}
+        pl_module.report.record("importance", importance_summary({self.granularity.name: scores}))
+        return scores
 
     def widths(self, layers: list[LayerStructures], total_params: int) -> dict:
         return allocate_widths(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -23,6 +24,7 @@ from torch import nn
 
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.plan import PruningPlan
+from hywia_lightning.progress import Progress, show_info_logs
 from hywia_lightning.reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
 from hywia_lightning.slicing import unit_indices
 from hywia_lightning.structures import decoder_layers
@@ -79,6 +81,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_before_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
+        show_info_logs()
         layers = decoder_layers(pl_module.model)
         with pl_module.report.stage("reconstruction"):
             if self.mode == "sequential":
@@ -92,9 +95,15 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                 (i, block): getattr(getattr(layers[i], block), proj)
                 for i in plan.layers for block, proj, field in BLOCKS if getattr(plan.layers[i], field) is not None
             }
-            grams, tokens = dense_grams(pl_module.model, projections, self.windows(trainer))
+            windows = self.windows(trainer)
+            start = time.perf_counter()
+            grams, tokens = dense_grams(pl_module.model, projections, windows)
+            seconds = time.perf_counter() - start
+            log.info("reconstruction: X Xᵀ of %d projections over %d windows in %.1fs (%.2f windows/s)",
+                     len(projections), len(windows), seconds, len(windows) / max(seconds, 1e-9))
             tokens = int(self._sum_over_ranks(trainer, torch.tensor(float(tokens))).item())
-            for (i, block), proj in projections.items():
+            progress = Progress("reconstruction: refit", len(projections), unit="projection")
+            for (i, block), proj in progress.iterate(projections.items()):
                 unit_size = layers[i].self_attn.head_dim if block == "self_attn" else 1
                 keep = unit_indices(getattr(plan.layers[i], KEPT_FIELD[block]), unit_size)
                 gram = self._sum_over_ranks(trainer, grams.pop((i, block)))
@@ -106,6 +115,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         layers = decoder_layers(pl_module.model)
         with pl_module.report.stage("reconstruction"):
             if self.mode == "sequential":
+                progress = Progress("reconstruction (sequential)", len(self._dense_blocks), unit="layer")
                 for i in sorted(self._dense_blocks):
                     for block, proj, _ in BLOCKS:
                         dense = self._dense_blocks[i].get(block)
@@ -121,6 +131,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                         self._assign(getattr(pruned, proj), result)
                         self._pending[(i, block)] = result
                     del self._dense_blocks[i]
+                    progress.update()
             else:
                 for (i, block), result in self._pending.items():
                     self._assign(getattr(getattr(layers[i], block), OUTPUT_PROJECTION[block]), result)

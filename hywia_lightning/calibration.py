@@ -59,6 +59,13 @@ class CalibrationData(LightningDataModule):
         if tokenizer is not self.tokenizer:
             self.tokenizer, self._windows = tokenizer, None
 
+    def setup(self, stage: str) -> None:
+        """As the job's ``data`` (``validate``/``test`` with no pruning stage to attach it): take the
+        tokenizer of the job's model when none is attached."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.tokenizer is None and getattr(module, "tokenizer", None) is not None:
+            self.attach_tokenizer(module.tokenizer)
+
     def windows(self) -> Tensor:
         """``[num_windows, seq_len]`` token ids (tokenized once, then cached)."""
         if self._windows is None:
@@ -74,3 +81,11 @@ class CalibrationData(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.windows()), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        """The same windows, so ``validate`` measures the model's language-model loss on them
+        (``limit_val_batches`` bounds how many batches)."""
+        return self.train_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self.train_dataloader()

@@ -2,14 +2,19 @@
 
 It is what the pipeline's callbacks prune, refit and export. On its own it does not train:
 a pruning-only job runs ``fit`` with ``max_steps: 0`` and lets the callbacks do the work.
+``validate`` and ``test`` report the language-model loss and perplexity of the data's batches.
 """
 
 from __future__ import annotations
 
-from lightning import LightningModule
-from torch import Tensor
+from typing import Any
 
-from .lm_loss import language_model_loss
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+from .lm_loss import language_model_loss, scored_tokens
 from .models import load_causal_lm, resolve_model_path
 from .report import RunReport
 
@@ -27,6 +32,8 @@ class CausalLM(LightningModule):
         self.model, self.tokenizer = load_causal_lm(model_name_or_path, cache_dir, dtype)
         self.source_path = resolve_model_path(model_name_or_path, cache_dir)
         self.report = RunReport()
+        # token-weighted mean loss, summed over ranks when computed: perplexity = exp(mean)
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, input_ids: Tensor, **kwargs):
         return self.model(input_ids=input_ids, **kwargs)
@@ -38,3 +45,42 @@ class CausalLM(LightningModule):
 
     def configure_optimizers(self):
         return None  # pruning-only jobs change weights in callbacks, not by gradient steps
+
+    # -- validate / test ------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _evaluate(self, split: str, batch) -> None:
+        self.eval_loss[split].update(language_model_loss(self.model, batch).detach().float(), weight=scored_tokens(batch))
+
+    def _log_evaluation(self, split: str) -> None:
+        metric = self.eval_loss[split]
+        if not metric.update_called:
+            return
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}_loss", loss, sync_dist=False)  # already summed over ranks by compute()
+        self.log(f"{split}_ppl", torch.exp(loss), sync_dist=False)
+        self.record_evaluation(split, loss.item())
+
+    def record_evaluation(self, split: str, loss: float) -> None:
+        """Keep the latest loss of ``split`` in the run's report (with the step it was taken at)."""
+        self.report.record(f"{split}_language_model", {
+            "loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))), "step": self.global_step,
+        })
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hywia_report"] = self.report.sections
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.report.sections.update(checkpoint.get("hywia_report", {}))

@@ -7,20 +7,29 @@ of :mod:`hywia_lightning.modeling_pruned`, so it loads with plain transformers a
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import modeling_pruned
+from .report import file_mode
 from .structures import check_supported
 
 MODELING_FILE = Path(modeling_pruned.__file__).name
 
 
-def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Write ``model`` and ``tokenizer`` to ``out_dir``, replacing it only once the new folder is complete."""
+def export_pretrained(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``out_dir``, replacing it only once the new folder is complete.
+
+    ``write_extra(folder)`` adds files of the caller's (plan, adapters) to the folder before it is swapped in.
+    """
     check_supported(model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +43,9 @@ def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
+        if write_extra is not None:
+            write_extra(staging)
+        _make_readable(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -42,6 +54,14 @@ def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         for key, value in previous.items():
             setattr(config, key, value)
     return out_dir
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the staged folder the modes a plain ``mkdir``/``open`` would (``mkdtemp`` makes it private)."""
+    files = file_mode()
+    folders = files | (files & 0o444) >> 2  # searchable wherever readable
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, folders if path.is_dir() else files)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

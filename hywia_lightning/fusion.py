@@ -42,7 +42,7 @@ class GroupScores:
 
     @classmethod
     def build(cls, name: str, kind: str, layer: int, num_layers: int, raw: list[Tensor]) -> "GroupScores":
-        stacked = torch.stack([r.double() for r in raw])
+        stacked = torch.stack([r.detach().double().cpu() for r in raw])  # small; the fusion works on the CPU
         return cls(name, kind, layer / max(num_layers - 1, 1), stacked, torch.stack([standardized_log(r) for r in stacked]))
 
     def shared_features(self) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .fusion import FusionAttention, GroupScores
 from .lm_loss import language_model_loss
+from .progress import Progress
 
 
 @dataclass
@@ -93,6 +94,7 @@ class FusionTraining(LightningModule):
             p.requires_grad_(False)
         self._handles = [t.projection.register_forward_pre_hook(self._mask_hook(i)) for i, t in enumerate(self.targets)]
         self.model.eval()
+        self._progress = Progress("fusion training", self.max_epochs, unit="epoch", every=0)
 
     def on_fit_end(self) -> None:
         for handle in self._handles:
@@ -124,6 +126,8 @@ class FusionTraining(LightningModule):
         if value < self.best_val_loss:
             self.best_val_loss = value
             self.best_state = copy.deepcopy(self.fusion.state_dict())
+        if hasattr(self, "_progress"):
+            self._progress.update(note=f"held-out loss {value:.4f} (best {self.best_val_loss:.4f})")
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.fusion.parameters(), lr=self.lr)

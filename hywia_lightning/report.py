@@ -1,4 +1,5 @@
-"""One report per run: sections recorded by each stage, written atomically as JSON."""
+"""One report per run: sections recorded by each stage, written atomically as ``report.json`` and,
+rendered for a person, ``report.md`` next to it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .report_markdown import render_markdown
+
 
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (and peak CUDA allocation where a GPU is used), GiB."""
@@ -22,17 +25,34 @@ def peak_memory() -> dict[str, float]:
     return peaks
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (mkstemp's are private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 class RunReport:
-    """Sections of a run's report; once :attr:`path` is set, every record rewrites the file."""
+    """Sections of a run's report; once :attr:`path` is set, every record rewrites ``report.json``
+    there and ``report.md`` next to it."""
 
     def __init__(self) -> None:
         self.sections: dict[str, Any] = {"seconds": {}}
@@ -61,3 +81,4 @@ class RunReport:
     def flush(self) -> None:
         if self.path is not None:
             write_json_atomic(self.path, self.sections)
+            write_text_atomic(self.path.with_name("report.md"), render_markdown(self.sections))

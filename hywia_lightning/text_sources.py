@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 BUILTIN_SOURCES = ("builtin:python-docs/train", "builtin:python-docs/test")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -52,19 +53,24 @@ def read_text(source: str, key: str, text_field: str = "text", split: str = "tra
     return "\n\n".join(_json_records(path, text_field, key))
 
 
-def _json_records(path: Path, text_field: str, key: str) -> list[str]:
-    texts = []
+def json_lines(path: Path, key: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a JSON-lines file; a bad line fails with its place."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{key}: {path}:{number} is not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{key}: {path}:{number} has no field {text_field!r} (set text_field)")
-            texts.append(str(record[text_field]))
+
+
+def _json_records(path: Path, text_field: str, key: str) -> list[str]:
+    texts = []
+    for number, record in json_lines(path, key):
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"{key}: {path}:{number} has no field {text_field!r} (set text_field)")
+        texts.append(str(record[text_field]))
     return texts
 
 

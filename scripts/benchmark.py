@@ -33,9 +33,14 @@ def run_row(row: str, runs_dir: Path, data_root: str | None) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
-    report = json.loads((root / "export" / "report.json").read_text())
-    report["wall_seconds"] = round(time.perf_counter() - start, 1)
-    report["command"] = " ".join(command[1:])
+    return collect_row(row, runs_dir, wall_seconds=round(time.perf_counter() - start, 1))
+
+
+def collect_row(row: str, runs_dir: Path, wall_seconds: float | None = None) -> dict:
+    """The report of a row's finished run (``python main.py fit --config configs/bench/<row>.yaml``)."""
+    report = json.loads((runs_dir / row / "export" / "report.json").read_text())
+    report["wall_seconds"] = wall_seconds
+    report["command"] = f"main.py fit --config {(BENCH / f'{row}.yaml').relative_to(ROOT)}"
     return report
 
 
@@ -63,8 +68,8 @@ def markdown(results: dict[str, dict]) -> str:
     dense = results.get("dense", {}).get("perplexity", {}).get("value")
     lines = [
         "| row | params | removed | WikiText-2 PPL | × dense | PIQA acc | ARC-e acc | estimation s | "
-        "reconstruction s | peak RSS GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "reconstruction s | recovery s | peak RSS GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row, r in results.items():
         pruning = r.get("pruning", {})
@@ -74,7 +79,7 @@ def markdown(results: dict[str, dict]) -> str:
         lines.append(
             f"| {row} | {r['model']['params']:,} | {100 * pruning.get('fraction_removed', 0):.2f}% | {ppl:.2f} | "
             f"{ratio} | {_accuracy(r, 'piqa')} | {_accuracy(r, 'arc_easy')} | {seconds.get('estimation', 0):.1f} | "
-            f"{seconds.get('reconstruction', 0):.1f} | {r['memory']['peak_rss_gib']:.2f} |"
+            f"{seconds.get('reconstruction', 0):.1f} | {seconds.get('recovery', 0):.1f} | {r['memory']['peak_rss_gib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -100,7 +105,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench", help="folder for each row's run")
     parser.add_argument("--data-root", default="../shared/data", help="folder holding wikitext-2/ and zeroshot/")
     parser.add_argument("--zeroshot-limit", type=int, default=500, help="items per zero-shot task (0: skip zero-shot)")
-    parser.add_argument("--zeroshot-only", action="store_true", help="only add zero-shot scores to existing rows")
+    parser.add_argument("--zeroshot-only", action="store_true",
+                        help="run no row; add zero-shot scores to rows already run (in --runs)")
     args = parser.parse_args()
     rows = args.rows or sorted((p.stem for p in BENCH.glob("*.yaml")), key=lambda r: (r != "dense", r))
     out = ROOT / args.out
@@ -112,12 +118,15 @@ def main() -> None:
             print(f"[benchmark] {row} ...", flush=True)
             results[row] = run_row(row, ROOT / args.runs, args.data_root)
             print(f"[benchmark] {row}: PPL {results[row]['perplexity']['value']:.2f} in {results[row]['wall_seconds']} s", flush=True)
+        elif row not in results:
+            results[row] = collect_row(row, ROOT / args.runs)
         if args.zeroshot_limit > 0:
             results[row]["zeroshot"] = zeroshot_row(
                 Path(results[row]["model"]["export_dir"]), f"{args.data_root}/zeroshot", args.zeroshot_limit
             )
             print(f"[benchmark] {row}: zero-shot {results[row]['zeroshot']}", flush=True)
         write_results(results, out)
+
 
 if __name__ == "__main__":
     main()

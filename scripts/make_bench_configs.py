@@ -7,6 +7,7 @@ committed files equal this script's output: edit here, then run
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
@@ -33,6 +34,16 @@ RECONSTRUCTED = ("element1", "hywia_fixed", "hywia_heuristic", "hywia_learned")
 RECONSTRUCTION = {"mode": "independent", "damping": 0.01}
 CALIBRATION = "../shared/data/wikitext-2/valid.txt"
 EVALUATION = "../shared/data/wikitext-2/test.txt"
+# rows that are followed by a short LoRA recovery (<row>_lora_<target>): the best reconstructed row.
+# No instruction data is offline, so LoRA trains on WikiText-2 valid.txt windows (not the test text).
+RECOVERED = ("hywia_learned_recon_50",)
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0003, "weight_decay": 0.0}},
+        "scheduler": {"class_path": "torch.optim.lr_scheduler.LinearLR",
+                      "init_args": {"start_factor": 0.1, "total_iters": 10}}}
+RECOVERY_DATA = {"source": CALIBRATION, "format": "text", "seq_len": 128, "batch_size": 8, "val_size": 16, "seed": 0}
+RECOVERY_STEPS = 200
 
 
 def job(name: str, pruning: tuple[str, dict] | None, reconstruction: bool = False) -> dict:
@@ -64,6 +75,27 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: bool = Fals
     }
 
 
+def with_recovery(name: str, pruning_job: dict) -> dict:
+    """``pruning_job`` followed by LoRA recovery: the calibration windows move into the pruning
+    stages (the job's data becomes the recovery's), so the pruned model is the same as without it."""
+    config = copy.deepcopy(pruning_job)
+    calibration = config.pop("data")
+    config["model"] = {"class_path": "hywia_lightning.LoRARecovery",
+                       "init_args": {**config["model"]["init_args"], **LORA}}
+    config["data"] = {"class_path": "hywia_lightning.RecoveryData", "init_args": dict(RECOVERY_DATA)}
+    trainer = config["trainer"]
+    for key in ("max_steps", "limit_train_batches", "limit_val_batches"):
+        trainer.pop(key)
+    trainer.update(max_steps=RECOVERY_STEPS, val_check_interval=RECOVERY_STEPS // 2, check_val_every_n_epoch=None,
+                   num_sanity_val_steps=-1,
+                   default_root_dir=f"runs/bench/{name}")
+    for callback in trainer["callbacks"]:
+        if callback["class_path"] in ("callbacks.StructuredPruning", "callbacks.HybridPruning",
+                                      "callbacks.LeastSquaresReconstruction"):
+            callback["init_args"]["calibration"] = copy.deepcopy(calibration)
+    return config
+
+
 def configs() -> dict[str, str]:
     """File name -> YAML text of every benchmark row."""
     jobs = {"dense": job("dense", None)}
@@ -73,10 +105,13 @@ def configs() -> dict[str, str]:
             jobs[f"{row}_{target}"] = job(f"{row}_{target}", pruning)
             if row in RECONSTRUCTED:
                 jobs[f"{row}_recon_{target}"] = job(f"{row}_recon_{target}", pruning, reconstruction=True)
+    for row in RECOVERED:
+        name = row.replace("_recon_", "_recon_lora_") if "_recon_" in row else row.replace("_", "_lora_", 1)
+        jobs[name] = with_recovery(name, jobs[row])
     header = (
         "# python main.py fit --config configs/bench/{name}.yaml\n"
         "# A row of the benchmark (../shared/BENCHMARK.md), written by scripts/make_bench_configs.py.\n"
-        "# Calibration text: --data.init_args.source PATH.\n"
+        "# Calibration text: --data.init_args.source PATH (in _lora rows: the recovery text; calibration is per stage).\n"
     )
     return {f"{name}.yaml": header.format(name=name) + yaml.safe_dump(cfg, sort_keys=False) for name, cfg in jobs.items()}
 

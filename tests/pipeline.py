@@ -74,3 +74,32 @@ def logits_in_fresh_process(export_dir: Path, input_ids: torch.Tensor, workdir: 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(workdir / "out.pt"), result.stdout.strip().splitlines()[-1]
+
+
+def recovery_job(model_dir: Path, root: Path, max_steps: int = 4, **data) -> dict:
+    """Prune a tiny model, train LoRA adapters for ``max_steps`` steps (checkpoint every 2), export."""
+    calibration = {"class_path": "hywia_lightning.CalibrationData", "init_args": {
+        "source": "builtin:python-docs/train", "num_windows": 4, "seq_len": 32, "seed": 0}}
+    return {
+        "seed_everything": 0,
+        "model": {"class_path": "hywia_lightning.LoRARecovery", "init_args": {
+            "model_name_or_path": str(model_dir), "r": 4, "alpha": 8, "dropout": 0.1,
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+        }},
+        "data": {"class_path": "hywia_lightning.RecoveryData", "init_args": {
+            "source": "builtin:python-docs/train", "format": "text", "seq_len": 32, "batch_size": 2,
+            "val_size": 4, "max_examples": 64, "seed": 0, **data,
+        }},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "val_check_interval": 2,
+            "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False, "default_root_dir": str(root),
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                    "dirpath": str(root / "checkpoints"), "every_n_train_steps": 2, "save_top_k": -1, "save_last": True}},
+                {"class_path": "callbacks.StructuredPruning", "init_args": {
+                    "target_ratio": 0.1, "calibration": calibration, "layer_start": 1, "layer_end": -1}},
+                {"class_path": "callbacks.LeastSquaresReconstruction", "init_args": {"calibration": calibration}},
+                {"class_path": "callbacks.Export", "init_args": {"dirname": "export"}},
+            ],
+        },
+    }

@@ -1,0 +1,105 @@
+"""The dense model's numbers next to every evaluation: measured once, before pruning, then cached.
+
+Where the dense model comes from, in order:
+
+1. this run prunes the model: it is evaluated in ``on_before_slicing`` (the plan is final, the
+   weights still dense), unless the cache already has it;
+2. this run does not change the model (``validate``/``test``, or ``fit`` without pruning and
+   without a training step) and the model is not a pruned export: its own numbers are the
+   baseline, and go into the cache for later runs;
+3. otherwise (an export of a pruned model, a model trained in this run): ``baseline_model``, or
+   the unpruned model the export's ``report.json`` names, is loaded and evaluated, unless cached.
+
+The cache is ``$HYWIA_CACHE/baselines/`` (see :mod:`hywia_lightning.baseline`). Only global rank 0
+evaluates, as the evaluations themselves do.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from lightning import LightningModule, Trainer
+
+from hywia_lightning.baseline import baseline_key, cached_baseline, dense_reference, model_identity, store_baseline
+from hywia_lightning.models import load_causal_lm
+from hywia_lightning.plan import PruningPlan
+
+from .pruning_hooks import PruningHooks
+
+log = logging.getLogger(__name__)
+
+
+class DenseBaseline(PruningHooks):
+    """Mixin for an evaluation callback with ``baseline`` (bool) and ``baseline_model`` (str or None)
+    attributes; it supplies :attr:`kind`, :meth:`settings` and :meth:`evaluate_model`."""
+
+    kind: str
+    baseline: bool
+    baseline_model: str | None
+    _dense: dict | None = None
+
+    def settings(self) -> dict:
+        """Everything the evaluation's numbers depend on (the cache key)."""
+        raise NotImplementedError
+
+    def evaluate_model(self, model, tokenizer) -> dict:
+        raise NotImplementedError
+
+    # -- the cache key --------------------------------------------------------------------------
+    @staticmethod
+    def _model_options(pl_module: LightningModule) -> tuple[str, str, str | None]:
+        hparams = pl_module.hparams
+        return hparams.get("model_name_or_path"), hparams.get("dtype", "float32"), hparams.get("cache_dir")
+
+    def _key(self, pl_module: LightningModule, model_name_or_path: str) -> dict:
+        _, dtype, _ = self._model_options(pl_module)
+        return baseline_key(model_name_or_path, dtype, self.kind, self.settings())
+
+    # -- case 1: before this run's slicing ------------------------------------------------------
+    def on_before_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
+        if not self.baseline or self.baseline_model or not trainer.is_global_zero:
+            return
+        name, _, cache_dir = self._model_options(pl_module)
+        self._dense = self._timed(pl_module, cached_baseline(
+            self._key(pl_module, name), lambda: self.evaluate_model(pl_module.model, pl_module.tokenizer), cache_dir
+        ))
+
+    def _timed(self, pl_module: LightningModule, dense: dict) -> dict:
+        """The time a measured (not cached) baseline took goes into the report's stages."""
+        if not dense["cached"]:
+            pl_module.report.record("seconds", {f"baseline_{self.kind}": dense["seconds"]})
+        return dense
+
+    # -- at evaluation time ---------------------------------------------------------------------
+    def dense_baseline(self, trainer: Trainer, pl_module: LightningModule, stage: str, results: dict) -> dict | None:
+        """The dense entry of the report for the evaluated model's ``results`` (``None``: baseline off)."""
+        if not self.baseline:
+            return None
+        if self._dense is not None:
+            dense, self._dense = self._dense, None
+            return dense
+        name, _, cache_dir = self._model_options(pl_module)
+        reference = self.baseline_model or dense_reference(name)
+        if reference is None:
+            reason = (f"{name} is a pruned model whose report.json does not name the model it was pruned from; "
+                      f"set {type(self).__name__}.baseline_model")
+            log.warning("no dense %s baseline: %s", self.kind, reason)
+            return {"skipped": reason}
+        unchanged = getattr(pl_module, "pruning_plan", None) is None and (stage != "fit" or trainer.global_step == 0)
+        if unchanged and model_identity(reference) == model_identity(name):
+            key = self._key(pl_module, name)
+            path = store_baseline(key, results, None, cache_dir)
+            return {"model": key["model"], "results": results, "cached": False, "same_model": True, "cache_file": str(path)}
+
+        def evaluate_reference() -> dict:
+            log.info("measuring the dense %s baseline of %s", self.kind, reference)
+            model, tokenizer = load_causal_lm(reference, cache_dir, self._model_options(pl_module)[1])
+            try:
+                device = next(pl_module.model.parameters()).device
+                return self.evaluate_model(model.to(device), tokenizer)
+            finally:
+                del model
+                gc.collect()
+
+        return self._timed(pl_module, cached_baseline(self._key(pl_module, reference), evaluate_reference, cache_dir))

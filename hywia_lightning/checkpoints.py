@@ -1,0 +1,29 @@
+"""Reading a Lightning checkpoint's small entries (callback states) without loading its tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHARDED_METADATA = "meta.pt"  # what Lightning's FSDP writes beside the shards of a sharded checkpoint
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's dictionary, with tensors memory-mapped (not read) where the format allows;
+    for a sharded (FSDP) checkpoint folder, its metadata file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SHARDED_METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r}: no such checkpoint file (or sharded checkpoint folder)")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:  # an old (non-zip) serialization cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def callback_state(path: str | Path, state_key: str) -> dict[str, Any] | None:
+    """The state a callback saved in the checkpoint at ``path`` (``None`` if it saved none)."""
+    return checkpoint_metadata(path).get("callbacks", {}).get(state_key)

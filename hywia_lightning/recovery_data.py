@@ -1,0 +1,181 @@
+"""Training data of the LoRA recovery: Alpaca instructions or plain text, seeded, sharded, resumable.
+
+- ``alpaca``: records of a ``.json``/``.jsonl`` file or ``hub:<id>`` (``yahma/alpaca-cleaned`` in
+  LLM-Pruner's recipe), loss on the response tokens only, cut at ``seq_len`` tokens.
+- ``text``: non-overlapping ``seq_len``-token windows of a text source (the offline default uses
+  the built-in corpus), loss on every token.
+
+``batch_size`` is the global batch of one forward step: every rank takes ``batch_size / world_size``
+examples, drawn by one seeded permutation per epoch that does not depend on the number of ranks,
+so a run on N processes sees the same examples per step as a run on one. The position inside an
+epoch is saved in checkpoints, so a resumed run continues with the next unseen batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import PreTrainedTokenizerBase
+
+from .instruction_data import read_instructions, tokenize_instruction
+from .lm_loss import IGNORE_INDEX
+from .text_sources import check_source, read_text
+
+FORMATS = ("alpaca", "text")
+
+
+class ResumableSampler(DistributedSampler):
+    """This rank's share of a seeded per-epoch permutation; can start an epoch part-way (on resume)."""
+
+    def __init__(self, size: int, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0  # only the resumed epoch starts part-way
+        return iter(indices[start:])
+
+
+class PositionedLoader(DataLoader):
+    """The training loader. Its position is restored by :class:`RecoveryData` (saved from the trainer's
+    progress counters, which, unlike a count of fetched batches, do not run ahead by Lightning's
+    prefetch); the empty state interface tells Lightning the loader resumes mid-epoch."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+class RecoveryData(LightningDataModule):
+    def __init__(
+        self,
+        source: str,
+        format: str = "alpaca",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_size: int = 16,
+        max_examples: int | None = None,
+        seed: int = 0,
+        text_field: str = "text",
+        train_on_inputs: bool = False,
+    ) -> None:
+        """
+        Args:
+            source: ``alpaca``: a ``.json``/``.jsonl`` file or ``hub:<id>``; ``text``: a text source
+                (local ``.txt``/``.jsonl``, ``builtin:python-docs/train``, ``hub:<id>[:<config>]``).
+            format: ``alpaca`` or ``text``.
+            seq_len: ``alpaca``: cutoff length of an example; ``text``: window length.
+            batch_size: examples per step over all ranks (must divide by the number of processes).
+            val_size: examples held out (seeded) for validation.
+            max_examples: train on at most this many examples (``None``: all).
+            train_on_inputs: ``alpaca`` only: score the prompt tokens too.
+        """
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format={format!r} is unknown; allowed: {', '.join(FORMATS)}")
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{key}={value} must be at least 1")
+        if val_size < 0:
+            raise ValueError(f"val_size={val_size} must be >= 0")
+        if max_examples is not None and max_examples < 1:
+            raise ValueError(f"max_examples={max_examples} must be at least 1 (or null for all)")
+        if format == "text":
+            check_source(source, "data.source")
+        self.source, self.format, self.seq_len, self.batch_size = source, format, seq_len, batch_size
+        self.val_size, self.max_examples, self.seed = val_size, max_examples, seed
+        self.text_field, self.train_on_inputs = text_field, train_on_inputs
+        self.train_set: list[dict[str, torch.Tensor]] = []
+        self.val_set: list[dict[str, torch.Tensor]] = []
+        self.pad_id = 0
+        self._resume: dict[str, int] = {}
+
+    # -- building -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Read, check and tokenize everything now: before pruning, before any training step."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self.per_device_batch_size(world)
+        if self.train_set:
+            return
+        tokenizer = self.trainer.lightning_module.tokenizer
+        self.build(tokenizer)
+        if len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"data.source={self.source!r} gives {len(self.train_set)} training examples after holding out "
+                f"val_size={self.val_size}, fewer than batch_size={self.batch_size}; use more data or a smaller batch"
+            )
+
+    def per_device_batch_size(self, world_size: int) -> int:
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} (the global batch) does not divide across {world_size} processes "
+                f"(devices × nodes); use a multiple of {world_size}"
+            )
+        return self.batch_size // world_size
+
+    def build(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        examples = self._examples(tokenizer)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        if len(examples) <= self.val_size:
+            raise ValueError(f"data.source={self.source!r} has {len(examples)} examples, not more than val_size={self.val_size}")
+        self.val_set = [examples[i] for i in order[: self.val_size]]
+        self.train_set = [examples[i] for i in order[self.val_size :]][: self.max_examples]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _examples(self, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
+        if self.format == "alpaca":
+            records = read_instructions(self.source, "data.source")
+            return [tokenize_instruction(tokenizer, r, self.seq_len, self.train_on_inputs) for r in records]
+        text = read_text(self.source, "data.source", self.text_field)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        windows = ids[: ids.numel() // self.seq_len * self.seq_len].reshape(-1, self.seq_len)
+        return [{"input_ids": w, "labels": w} for w in windows]
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source, "format": self.format, "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "train_examples": len(self.train_set), "val_examples": len(self.val_set), "seed": self.seed,
+        }
+
+    # -- loaders --------------------------------------------------------------------------------
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example; padding is masked and not scored."""
+        length = max(e["input_ids"].numel() for e in examples)
+        batch = {
+            "input_ids": torch.full((len(examples), length), self.pad_id, dtype=torch.long),
+            "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+        }
+        for row, e in enumerate(examples):
+            n = e["input_ids"].numel()
+            batch["input_ids"][row, :n], batch["labels"][row, :n], batch["attention_mask"][row, :n] = e["input_ids"], e["labels"], 1
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = ResumableSampler(len(self.train_set), trainer.world_size, trainer.global_rank, self.seed)
+        per_device = self.per_device_batch_size(trainer.world_size)
+        if self._resume.get("epoch") == trainer.current_epoch and 0 < self._resume["batches"] < len(sampler) // per_device:
+            sampler.start = self._resume["batches"] * per_device
+        self._resume = {}
+        return PositionedLoader(self.train_set, batch_size=per_device, sampler=sampler, collate_fn=self.collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.per_device_batch_size(self.trainer.world_size), collate_fn=self.collate)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where in the epoch training is, read from the trainer's own progress counters."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict)
