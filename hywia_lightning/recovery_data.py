@@ -86,8 +86,6 @@ class RecoveryData(LightningDataModule):
             raise ValueError(f"val_size={val_size} must be >= 0")
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"max_examples={max_examples} must be at least 1 (or null for all)")
-        if format == "text":
-            check_source(source, "data.source")
         self.source, self.format, self.seq_len, self.batch_size = source, format, seq_len, batch_size
         self.val_size, self.max_examples, self.seed = val_size, max_examples, seed
         self.text_field, self.train_on_inputs = text_field, train_on_inputs
@@ -103,6 +101,7 @@ class RecoveryData(LightningDataModule):
         self.per_device_batch_size(world)
         if self.train_set:
             return
+        self.check()
         tokenizer = self.trainer.lightning_module.tokenizer
         self.build(tokenizer)
         if len(self.train_set) < self.batch_size:
@@ -110,6 +109,11 @@ class RecoveryData(LightningDataModule):
                 f"data.source={self.source!r} gives {len(self.train_set)} training examples after holding out "
                 f"val_size={self.val_size}, fewer than batch_size={self.batch_size}; use more data or a smaller batch"
             )
+
+    def check(self) -> None:
+        """A text source that cannot be read fails here (instruction files are checked as they are read)."""
+        if self.format == "text":
+            check_source(self.source, "data.source")
 
     def per_device_batch_size(self, world_size: int) -> int:
         if self.batch_size % world_size:

@@ -92,7 +92,7 @@ def test_bad_settings_are_refused_with_the_key():
     with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
         RecoveryData("x.jsonl", batch_size=0)
     with pytest.raises(FileNotFoundError, match="data.source='missing.txt'"):
-        RecoveryData("missing.txt", format="text")
+        RecoveryData("missing.txt", format="text").check()
 
 
 def test_merging_from_a_state_dict_equals_peft_in_place_and_keeps_tied_embeddings():
