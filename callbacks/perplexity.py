@@ -12,7 +12,7 @@ from lightning import Callback, LightningModule, Trainer
 from hywia_lightning.baseline import file_fingerprint
 from hywia_lightning.perplexity import chunk_tokens, perplexity
 from hywia_lightning.progress import show_info_logs
-from hywia_lightning.text_sources import check_source, read_text
+from hywia_lightning.text_sources import check_source, read_text, token_ids
 
 from .dense_baseline import DenseBaseline
 from .preflight import Preflight, run_preflight
@@ -59,7 +59,7 @@ class PerplexityEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
         """The evaluation chunks (tokenized once)."""
         if self._chunks is None:
             text = read_text(self.source, "PerplexityEvaluation.source", self.text_field, split="test")
-            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            ids = token_ids(tokenizer, text)
             self._chunks = chunk_tokens(ids, self.seq_len, self.num_chunks, self.stride, f"PerplexityEvaluation.source={self.source!r}")
         return self._chunks
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-from .text_sources import check_source, read_text
+from .text_sources import check_source, read_text, token_ids
 
 
 def token_windows(token_ids: Tensor, num_windows: int, seq_len: int, seed: int, source: str = "text") -> Tensor:
@@ -72,7 +72,7 @@ class CalibrationData(LightningDataModule):
             if self.tokenizer is None:
                 raise RuntimeError("CalibrationData needs a tokenizer: call attach_tokenizer(tokenizer) first")
             text = read_text(self.source, "calibration.source", self.text_field, self.split)
-            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            ids = token_ids(self.tokenizer, text)
             self._windows = token_windows(ids, self.num_windows, self.seq_len, self.seed, f"calibration.source={self.source!r}")
         return self._windows
 

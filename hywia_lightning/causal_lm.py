@@ -7,6 +7,7 @@ a pruning-only job runs ``fit`` with ``max_steps: 0`` and lets the callbacks do 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,7 +76,7 @@ class CausalLM(LightningModule):
     def record_evaluation(self, split: str, loss: float) -> None:
         """Keep the latest loss of ``split`` in the run's report (with the step it was taken at)."""
         self.report.record(f"{split}_language_model", {
-            "loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))), "step": self.global_step,
+            "loss": loss, "perplexity": math.exp(loss), "step": self.global_step,
         })
 
     # -- checkpoint -----------------------------------------------------------------------------

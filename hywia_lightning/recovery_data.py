@@ -22,7 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .instruction_data import read_instructions, tokenize_instruction
 from .lm_loss import IGNORE_INDEX
-from .text_sources import check_source, read_text
+from .perplexity import chunk_tokens
+from .text_sources import check_source, read_text, token_ids
 
 FORMATS = ("alpaca", "text")
 
@@ -137,8 +138,7 @@ class RecoveryData(LightningDataModule):
             records = read_instructions(self.source, "data.source")
             return [tokenize_instruction(tokenizer, r, self.seq_len, self.train_on_inputs) for r in records]
         text = read_text(self.source, "data.source", self.text_field)
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        windows = ids[: ids.numel() // self.seq_len * self.seq_len].reshape(-1, self.seq_len)
+        windows = chunk_tokens(token_ids(tokenizer, text), self.seq_len, num_chunks=None)
         return [{"input_ids": w, "labels": w} for w in windows]
 
     def describe(self) -> dict:

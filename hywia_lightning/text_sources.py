@@ -65,6 +65,13 @@ def json_lines(path: Path, key: str) -> Iterator[tuple[int, Any]]:
                 raise ValueError(f"{key}: {path}:{number} is not valid JSON ({error.msg})") from None
 
 
+def token_ids(tokenizer, text: str):
+    """The text's token ids as one long tensor, no special tokens (windows and chunks are cut from it)."""
+    import torch
+
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
 def _json_records(path: Path, text_field: str, key: str) -> list[str]:
     texts = []
     for number, record in json_lines(path, key):
