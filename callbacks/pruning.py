@@ -1,33 +1,35 @@
-"""Structured pruning as a Lightning callback.
+"""Structured pruning as a Lightning callback: a thin adapter over :func:`hywia_lightning.pipeline.prune`.
 
-Runs in ``setup``, the last callback hook before the strategy wraps and moves the model: estimate
-importance on calibration windows (sharded over the ranks, statistics summed), score every coupled
-group with a granularity, allocate per-layer widths, select units, slice. Rank 0's plan is
-broadcast, so every rank prunes identically.
+Runs in ``setup``, the last callback hook before the strategy wraps and moves the model. The
+library does the method (estimation, scoring, allocation, selection); this callback decides when it
+runs, hands it this rank's share of the windows and the strategy's collectives, calls the
+:class:`~callbacks.pruning_hooks.PruningHooks` of other callbacks around the slicing, and records
+the report. The plan is saved in checkpoints: a run resumed from one (``--ckpt_path``) rebuilds
+the pruned architecture from the saved plan instead of estimating again.
 
-The plan is saved in checkpoints: a run resumed from one (``--ckpt_path``) rebuilds the pruned
-architecture from the saved plan instead of estimating again, and the checkpoint's weights fill it.
-
-Override points: :meth:`estimate`, :meth:`score`, :meth:`make_plan`. Callbacks that mix in
-:class:`~callbacks.pruning_hooks.PruningHooks` are called just before and after slicing.
+Override point: :meth:`score` (one score per unit of every group; by default the granularity's).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from hywia_lightning.allocation import Allocation, PruningScope, make_allocation
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state
-from hywia_lightning.estimation import ImportanceEstimation, Statistics, accumulate_dtype_named
-from hywia_lightning.granularities import Granularity, check_scores, make_granularity
-from hywia_lightning.importance_summary import importance_summary
-from hywia_lightning.plan import LayerPlan, PruningPlan, allocate_widths, count_parameters, select_heads, top_units
+from hywia_lightning.estimation import accumulate_dtype_named
+from hywia_lightning.granularities import Granularity, make_granularity
+from hywia_lightning.pipeline import Collective, prune, target_layers
+from hywia_lightning.plan import PruningPlan, count_parameters
+from hywia_lightning.scoring import ScoringContext
 from hywia_lightning.slicing import apply_plan
-from hywia_lightning.structures import LayerStructures, discover_structures
-from hywia_lightning.unit_groups import ATTENTION_UNITS, attention_group, mlp_group, prunable_linears
+from hywia_lightning.structures import LayerStructures
+from hywia_lightning.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
 
 from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
@@ -42,13 +44,14 @@ class StructuredPruning(Preflight, Callback):
         target_ratio: float,
         calibration: CalibrationData | None = None,
         granularity: str | Granularity = "element1",
+        allocation: str | Allocation = "uniform",
         layer_start: int = 0,
         layer_end: int | None = None,
-        attention_unit: str = "query_heads",
+        attention_unit: Literal["query_heads", "kv_groups", "none"] = "query_heads",
         heads_to_keep: int | None = None,
         round_to: int = 1,
         seed: int = 0,
-        accumulate_dtype: str = "float32",
+        accumulate_dtype: Literal["float32", "float64", "bfloat16"] = "float32",
         estimation_batch_size: int = 1,
     ) -> None:
         """
@@ -56,17 +59,20 @@ class StructuredPruning(Preflight, Callback):
             target_ratio: fraction of the model's total parameters to remove (embeddings counted), in (0, 1).
             calibration: token windows for importance estimation; ``None`` uses the job's ``data``,
                 which must then be a :class:`CalibrationData`.
-            granularity: ``random``, ``magnitude``, ``element1``, ``element2``, ``vector``, or a
-                :class:`Granularity` instance (``class_path`` in YAML).
+            granularity: a registered name (``random``, ``magnitude``, ``element1``, ``element2``,
+                ``vector``, ``vector2``, ``wanda``, ``fluctuation``) or a :class:`Granularity`
+                instance (``class_path`` in YAML), e.g. ``hywia_lightning.HyWIA``.
+            allocation: per-layer widths: ``uniform``, ``global``, or an :class:`Allocation` by
+                ``class_path`` (``hywia_lightning.GlobalAllocation`` with ``min_keep``/``max_keep``).
             layer_start, layer_end: prune layers ``[layer_start, layer_end)``; negative values count
                 from the end, ``None`` means the last layer.
             attention_unit: ``query_heads`` (the same number of query heads from every KV group),
                 ``kv_groups`` (whole KV groups) or ``none`` (attention untouched).
-            heads_to_keep: query heads every pruned layer keeps; ``None`` derives it from the ratio.
+            heads_to_keep: query heads every pruned layer keeps; ``None`` lets the allocation decide.
             round_to: kept MLP widths are multiples of this (hardware-friendly shapes).
-            seed: seeds the random granularity.
-            accumulate_dtype: dtype of the ``g``/``g²`` accumulators: ``float32``, ``float64`` or
-                ``bfloat16`` (half the memory, about 3 significant digits).
+            seed: seeds the random granularity and any scorer that trains.
+            accumulate_dtype: dtype of the statistics' accumulators (``bfloat16``: half the memory,
+                about 3 significant digits).
             estimation_batch_size: calibration windows per forward + backward of the estimation;
                 the statistics are the same for any value (per-window gradients are exact).
         """
@@ -74,45 +80,40 @@ class StructuredPruning(Preflight, Callback):
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
         if attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"attention_unit={attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
-        if round_to < 1:
-            raise ValueError(f"round_to={round_to} must be a positive integer")
-        if estimation_batch_size < 1:
-            raise ValueError(f"estimation_batch_size={estimation_batch_size} must be at least 1")
+        for key, value in (("round_to", round_to), ("estimation_batch_size", estimation_batch_size),
+                           ("heads_to_keep", 1 if heads_to_keep is None else heads_to_keep)):
+            if value < 1:
+                raise ValueError(f"{key}={value} must be at least 1")
         self.accumulate_dtype = accumulate_dtype_named(accumulate_dtype)
         self.estimation_batch_size = estimation_batch_size
-        if heads_to_keep is not None and heads_to_keep < 1:
-            raise ValueError(f"heads_to_keep={heads_to_keep} must be at least 1 (or null to derive it from target_ratio)")
-        self.target_ratio = target_ratio
+        self.scope = PruningScope(target_ratio, attention_unit, heads_to_keep, round_to)
         self.calibration = calibration
         self.granularity = make_granularity(granularity, seed)
+        self.allocation = make_allocation(allocation)
         self.layer_start, self.layer_end = layer_start, layer_end
-        self.attention_unit = attention_unit
-        self.heads_to_keep = heads_to_keep
-        self.round_to = round_to
+        self.seed = seed
         self.plan: PruningPlan | None = None
 
-    # -- validation -----------------------------------------------------------------------------
-    def layer_range(self, num_layers: int) -> range:
-        start = self.layer_start + num_layers if self.layer_start < 0 else self.layer_start
-        end = num_layers if self.layer_end is None else self.layer_end + (num_layers if self.layer_end < 0 else 0)
-        if not 0 <= start < end <= num_layers:
-            raise ValueError(
-                f"layer_start={self.layer_start}, layer_end={self.layer_end} select no valid range of the model's "
-                f"{num_layers} layers; allowed: 0 <= layer_start < layer_end <= {num_layers} (negative counts from the end)"
-            )
-        return range(start, end)
+    @property
+    def method(self) -> str:
+        """How units are scored, as the report names it."""
+        return self.granularity.name
 
     def target_layers(self, pl_module: LightningModule) -> list[LayerStructures]:
-        structures = discover_structures(pl_module.model)
-        return [structures[i] for i in self.layer_range(len(structures))]
+        return target_layers(pl_module.model, self.layer_start, self.layer_end)
 
+    # -- validation -----------------------------------------------------------------------------
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.plan is not None:
             return  # already pruned: the model no longer is the one the keys were written for
-        self.widths(self.target_layers(pl_module), count_parameters(pl_module.model))
-        if self.needs_statistics:
-            checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
-                                pl_module.tokenizer)
+        layers = self.target_layers(pl_module)
+        flat = {g.key: torch.zeros(g.num_units) for g in unit_groups(layers, self.scope.attention_unit, len(layers))}
+        self.allocation.widths(layers, count_parameters(pl_module.model), self.scope, flat)  # is the target reachable?
+        if self.granularity.needs:
+            data = checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
+                                       pl_module.tokenizer)
+            if hasattr(self.granularity, "check"):
+                self.granularity.check(data.num_windows)
 
     # -- the stage ------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -124,30 +125,50 @@ class StructuredPruning(Preflight, Callback):
         report = pl_module.report
         layers = self.target_layers(pl_module)
         params_before = count_parameters(pl_module.model)
-        with report.stage("estimation"):
-            statistics = self.estimate(trainer, pl_module, layers) if self.needs_statistics else None
-        with report.stage("scoring"):
-            scores = self.score(trainer, pl_module, layers, statistics)
-        with report.stage("pruning"):
-            plan = self.make_plan(layers, scores, params_before)
-            plan = PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+        model = pl_module.model.to(trainer.strategy.root_device)
+        windows = self.calibration_data(trainer).windows() if self.granularity.needs else None
+        result = prune(model, windows, self.granularity, self.scope, self.allocation, layers, self.accumulate_dtype,
+                       self.estimation_batch_size, self.collective(trainer), self.seed, score=self.score)
+        for name, seconds in result.seconds.items():
+            report.record("seconds", {name: round(report.sections["seconds"].get(name, 0.0) + seconds, 3)})
+        report.record("importance", result.importance)
+        if result.scorer:
+            report.record("fusion", result.scorer)
+        plan = result.plan
         self._call_hooks("on_before_slicing", trainer, pl_module, plan)
         with report.stage("pruning"):
             apply_plan(pl_module.model, plan)
         self.plan = pl_module.pruning_plan = plan
         self._call_hooks("on_after_slicing", trainer, pl_module, plan)
+        self.record(trainer, pl_module, layers, params_before, windows is not None)
+
+    def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
+        """One score per unit for every group; override to score groups your own way."""
+        return self.granularity.score_groups(groups, context)
+
+    @staticmethod
+    def collective(trainer: Trainer) -> Collective | None:
+        if trainer.world_size == 1:
+            return None
+        strategy = trainer.strategy
+        return Collective(trainer.global_rank, trainer.world_size, lambda t: strategy.reduce(t, reduce_op="sum"),
+                          lambda obj: strategy.broadcast(obj, src=0))
+
+    def record(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures], params_before: int,
+               calibrated: bool) -> None:
         params_after = count_parameters(pl_module.model)
         config = pl_module.model.config
-        report.record("pruning", {
+        pl_module.report.record("pruning", {
             "granularity": self.method,
-            "target_ratio": self.target_ratio,
+            "allocation": self.allocation.name,
+            "target_ratio": self.scope.target_ratio,
             "params_before": params_before,
             "params_after": params_after,
             "fraction_removed": (params_before - params_after) / params_before,
             "layers": [layers[0].layer, layers[-1].layer + 1],
-            "attention_unit": self.attention_unit,
-            "round_to": self.round_to,
-            "calibration": None if statistics is None else self.calibration_data(trainer).describe(),
+            "attention_unit": self.scope.attention_unit,
+            "round_to": self.scope.round_to,
+            "calibration": self.calibration_data(trainer).describe() if calibrated else None,
             "layer_widths": {
                 "num_attention_heads": config.layer_num_attention_heads,
                 "num_key_value_heads": config.layer_num_key_value_heads,
@@ -194,62 +215,5 @@ class StructuredPruning(Preflight, Callback):
             if isinstance(callback, PruningHooks):
                 getattr(callback, name)(trainer, pl_module, plan)
 
-    def estimate(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures]) -> Statistics:
-        """Gradient statistics over this rank's share of the windows, summed over all ranks."""
-        model = pl_module.model.to(trainer.strategy.root_device)
-        estimator = ImportanceEstimation(model, prunable_linears(layers, self.attention_unit), self.accumulate_dtype,
-                                         self.estimation_batch_size)
-        windows = self.calibration_data(trainer).windows()[trainer.global_rank :: trainer.world_size]
-        estimator.accumulate(windows)
-        if trainer.world_size == 1:
-            return estimator.statistics()
-        return estimator.statistics(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
-
     def calibration_data(self, trainer: Trainer) -> CalibrationData:
         return calibration_for(type(self).__name__, self.calibration, trainer)
-
-    @property
-    def needs_statistics(self) -> bool:
-        return self.granularity.needs_statistics
-
-    @property
-    def method(self) -> str:
-        """How units are scored, as the report names it."""
-        return self.granularity.name
-
-    def unit_groups(self, layers: list[LayerStructures], statistics: Statistics | None, num_layers: int) -> list:
-        """Every coupled structure to score, unit-major."""
-        groups = []
-        for s in layers:
-            groups.append(mlp_group(s.mlp, num_layers, statistics))
-            if self.attention_unit != "none":
-                groups.append(attention_group(s.attention, self.attention_unit, num_layers, statistics))
-        return groups
-
-    def score(
-        self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures], statistics: Statistics | None
-    ) -> dict[str, Tensor]:
-        """One score per unit for every group, by this callback's granularity."""
-        groups = self.unit_groups(layers, statistics, pl_module.model.config.num_hidden_layers)
-        scores = {g.name: check_scores(self.granularity(g), g, self.granularity) for g in groups}
-        pl_module.report.record("importance", importance_summary({self.granularity.name: scores}))
-        return scores
-
-    def widths(self, layers: list[LayerStructures], total_params: int) -> dict:
-        return allocate_widths(
-            layers, total_params, self.target_ratio, self.attention_unit, self.heads_to_keep, self.round_to
-        )
-
-    def make_plan(self, layers: list[LayerStructures], scores: dict[str, Tensor], total_params: int) -> PruningPlan:
-        """Per-layer widths from the target, then the highest-scoring units of each group."""
-        widths = self.widths(layers, total_params)
-        plan = PruningPlan(self.attention_unit)
-        for s in layers:
-            w = widths[s.layer]
-            layer_plan = LayerPlan(channels=top_units(scores[f"layers.{s.layer}.mlp"], w.num_channels))
-            if self.attention_unit != "none":
-                layer_plan.heads, layer_plan.kv_heads = select_heads(
-                    scores[f"layers.{s.layer}.self_attn"], s.attention, w, self.attention_unit
-                )
-            plan.layers[s.layer] = layer_plan
-        return plan

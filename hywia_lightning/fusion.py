@@ -23,11 +23,28 @@ from torch import Tensor, nn
 SCHEME_FEATURES = 3  # per granularity: dispersion of log scores, skew of z, top-decile mass
 
 
+def _logs(scores: Tensor) -> Tensor:
+    s = scores.double().clamp_min(0)
+    return torch.log(s + 1e-6 * s.mean(-1, keepdim=True).clamp_min(1e-30) + 1e-30)
+
+
 def standardized_log(scores: Tensor) -> Tensor:
     """Scores of one granularity in one group → zero mean, unit variance log scores."""
-    s = scores.double().clamp_min(0)
-    logs = torch.log(s + 1e-6 * s.mean().clamp_min(1e-30) + 1e-30)
+    logs = _logs(scores)
     return (logs - logs.mean()) / logs.std(unbiased=False).clamp_min(1e-12)
+
+
+def standardize_across_groups(groups: list["GroupScores"]) -> None:
+    """Re-normalize every scheme's log scores over all groups of one structure kind together (not
+    per group), so fused scores keep how layers differ: what a global allocation compares."""
+    for kind in {g.kind for g in groups}:
+        members = [g for g in groups if g.kind == kind]
+        for s in range(members[0].raw.shape[0]):
+            logs = [_logs(g.raw[s]) for g in members]
+            flat = torch.cat(logs)
+            mean, std = flat.mean(), flat.std(unbiased=False).clamp_min(1e-12)
+            for g, values in zip(members, logs):
+                g.normalized[s] = (values - mean) / std
 
 
 @dataclass

@@ -5,7 +5,11 @@ scores, ``τ`` the midpoint between the k-th and (k+1)-th largest (k = the units
 ``T`` a temperature annealed geometrically from ``T₀`` to ``T₁`` over the epochs. The masks scale
 the units' inputs to ``o_proj`` / ``down_proj`` of the frozen model, and the calibration language
 model loss trains only the fusion. Validation applies the *hard* masks, the exact pruning decision
-(before reconstruction), on held-out windows; the best fusion state is kept.
+(before reconstruction), on held-out windows; the best fusion state is kept, and training stops
+when the held-out loss has not improved for ``patience`` epochs.
+
+A plain loop on the current process (no Trainer): it runs inside the pruning stage, where an
+outer distributed run may already exist; every rank trains the same fusion from the same seed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from lightning import LightningModule
 from torch import Tensor, nn
 
 from .fusion import FusionAttention, GroupScores
@@ -37,6 +40,8 @@ def _block_threshold(fused: Tensor, keep: int, blocks: int) -> Tensor:
     ordered = fused.view(blocks, -1).sort(dim=1, descending=True).values
     if keep >= ordered.shape[1]:
         return torch.full((blocks, 1), -torch.inf, dtype=fused.dtype, device=fused.device)
+    if keep == 0:
+        return torch.full((blocks, 1), torch.inf, dtype=fused.dtype, device=fused.device)
     return ((ordered[:, keep - 1] + ordered[:, keep]) / 2).unsqueeze(1)
 
 
@@ -50,32 +55,31 @@ def hard_mask(fused: Tensor, target: MaskTarget) -> Tensor:
     return (fused.view(target.blocks, -1) > tau).to(fused.dtype).reshape(-1)
 
 
-class FusionTraining(LightningModule):
+class FusionTraining:
     """Trains a :class:`FusionAttention` against the frozen model's calibration loss."""
 
     def __init__(
         self, model: nn.Module, fusion: FusionAttention, groups: list[GroupScores], targets: list[MaskTarget],
-        lr: float, temperatures: tuple[float, float], max_epochs: int,
+        lr: float, temperatures: tuple[float, float],
     ) -> None:
-        super().__init__()
         self.model, self.fusion, self.groups, self.targets = model, fusion, groups, targets
-        self.lr, self.temperatures, self.max_epochs = lr, temperatures, max_epochs
-        self.register_buffer("shared", torch.stack([g.shared_features() for g in groups]), persistent=False)
-        self.register_buffer("schemes", torch.stack([g.scheme_features() for g in groups]), persistent=False)
-        self.normalized = [g.normalized.float() for g in groups]
+        self.lr, self.temperatures = lr, temperatures
+        device = next(model.parameters()).device
+        self.fusion.to(device)
+        self.shared = torch.stack([g.shared_features() for g in groups]).to(device)
+        self.schemes = torch.stack([g.scheme_features() for g in groups]).to(device)
+        self.normalized = [g.normalized.float().to(device) for g in groups]
         self._masks: list[Tensor | None] = [None] * len(groups)
-        self.best_state: dict | None = None
         self.best_val_loss = float("inf")
         self.val_history: list[float] = []
 
-    # -- masks ----------------------------------------------------------------------------------
-    def temperature(self) -> float:
-        t0, t1 = self.temperatures
-        progress = self.current_epoch / max(self.max_epochs - 1, 1)
-        return t0 * (t1 / t0) ** progress
-
     def fused(self) -> list[Tensor]:
-        return self.fusion(self.shared, self.schemes, [z.to(self.shared.device) for z in self.normalized])
+        return self.fusion(self.shared, self.schemes, self.normalized)
+
+    def weights(self) -> Tensor:
+        """Blend weights of every group (G × S) with the current fusion state."""
+        with torch.no_grad():
+            return self.fusion.weights(self.shared, self.schemes).cpu()
 
     def _mask_hook(self, index: int):
         target = self.targets[index]
@@ -84,55 +88,53 @@ class FusionTraining(LightningModule):
             mask = self._masks[index]
             if mask is None:
                 return None
-            scale = mask.repeat_interleave(target.unit_size).to(args[0].dtype)
-            return (args[0] * scale,) + tuple(args[1:])
+            return (args[0] * mask.repeat_interleave(target.unit_size).to(args[0].dtype),) + tuple(args[1:])
         return apply
 
-    def on_fit_start(self) -> None:
-        self._frozen = {p: p.requires_grad for p in self.model.parameters()}
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._handles = [t.projection.register_forward_pre_hook(self._mask_hook(i)) for i, t in enumerate(self.targets)]
-        self.model.eval()
-        self._progress = Progress("fusion training", self.max_epochs, unit="epoch", every=0)
-
-    def on_fit_end(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for p, flag in self._frozen.items():
-            p.requires_grad_(flag)
-        self._masks = [None] * len(self.groups)
-        if self.best_state is not None:
-            self.fusion.load_state_dict(self.best_state)
-
-    # -- steps ----------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        temperature = self.temperature()
-        self._masks = [soft_mask(f, t, temperature) for f, t in zip(self.fused(), self.targets)]
-        loss = language_model_loss(self.model, batch)
-        self.log_dict({"fusion_train_loss": loss, "temperature": temperature}, on_epoch=True, on_step=False)
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> Tensor:
+    def held_out_loss(self, windows: Tensor) -> float:
+        """Calibration loss with the hard masks: the exact pruning decision of the current fusion."""
         with torch.no_grad():
             self._masks = [hard_mask(f, t) for f, t in zip(self.fused(), self.targets)]
-        loss = language_model_loss(self.model, batch)
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True)
-        return loss
+            return sum(float(language_model_loss(self.model, w[None])) for w in windows) / len(windows)
 
-    def on_validation_epoch_end(self) -> None:
-        value = float(self.trainer.callback_metrics["val_loss"])
-        self.val_history.append(value)
-        if value < self.best_val_loss:
-            self.best_val_loss = value
-            self.best_state = copy.deepcopy(self.fusion.state_dict())
-        if hasattr(self, "_progress"):
-            self._progress.update(note=f"held-out loss {value:.4f} (best {self.best_val_loss:.4f})")
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.fusion.parameters(), lr=self.lr)
-
-    def weights(self) -> Tensor:
-        """Blend weights of every group (G × S) with the current fusion state."""
-        with torch.no_grad():
-            return self.fusion.weights(self.shared, self.schemes).cpu()
+    def fit(self, train: Tensor, held_out: Tensor, epochs: int, patience: int, seed: int) -> None:
+        """Adam on the soft-masked loss, one window per step, windows shuffled per epoch by ``seed``."""
+        frozen = {p: p.requires_grad for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        handles = [t.projection.register_forward_pre_hook(self._mask_hook(i)) for i, t in enumerate(self.targets)]
+        was_training = self.model.training
+        self.model.eval()
+        optimizer = torch.optim.Adam(self.fusion.parameters(), lr=self.lr)
+        generator = torch.Generator().manual_seed(seed)
+        progress = Progress("fusion training", epochs, unit="epoch", every=0)
+        best_state, stale = None, 0
+        device = self.shared.device
+        try:
+            for epoch in range(epochs):
+                t0, t1 = self.temperatures
+                temperature = t0 * (t1 / t0) ** (epoch / max(epochs - 1, 1))
+                for index in torch.randperm(len(train), generator=generator).tolist():
+                    self._masks = [soft_mask(f, t, temperature) for f, t in zip(self.fused(), self.targets)]
+                    loss = language_model_loss(self.model, train[index][None].to(device))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                value = self.held_out_loss(held_out.to(device))
+                self.val_history.append(value)
+                if value < self.best_val_loss:
+                    self.best_val_loss, best_state, stale = value, copy.deepcopy(self.fusion.state_dict()), 0
+                else:
+                    stale += 1
+                progress.update(note=f"held-out loss {value:.4f} (best {self.best_val_loss:.4f})")
+                if stale >= patience:
+                    break
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+            self.model.train(was_training)
+            self._masks = [None] * len(self.groups)
+        if best_state is not None:
+            self.fusion.load_state_dict(best_state)

@@ -1,29 +1,44 @@
 """Granularities: callables from a unit group to one importance score per unit.
 
-Fine-grained scores sum element-wise Taylor terms over a unit (LLM-Pruner's Element¹/Element²);
-the coarse-grained score takes the Taylor term of the whole unit vector (Vector). Magnitude and
-random are the baselines. A new scheme subclasses :class:`Granularity` and implements ``__call__``
-(see docs/extending.md and callbacks/wanda.py).
+Each scheme declares the statistics it reads (``needs``, see :mod:`hywia_lightning.statistics`),
+and estimation collects exactly those. Names follow LLM-Pruner's where it has one (docs/hywia.md
+has every formula next to its name):
+
+- fine-grained (element-wise Taylor): ``element1`` Σ|w·g|; ``element2`` Σ ½·w²·F, the diagonal
+  Fisher (OBD) saliency, LLM-Pruner's Element² as its code runs it (``param_second``);
+- coarse-grained (the whole unit vector): ``vector`` |Σ w·g|; ``vector2`` mean_j (Σ w·g_j)², the
+  per-window group Fisher;
+- activation-aware: ``wanda`` Σ |W|·‖X‖; ``fluctuation`` FLAP's WIFV, Σ_j var(X_j)·‖W_:,j‖² over
+  the output projection's input columns a unit owns;
+- baselines: ``magnitude``, ``random``.
+
+A new scheme subclasses :class:`Granularity` and implements ``__call__`` (docs/extending.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from .unit_groups import UnitGroup
 
+if TYPE_CHECKING:
+    from .scoring import ScoringContext
+
+Grain = Literal["fine", "coarse"] | None
+
 
 class Granularity:
     """Score every unit of a group; higher means more important (kept first)."""
 
-    #: Whether scores need the statistics of an estimation pass (gradients, input norms).
-    needs_statistics: bool = True
+    #: The statistics the scores read (see :data:`hywia_lightning.statistics.NEEDS`).
+    needs: frozenset[str] = frozenset()
     #: ``"fine"`` (element-wise), ``"coarse"`` (vector/group-wise) or ``None``: how the heuristic
     #: fusion weighs the scheme along depth (front layers fine, back layers coarse).
-    grain: str | None = None
+    grain: Grain = None
 
     @property
     def name(self) -> str:
@@ -32,16 +47,28 @@ class Granularity:
     def __call__(self, group: UnitGroup) -> Tensor:  # [num_units]
         raise NotImplementedError
 
+    def score_groups(self, groups: list[UnitGroup], context: "ScoringContext") -> dict:
+        """Scores of every group, keyed by :class:`~hywia_lightning.unit_groups.GroupKey`. The
+        override point for schemes that score all groups jointly (the HyWIA fusion)."""
+        return {g.key: check_scores(self(g), g, self) for g in groups}
 
-def _require_gradients(group: UnitGroup, name: str) -> None:
-    if group.grads is None or group.sq_grads is None:
-        raise ValueError(f"granularity {name!r} needs gradient statistics, but {group.name} has none")
+    def describe(self) -> dict:
+        """What the report records about this scorer (besides its score distributions)."""
+        return {}
+
+    def distributions(self, scores: dict) -> dict[str, dict[str, Tensor]]:
+        """``{scheme: {group name: scores}}`` for the report's importance plot (after :meth:`score_groups`)."""
+        return {self.name: {str(key): value for key, value in scores.items()}}
+
+
+def _require(group: UnitGroup, name: str, *fields: str) -> None:
+    missing = [f for f in fields if getattr(group, f) is None]
+    if missing:
+        raise ValueError(f"granularity {name!r} needs {', '.join(missing)} from an estimation pass, but {group.name} has none")
 
 
 class Random(Granularity):
     """Seeded uniform scores: the floor every real criterion must beat."""
-
-    needs_statistics = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -55,43 +82,78 @@ class Random(Granularity):
 class Magnitude(Granularity):
     """Squared L2 norm of everything the unit owns."""
 
-    needs_statistics = False
-
     def __call__(self, group: UnitGroup) -> Tensor:
         return sum(w.double().pow(2).sum(1) for w in group.weights)
 
 
 class Element1(Granularity):
-    """First-order element-wise Taylor: Σ |w·g|."""
+    """First-order element-wise Taylor: Σ |w·g| (LLM-Pruner's Element¹)."""
 
+    needs = frozenset({"gradients"})
     grain = "fine"
 
     def __call__(self, group: UnitGroup) -> Tensor:
-        _require_gradients(group, self.name)
+        _require(group, self.name, "grads")
         return sum((w.double() * g.double()).abs().sum(1) for w, g in zip(group.weights, group.grads))
 
 
 class Element2(Granularity):
-    """Second-order element-wise Taylor with the diagonal Fisher: Σ |w·g − ½·w²·F|."""
+    """Second-order element-wise Taylor from the diagonal Fisher (OBD): Σ ½·w²·F."""
 
+    needs = frozenset({"squared_gradients"})
     grain = "fine"
 
     def __call__(self, group: UnitGroup) -> Tensor:
-        _require_gradients(group, self.name)
-        return sum(
-            (w.double() * g.double() - 0.5 * w.double().pow(2) * f.double()).abs().sum(1)
-            for w, g, f in zip(group.weights, group.grads, group.sq_grads)
-        )
+        _require(group, self.name, "sq_grads")
+        return sum(0.5 * (w.double().pow(2) * f.double()).sum(1) for w, f in zip(group.weights, group.sq_grads))
 
 
 class Vector(Granularity):
-    """Coarse-grained (vector-wise) Taylor over the whole coupled unit: |Σ w·g|."""
+    """Coarse-grained (vector-wise) first-order Taylor over the whole coupled unit: |Σ w·g|."""
 
+    needs = frozenset({"gradients"})
     grain = "coarse"
 
     def __call__(self, group: UnitGroup) -> Tensor:
-        _require_gradients(group, self.name)
+        _require(group, self.name, "grads")
         return sum((w.double() * g.double()).sum(1) for w, g in zip(group.weights, group.grads)).abs()
+
+
+class Vector2(Granularity):
+    """Coarse-grained second order, the group Fisher: mean over windows j of (Σ_unit w·g_j)²."""
+
+    needs = frozenset({"window_saliency"})
+    grain = "coarse"
+
+    def __call__(self, group: UnitGroup) -> Tensor:
+        _require(group, self.name, "window_saliency")
+        return group.window_saliency.double().pow(2).mean(0)
+
+
+class Wanda(Granularity):
+    """Σ |W|·‖X‖ over everything a unit owns (Sun et al., 2023, made structured): a weight matters
+    as much as its magnitude times the norm of the input feature it multiplies."""
+
+    needs = frozenset({"input_moments"})
+    grain = "fine"
+
+    def __call__(self, group: UnitGroup) -> Tensor:
+        _require(group, self.name, "input_norms")
+        return sum((w.double().abs() * n.double()).sum(1) for w, n in zip(group.weights, group.input_norms))
+
+
+class Fluctuation(Granularity):
+    """FLAP's weighted input feature variance (WIFV): Σ_j var(X_j)·‖W_:,j‖² over the output
+    projection's input features that the unit is (An et al., 2024): a feature that barely varies
+    is replaced by its mean (the bias compensation) at little cost."""
+
+    needs = frozenset({"input_moments"})
+    grain = "coarse"
+
+    def __call__(self, group: UnitGroup) -> Tensor:
+        _require(group, self.name, "input_variance")
+        i = group.output_member
+        return (group.weights[i].double().pow(2) * group.input_variance[i].double()).sum(1)
 
 
 GRANULARITIES: dict[str, type[Granularity]] = {
@@ -100,6 +162,9 @@ GRANULARITIES: dict[str, type[Granularity]] = {
     "element1": Element1,
     "element2": Element2,
     "vector": Vector,
+    "vector2": Vector2,
+    "wanda": Wanda,
+    "fluctuation": Fluctuation,
 }
 
 

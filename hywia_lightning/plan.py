@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .structures import AttentionStructure, LayerStructures, MLPStructure
-from .unit_groups import effective_attention_unit
+from .unit_groups import GroupKey, effective_attention_unit
 
 TOLERANCE = 0.005  # |fraction removed − target| allowed, as a fraction of all parameters
 
@@ -169,6 +169,24 @@ def select_heads(
         kv = top_units(head_scores, widths.num_kv_heads)
         return [g * attn.group_size + h for g in kv for h in range(attn.group_size)], kv
     per_group = widths.num_heads // attn.num_kv_heads
+    if per_group == 0:
+        return [], []  # the whole attention goes
     grouped = head_scores.reshape(attn.num_kv_heads, attn.group_size)
     heads = [g * attn.group_size + h for g in range(attn.num_kv_heads) for h in top_units(grouped[g], per_group)]
     return heads, list(range(attn.num_kv_heads))
+
+
+def make_plan(
+    layers: list[LayerStructures], scores: dict, widths: dict[int, LayerWidths], attention_unit: str
+) -> PruningPlan:
+    """The highest-scoring units of every group, as many as the widths keep (``scores`` by GroupKey)."""
+    plan = PruningPlan(attention_unit)
+    for s in layers:
+        w = widths[s.layer]
+        layer_plan = LayerPlan(channels=top_units(scores[GroupKey(s.layer, "mlp")], w.num_channels))
+        if attention_unit != "none":
+            layer_plan.heads, layer_plan.kv_heads = select_heads(
+                scores[GroupKey(s.layer, "attention")], s.attention, w, attention_unit
+            )
+        plan.layers[s.layer] = layer_plan
+    return plan

@@ -9,6 +9,11 @@ accumulated, streamed over windows: each window's products in float32 (four time
 float64 on a CPU), their running sums in float64. Memory is O(width²) per projection, whatever the
 number of windows. The relative output error before and after the refit follows from the same
 matrices in closed form.
+
+With ``intercept`` the kept features get a constant 1 appended (``[X_p; 1]``, undamped), so the
+refit also finds a bias: FLAP's bias compensation (the mean contribution of the removed features)
+is the special case of keeping the weights as they are. A structure pruned to nothing keeps only
+that bias.
 """
 
 from __future__ import annotations
@@ -30,33 +35,50 @@ class RefitStatistics:
         self.target_gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.cross = torch.zeros(in_features, kept, dtype=torch.float64, device=device)
         self.gram = torch.zeros(kept, kept, dtype=torch.float64, device=device)
+        self.target_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.kept_sum = torch.zeros(kept, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, target_features: Tensor, kept_features: Tensor) -> None:
         """Fold one batch of features (``[..., n]`` and ``[..., k]``, same tokens) into the moments."""
         t = target_features.reshape(-1, target_features.shape[-1]).float()
-        p = kept_features.reshape(-1, kept_features.shape[-1]).float()
+        p = kept_features.reshape(t.shape[0], kept_features.shape[-1]).float()  # explicit rows: k may be 0
         self.target_gram += (t.T @ t).double()
         self.cross += (t.T @ p).double()
         self.gram += (p.T @ p).double()
+        self.target_sum += t.sum(0).double()
+        self.kept_sum += p.sum(0).double()
         self.tokens += t.shape[0]
 
     @classmethod
-    def from_dense_gram(cls, gram: Tensor, keep: list[int], tokens: int) -> "RefitStatistics":
-        """The independent case: kept features are a subset of the target features."""
-        index = torch.tensor(keep, device=gram.device)
+    def from_dense_gram(cls, gram: Tensor, total: Tensor, keep: list[int], tokens: int) -> "RefitStatistics":
+        """The independent case: kept features are a subset of the target features (``total``: their sums)."""
+        index = torch.tensor(keep, device=gram.device, dtype=torch.long)
         stats = cls.__new__(cls)
         stats.target_gram, stats.cross = gram, gram[:, index]
         stats.gram, stats.tokens = gram[index][:, index], tokens
+        stats.target_sum, stats.kept_sum = total, total[index]
+        return stats
+
+    def with_intercept(self) -> "RefitStatistics":
+        """The moments of ``[X_p; 1]``: the last kept feature is a constant."""
+        stats = RefitStatistics.__new__(RefitStatistics)
+        n = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.gram.device)
+        stats.target_gram, stats.tokens, stats.target_sum = self.target_gram, self.tokens, self.target_sum
+        stats.cross = torch.cat([self.cross, self.target_sum[:, None]], 1)
+        stats.gram = torch.cat([torch.cat([self.gram, self.kept_sum[:, None]], 1),
+                                torch.cat([self.kept_sum, n])[None]], 0)
+        stats.kept_sum = torch.cat([self.kept_sum, n])
         return stats
 
 
 @dataclass
 class RefitResult:
     weight: Tensor            # out × k, in the dense weight's dtype
+    bias: Tensor | None       # out, with an intercept
     error_before: float       # ||W X_t − W_sliced X_p||² / ||W X_t||²
     error_after: float        # the same with the refit weight
-    condition: float          # condition number of the damped system
+    condition: float          # condition number of the damped system (estimated from its Cholesky pivots)
     damping: float            # the relative damping finally used
     fallback: str | None      # what was done when the damped system was not positive definite
     seconds: float
@@ -70,11 +92,14 @@ def _relative_error(weight: Tensor, candidate: Tensor, stats: RefitStatistics, t
 
 def solve_refit(
     dense_weight: Tensor, sliced_weight: Tensor, stats: RefitStatistics, damping: float, name: str = "projection",
-    max_retries: int = 6,
+    max_retries: int = 6, intercept: bool = False,
 ) -> RefitResult:
     """Closed-form damped least squares, by Cholesky; when the damped system is not positive
-    definite the damping grows tenfold per retry, and a pseudo-inverse is the last resort (logged)."""
+    definite the damping grows tenfold per retry, and a pseudo-inverse is the last resort (logged).
+    With ``intercept`` a bias is fitted too (the sliced weight's own bias counts as zero)."""
     start = time.perf_counter()
+    if intercept:
+        stats = stats.with_intercept()
     if damping < 0:
         raise ValueError(f"damping={damping} must be >= 0 (relative to the mean diagonal of X Xᵀ)")
     if stats.tokens == 0:
@@ -87,14 +112,23 @@ def solve_refit(
             )
     w = dense_weight.detach().to(stats.gram.device, torch.float64)
     rhs = w @ stats.cross  # out × k: W M
-    scale = stats.gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(stats.gram.shape[0], dtype=torch.float64, device=stats.gram.device)
+    k = stats.gram.shape[0]
+    if k == 0:  # nothing kept and no intercept: the structure's output is gone
+        empty = dense_weight.new_zeros(dense_weight.shape[0], 0)
+        return RefitResult(empty, None, 1.0, 1.0, 1.0, damping, None, time.perf_counter() - start)
+    diag = stats.gram.diagonal()[: k - 1 if intercept else k]
+    scale = diag.mean().clamp_min(1e-12) if len(diag) else torch.tensor(1.0, dtype=torch.float64)
+    eye = torch.eye(k, dtype=torch.float64, device=stats.gram.device)
+    if intercept:
+        eye[-1, -1] = 0  # the intercept is not shrunk
     fallback, used = None, damping
     for attempt in range(max_retries + 1):
         system = stats.gram + used * scale * eye
         factor, info = torch.linalg.cholesky_ex(system)
         if info.item() == 0:
             refit = torch.cholesky_solve(rhs.T, factor).T
+            pivots = factor.diagonal().abs()  # cheap condition estimate: an eigen-decomposition per layer costs seconds
+            condition = (pivots.max() / pivots.min().clamp_min(1e-300)).pow(2).item()
             break
         used = max(used * 10, 1e-6)
         fallback = f"damping raised to {used:g}"
@@ -102,16 +136,24 @@ def solve_refit(
         system = stats.gram + used * scale * eye
         refit = rhs @ torch.linalg.pinv(system, hermitian=True)
         fallback = f"pseudo-inverse with damping {used:g}"
+        eigenvalues = torch.linalg.eigvalsh(system)
+        condition = (eigenvalues[-1] / eigenvalues[0].clamp_min(1e-300)).item()
     if fallback:
         log.warning("reconstruction of %s: the damped system was not positive definite; %s", name, fallback)
-    eigenvalues = torch.linalg.eigvalsh(system)
-    condition = (eigenvalues[-1] / eigenvalues[0].clamp_min(1e-300)).item()
     target_energy = (w @ stats.target_gram * w).sum()
     sliced = sliced_weight.detach().to(stats.gram.device, torch.float64)
+    if intercept:
+        sliced = torch.cat([sliced, sliced.new_zeros(len(sliced), 1)], 1)
+    error_before = _relative_error(w, sliced, stats, target_energy)
+    error_after = _relative_error(w, refit, stats, target_energy)
+    bias = None
+    if intercept:
+        refit, bias = refit[:, :-1], refit[:, -1]
     return RefitResult(
         weight=refit.to(dense_weight.dtype),
-        error_before=_relative_error(w, sliced, stats, target_energy),
-        error_after=_relative_error(w, refit, stats, target_energy),
+        bias=None if bias is None else bias.to(dense_weight.dtype),
+        error_before=error_before,
+        error_after=error_after,
         condition=condition,
         damping=used,
         fallback=fallback,
@@ -133,15 +175,19 @@ def _run_windows(model, windows: Tensor) -> None:
                 pass
 
 
-def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, int]:
-    """``X Xᵀ`` (float64) of the input of every projection (keyed as given) over ``windows``, in one pass."""
+def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, dict, int]:
+    """``X Xᵀ`` and ``Σ X`` (float64) of the input of every projection (keyed as given) over ``windows``,
+    in one pass, and the token count."""
     grams = {name: torch.zeros(p.in_features, p.in_features, dtype=torch.float64, device=p.weight.device)
              for name, p in projections.items()}
+    sums = {name: torch.zeros(p.in_features, dtype=torch.float64, device=p.weight.device)
+            for name, p in projections.items()}
 
     def hook(name):
         def accumulate(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             grams[name] += (x.T @ x).double()
+            sums[name] += x.sum(0).double()
         return accumulate
 
     handles = [p.register_forward_pre_hook(hook(name)) for name, p in projections.items()]
@@ -150,7 +196,7 @@ def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, int]:
     finally:
         for handle in handles:
             handle.remove()
-    return grams, windows.numel()
+    return grams, sums, windows.numel()
 
 
 def sequential_statistics(
@@ -172,13 +218,17 @@ def sequential_statistics(
     def fold(module, args):
         stats.add(target.pop(), args[0])
 
+    def fold_nothing_kept(module, args, output):  # a structure pruned to nothing never calls its projection
+        stats.add(target[-1], target.pop()[..., :0])
+
     def stop(module, args, output):
         raise _StopForward
 
     handles = [
         pruned_block.register_forward_pre_hook(run_dense, with_kwargs=True),
         dense_proj.register_forward_pre_hook(keep_target),
-        pruned_proj.register_forward_pre_hook(fold),
+        pruned_proj.register_forward_pre_hook(fold) if pruned_proj.in_features
+        else pruned_block.register_forward_hook(fold_nothing_kept),
         layer.register_forward_hook(stop),
     ]
     try:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .modeling_pruned import WIDTH_KEYS
+from .modeling_pruned import BIAS_KEY, WIDTH_KEYS, RemovedAttention
 from .plan import PruningPlan
 from .structures import decoder_layers, discover_structures
 
@@ -40,7 +40,10 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan) -> None:
             _slice_linear(attn.o_proj, unit_indices(layer_plan.heads, head_dim), 1)
             _slice_linear(attn.k_proj, unit_indices(layer_plan.kv_heads, head_dim), 0)
             _slice_linear(attn.v_proj, unit_indices(layer_plan.kv_heads, head_dim), 0)
-            attn.num_key_value_groups = len(layer_plan.heads) // len(layer_plan.kv_heads)
+            if layer_plan.heads:
+                attn.num_key_value_groups = len(layer_plan.heads) // len(layer_plan.kv_heads)
+            else:  # every head pruned: the layer has no attention
+                layers[index].self_attn = RemovedAttention(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, head_dim)
         if layer_plan.channels is not None:
             _slice_linear(mlp.gate_proj, layer_plan.channels, 0)
             _slice_linear(mlp.up_proj, layer_plan.channels, 0)
@@ -61,6 +64,7 @@ def record_layer_widths(model: PreTrainedModel) -> None:
     config.head_dim = structures[0].attention.head_dim  # explicit: no longer derivable from num_attention_heads
     for key, values in widths.items():
         setattr(config, key, values)
+    setattr(config, BIAS_KEY, [[s.attention.o_proj.bias is not None, s.mlp.down_proj.bias is not None] for s in structures])
     config.num_attention_heads = max(widths["layer_num_attention_heads"])
     config.num_key_value_heads = max(widths["layer_num_key_value_heads"])
     config.intermediate_size = max(widths["layer_intermediate_size"])

@@ -36,8 +36,8 @@ class AttentionStructure:
 
     @property
     def group_size(self) -> int:
-        """Query heads per KV head."""
-        return self.num_heads // self.num_kv_heads
+        """Query heads per KV head (0 where the attention was pruned away)."""
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def discover_structures(model: PreTrainedModel) -> list[LayerStructures]:
         head_dim = attn.head_dim
         num_heads = attn.q_proj.out_features // head_dim
         num_kv_heads = attn.k_proj.out_features // head_dim
-        if num_heads % num_kv_heads:
+        if (num_kv_heads == 0) != (num_heads == 0) or (num_kv_heads and num_heads % num_kv_heads):
             raise ValueError(f"layer {index}: {num_heads} query heads do not split into {num_kv_heads} KV groups")
         structures.append(
             LayerStructures(

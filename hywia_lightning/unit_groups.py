@@ -7,36 +7,67 @@ Every tensor of a group is reshaped to ``[num_units, -1]`` so that row ``u`` hol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .statistics import Statistics
 from .structures import AttentionStructure, LayerStructures, MLPStructure
 
+AttentionUnit = Literal["query_heads", "kv_groups", "none"]
 ATTENTION_UNITS = ("query_heads", "kv_groups", "none")
+Kind = Literal["attention", "mlp"]
+MODULE_NAME = {"attention": "self_attn", "mlp": "mlp"}
+
+
+@dataclass(frozen=True, order=True)
+class GroupKey:
+    """Which structure of which decoder layer a group is."""
+
+    layer: int
+    kind: Kind
+
+    def __str__(self) -> str:  # the module path, as reports and plots name a group
+        return f"layers.{self.layer}.{MODULE_NAME[self.kind]}"
 
 
 @dataclass(frozen=True)
 class UnitGroup:
     """One coupled structure of one layer, unit-major.
 
-    ``weights[i]``, ``grads[i]`` (mean gradient over calibration windows) and ``sq_grads[i]`` (mean
-    squared gradient, the diagonal empirical Fisher) are ``[num_units, -1]`` views of the same
-    parameter. ``input_norms[i]`` holds, for every element of ``weights[i]``, the L2 norm over the
-    calibration tokens of the input feature that element multiplies (1 for biases). The statistics
-    are ``None`` when no estimation pass ran.
+    ``weights[i]`` and, where estimated, ``grads[i]`` (mean gradient over the calibration windows),
+    ``sq_grads[i]`` (mean squared gradient, the diagonal empirical Fisher) are ``[num_units, -1]``
+    views of the same parameter. ``input_norms[i]`` / ``input_variance[i]`` hold, for every element
+    of ``weights[i]``, the L2 norm / the variance over the calibration tokens of the input feature
+    that element multiplies (1 / 0 for biases). ``window_saliency`` is ``[windows, num_units]``:
+    per window, the Taylor term ``w·g_j`` summed over everything the unit owns.
+    ``output_member`` indexes the member whose *input* features are the units (``o_proj`` or
+    ``down_proj`` columns): what the unit writes back into the residual stream.
     """
 
-    name: str
-    kind: str  # "attention" or "mlp"
-    layer: int
+    key: GroupKey
     num_layers: int
     num_units: int
     weights: tuple[Tensor, ...]
+    output_member: int
     grads: tuple[Tensor, ...] | None = None
     sq_grads: tuple[Tensor, ...] | None = None
     input_norms: tuple[Tensor, ...] | None = None
+    input_variance: tuple[Tensor, ...] | None = None
+    window_saliency: Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.key)
+
+    @property
+    def kind(self) -> Kind:
+        return self.key.kind
+
+    @property
+    def layer(self) -> int:
+        return self.key.layer
 
 
 def effective_attention_unit(attn: AttentionStructure, unit: str) -> str:
@@ -53,23 +84,29 @@ def _cols(tensor: Tensor, units: int) -> Tensor:
     return tensor.t().reshape(units, -1)
 
 
-def attention_members(attn: AttentionStructure, unit: str) -> list[tuple[nn.Parameter, Callable[[Tensor, int], Tensor]]]:
+# a member: a parameter, its unit-major view, and whether the unit is its *input* side (columns)
+Member = tuple[nn.Parameter, Callable[[Tensor, int], Tensor], bool]
+
+
+def attention_members(attn: AttentionStructure, unit: str) -> list[Member]:
     """The parameters a query head (or a KV group) owns, each with its unit-major view."""
-    members = [(attn.q_proj.weight, _rows), (attn.o_proj.weight, _cols)]
+    members: list[Member] = [(attn.q_proj.weight, _rows, False), (attn.o_proj.weight, _cols, True)]
     if attn.q_proj.bias is not None:
-        members.append((attn.q_proj.bias, _rows))
+        members.append((attn.q_proj.bias, _rows, False))
     if effective_attention_unit(attn, unit) == "kv_groups":
         for proj in (attn.k_proj, attn.v_proj):
-            members.append((proj.weight, _rows))
+            members.append((proj.weight, _rows, False))
             if proj.bias is not None:
-                members.append((proj.bias, _rows))
+                members.append((proj.bias, _rows, False))
     return members
 
 
-def mlp_members(mlp: MLPStructure) -> list[tuple[nn.Parameter, Callable[[Tensor, int], Tensor]]]:
+def mlp_members(mlp: MLPStructure) -> list[Member]:
     """The parameters an intermediate channel owns, each with its unit-major view."""
-    members = [(mlp.gate_proj.weight, _rows), (mlp.up_proj.weight, _rows), (mlp.down_proj.weight, _cols)]
-    members += [(proj.bias, _rows) for proj in (mlp.gate_proj, mlp.up_proj) if proj.bias is not None]
+    members: list[Member] = [
+        (mlp.gate_proj.weight, _rows, False), (mlp.up_proj.weight, _rows, False), (mlp.down_proj.weight, _cols, True),
+    ]
+    members += [(proj.bias, _rows, False) for proj in (mlp.gate_proj, mlp.up_proj) if proj.bias is not None]
     return members
 
 
@@ -83,42 +120,62 @@ def prunable_linears(layers: list[LayerStructures], attention_unit: str) -> list
     return linears
 
 
-def _input_view(p: nn.Parameter, norm: Tensor | None, view, units: int) -> Tensor:
-    if norm is None:  # a bias multiplies no input
-        return view(torch.ones_like(p), units)
-    return view(norm.to(p.dtype)[None, :].expand(p.shape), units)
+def _owner(param: nn.Parameter, linears: dict[int, nn.Linear]) -> nn.Linear | None:
+    return linears.get(id(param))  # the Linear whose weight this is (None for a bias)
 
 
 def build_group(
-    name: str,
-    kind: str,
-    layer: int,
-    num_layers: int,
-    num_units: int,
-    members: list[tuple[nn.Parameter, Callable[[Tensor, int], Tensor]]],
-    statistics: dict[nn.Parameter, tuple[Tensor, Tensor]] | None,
+    key: GroupKey, num_layers: int, num_units: int, members: list[Member], statistics: Statistics | None,
+    linears: dict[int, nn.Linear],
 ) -> UnitGroup:
     with torch.no_grad():
-        weights = tuple(view(p.detach(), num_units) for p, view in members)
-        grads = sq_grads = norms = None
-        if statistics is not None:
-            grads = tuple(view(statistics[p][0], num_units) for p, view in members)
-            sq_grads = tuple(view(statistics[p][1], num_units) for p, view in members)
-            norms = tuple(_input_view(p, statistics[p][2], view, num_units) for p, view in members)
-    return UnitGroup(name, kind, layer, num_layers, num_units, weights, grads, sq_grads, norms)
+        weights = tuple(view(p.detach(), num_units) for p, view, _ in members)
+        output_member = next(i for i, (_, _, is_input) in enumerate(members) if is_input)
+        if statistics is None:
+            return UnitGroup(key, num_layers, num_units, weights, output_member)
+        per_param = [statistics.parameters.get(p) for p, _, _ in members]
+
+        def views(field: str) -> tuple[Tensor, ...] | None:
+            values = [getattr(s, field) if s is not None else None for s in per_param]
+            if any(v is None for v in values):
+                return None
+            return tuple(view(v, num_units) for v, (_, view, _) in zip(values, members))
+
+        def input_view(p: nn.Parameter, view, field: str, fill: float) -> Tensor:
+            owner = _owner(p, linears)
+            if owner is None or owner not in statistics.inputs:  # a bias multiplies no input
+                return view(torch.full_like(p, fill), num_units)
+            values = getattr(statistics.inputs[owner], field).to(p.dtype)
+            return view(values[None, :].expand(p.shape), num_units)
+
+        saliency = None
+        if all(s is not None and s.row_saliency is not None for s in per_param):
+            saliency = sum(
+                (s.col_saliency if is_input else s.row_saliency).reshape(statistics.windows, num_units, -1).sum(-1)
+                for s, (_, _, is_input) in zip(per_param, members)
+            )
+        has_inputs = bool(statistics.inputs)
+        return UnitGroup(
+            key, num_layers, num_units, weights, output_member,
+            grads=views("grad"), sq_grads=views("sq_grad"),
+            input_norms=tuple(input_view(p, v, "norm", 1.0) for p, v, _ in members) if has_inputs else None,
+            input_variance=tuple(input_view(p, v, "variance", 0.0) for p, v, _ in members) if has_inputs else None,
+            window_saliency=saliency,
+        )
 
 
-def attention_group(
-    attn: AttentionStructure, unit: str, num_layers: int, statistics: dict | None
-) -> UnitGroup:
-    num_units = attn.num_kv_heads if effective_attention_unit(attn, unit) == "kv_groups" else attn.num_heads
-    return build_group(
-        f"layers.{attn.layer}.self_attn", "attention", attn.layer, num_layers, num_units,
-        attention_members(attn, unit), statistics,
-    )
-
-
-def mlp_group(mlp: MLPStructure, num_layers: int, statistics: dict | None) -> UnitGroup:
-    return build_group(
-        f"layers.{mlp.layer}.mlp", "mlp", mlp.layer, num_layers, mlp.num_channels, mlp_members(mlp), statistics
-    )
+def unit_groups(
+    layers: list[LayerStructures], attention_unit: str, num_layers: int, statistics: Statistics | None = None,
+) -> list[UnitGroup]:
+    """Every coupled structure of ``layers`` to score, unit-major: each layer's MLP, then its attention."""
+    linears = {id(m.weight): m for m in prunable_linears(layers, attention_unit)}
+    groups = []
+    for s in layers:
+        groups.append(build_group(GroupKey(s.layer, "mlp"), num_layers, s.mlp.num_channels, mlp_members(s.mlp),
+                                  statistics, linears))
+        if attention_unit != "none":
+            attn = s.attention
+            units = attn.num_kv_heads if effective_attention_unit(attn, attention_unit) == "kv_groups" else attn.num_heads
+            groups.append(build_group(GroupKey(s.layer, "attention"), num_layers, units,
+                                      attention_members(attn, attention_unit), statistics, linears))
+    return groups

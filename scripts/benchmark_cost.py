@@ -79,7 +79,7 @@ def setup(args, rank: int = 0, world_size: int = 1) -> dict:
     from hywia_lightning.calibration import CalibrationData
     from hywia_lightning.models import load_causal_lm
     from hywia_lightning.resident_memory import current_rss
-    from hywia_lightning.structures import discover_structures
+    from hywia_lightning.pipeline import target_layers
     from hywia_lightning.unit_groups import prunable_linears
 
     torch.set_num_threads(args.threads)
@@ -92,7 +92,7 @@ def setup(args, rank: int = 0, world_size: int = 1) -> dict:
     data = CalibrationData(args.source, args.windows, args.seq_len, seed=0)
     data.attach_tokenizer(tokenizer)
     windows = data.windows()[rank::world_size]
-    layers = discover_structures(model)[4:28]  # the protocol's layers 4..27
+    layers = target_layers(model, 4, -2)  # the protocol's layers 4..27
     return {
         "model": model, "windows": windows, "linears": prunable_linears(layers, "query_heads"),
         "weights_rss": rss_weights - rss_start,
@@ -136,14 +136,17 @@ def run_activations(args, s: dict) -> dict:
 def run_estimation(args, s: dict, all_reduce=None) -> dict:
     import torch
 
-    from hywia_lightning.estimation import ImportanceEstimation, accumulate_dtype_named
+    from hywia_lightning.estimation import Estimator, accumulate_dtype_named
 
-    estimator = ImportanceEstimation(s["model"], s["linears"], accumulate_dtype_named(args.dtype), args.batch_size)
+    # the statistics Element¹ and Element² read (what the cost table's rows estimate)
+    estimator = Estimator(s["model"], s["linears"], {"gradients", "squared_gradients", "input_moments"},
+                          len(s["windows"]), accumulate_dtype_named(args.dtype), args.batch_size)
     start, cpu_start = time.perf_counter(), time.process_time()
     estimator.accumulate(s["windows"])
     accumulated = time.perf_counter() - start
     accumulator_bytes = sum(t.numel() * t.element_size() for d in (estimator.grad_sum, estimator.sq_grad_sum,
-                                                                   estimator.input_sq_sum) for t in d.values())
+                                                                   estimator.input_sum, estimator.input_sq_sum)
+                            for t in d.values())
     stats = estimator.statistics(all_reduce)
     seconds = time.perf_counter() - start
     weights = [m.weight for m in s["linears"]]
@@ -151,8 +154,8 @@ def run_estimation(args, s: dict, all_reduce=None) -> dict:
         "seconds": seconds, "cpu_seconds": time.process_time() - cpu_start, "accumulate_seconds": accumulated,
         "accumulator_bytes": accumulator_bytes,
         # checksums: equal statistics for every batch size (exact per-window gradients)
-        "checksum_g": sum(float(stats[w][0].double().abs().sum()) for w in weights),
-        "checksum_g2": sum(float(stats[w][1].double().sum()) for w in weights),
+        "checksum_g": sum(float(stats.parameters[w].grad.double().abs().sum()) for w in weights),
+        "checksum_g2": sum(float(stats.parameters[w].sq_grad.double().sum()) for w in weights),
         "windows_seen": estimator.windows_seen, "dtype": str(estimator.accumulate_dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
     }

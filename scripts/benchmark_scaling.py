@@ -113,7 +113,8 @@ def job(row: str, model: str, windows: int, target: float, root: Path) -> dict:
     import make_bench_configs as bench
 
     callback, args = bench.ROWS[row.replace("_recon", "")]
-    config = bench.job(row, (callback, {"target_ratio": target, **args}), reconstruction=row.endswith("_recon"))
+    config = bench.job(row, (callback, {"target_ratio": target, **args}),
+                       bench.RECONSTRUCTION if row.endswith("_recon") else None)
     config = copy.deepcopy(config)
     config["model"]["init_args"]["model_name_or_path"] = model
     config["data"]["init_args"]["num_windows"] = windows
@@ -124,8 +125,9 @@ def job(row: str, model: str, windows: int, target: float, root: Path) -> dict:
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith(("PerplexityEvaluation", "Export"))]
     pruning = trainer["callbacks"][0]["init_args"]
     pruning["layer_end"] = -2  # the protocol's 4..27 of 30 layers, for any depth
-    if "holdout" in pruning:
-        pruning["holdout"] = min(pruning["holdout"], windows // 4)  # the protocol's 8 of 32
+    training = pruning.get("training") or {}
+    if "holdout" in training:
+        training["holdout"] = min(training["holdout"], windows // 4)  # the protocol's 8 of 32
     return config
 
 

@@ -14,16 +14,12 @@ import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
 TARGETS = {"20": 0.2, "50": 0.5}
-# row name -> (pruning callback, its init_args that define the row)
+# row name -> (pruning callback, its init_args that define the row[, reconstruction init_args])
 HYWIA = {"schemes": ["element1", "element2", "vector"]}
-LEARNED = {"epochs": 6, "lr": 0.02, "patience": 2, "holdout": 8, "temperatures": [1.0, 0.05], "width": 16}
+LEARNED = {"training": {"epochs": 6, "lr": 0.02, "patience": 2, "holdout": 8, "temperatures": [1.0, 0.05], "width": 16}}
+SINGLE = ("random", "magnitude", "element1", "element2", "vector", "vector2", "wanda", "fluctuation")
 ROWS = {
-    "random": ("StructuredPruning", {"granularity": "random"}),
-    "magnitude": ("StructuredPruning", {"granularity": "magnitude"}),
-    "element1": ("StructuredPruning", {"granularity": "element1"}),
-    "element2": ("StructuredPruning", {"granularity": "element2"}),
-    "vector": ("StructuredPruning", {"granularity": "vector"}),
-    "wanda": ("StructuredPruning", {"granularity": {"class_path": "callbacks.wanda.WandaActivation"}}),
+    **{name: ("StructuredPruning", {"granularity": name}) for name in SINGLE},
     "hywia_fixed": ("HybridPruning", {**HYWIA, "mode": "fixed",
                                       "weights": {"element1": 1.0, "element2": 1.0, "vector": 1.0}}),
     "hywia_heuristic": ("HybridPruning", {**HYWIA, "mode": "heuristic", "sharpness": 4.0}),
@@ -32,11 +28,33 @@ ROWS = {
 # rows that also run with least-squares reconstruction (<row>_recon_<target>)
 RECONSTRUCTED = ("element1", "hywia_fixed", "hywia_heuristic", "hywia_learned")
 RECONSTRUCTION = {"mode": "independent", "damping": 0.01}
+
+# The default configuration (configs/prune_smollm2.yaml's method) and its ablations: each row
+# changes one component of it. hywia_default_<target> is what the default job runs.
+POOL = ["element2", "fluctuation"]
+DEFAULT = {"schemes": POOL, "mode": "heuristic", "sharpness": 4.0, "allocation": "uniform"}
+DEFAULT_RECONSTRUCTION = {"mode": "independent", "damping": 0.01, "intercept": True}
+GLOBAL = {"class_path": "hywia_lightning.GlobalAllocation", "init_args": {"standardize": "group"}}
+ABLATIONS = {
+    "hywia_default": ("HybridPruning", DEFAULT, DEFAULT_RECONSTRUCTION),
+    "hywia_default_global": ("HybridPruning", {**DEFAULT, "allocation": GLOBAL}, DEFAULT_RECONSTRUCTION),
+    "hywia_default_nointercept": ("HybridPruning", DEFAULT, {**DEFAULT_RECONSTRUCTION, "intercept": False}),
+    "hywia_default_norecon": ("HybridPruning", DEFAULT, None),
+    "hywia_default_sequential": ("HybridPruning", DEFAULT, {**DEFAULT_RECONSTRUCTION, "mode": "sequential"}),
+    "hywia_default_fixed": ("HybridPruning", {**DEFAULT, "mode": "fixed", "weights": {s: 1.0 for s in POOL}},
+                            DEFAULT_RECONSTRUCTION),
+    "hywia_default_learned": ("HybridPruning", {**{k: v for k, v in DEFAULT.items() if k != "sharpness"},
+                                                "mode": "learned", **LEARNED}, DEFAULT_RECONSTRUCTION),
+    "hywia_default_pool4": ("HybridPruning", {**DEFAULT, "schemes": ["element1", "element2", "vector2", "fluctuation"]},
+                            DEFAULT_RECONSTRUCTION),
+    **{f"{scheme}_default": ("StructuredPruning", {"granularity": scheme, "allocation": "uniform"}, DEFAULT_RECONSTRUCTION)
+       for scheme in ("element1", "element2", "vector", "vector2", "wanda", "fluctuation")},
+}
 CALIBRATION = "../shared/data/wikitext-2/valid.txt"
 EVALUATION = "../shared/data/wikitext-2/test.txt"
 # rows that are followed by a short LoRA recovery (<row>_lora_<target>): the best reconstructed row.
 # No instruction data is offline, so LoRA trains on WikiText-2 valid.txt windows (not the test text).
-RECOVERED = ("hywia_learned_recon_50",)
+RECOVERED = {"hywia_default_lora_50": "hywia_default_50"}  # recovery row -> the pruning row it continues
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0003, "weight_decay": 0.0}},
@@ -46,16 +64,17 @@ RECOVERY_DATA = {"source": CALIBRATION, "format": "text", "seq_len": 128, "batch
 RECOVERY_STEPS = 200
 
 
-def job(name: str, pruning: tuple[str, dict] | None, reconstruction: bool = False) -> dict:
+def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None = None) -> dict:
     callbacks = []
     if pruning is not None:
         callback, args = pruning
         callbacks.append({
             "class_path": f"callbacks.{callback}",
-            "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1, **args},
+            "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1,
+                          **copy.deepcopy(args)},
         })
     if reconstruction:
-        callbacks.append({"class_path": "callbacks.LeastSquaresReconstruction", "init_args": dict(RECONSTRUCTION)})
+        callbacks.append({"class_path": "callbacks.LeastSquaresReconstruction", "init_args": dict(reconstruction)})
     callbacks += [
         {"class_path": "callbacks.PerplexityEvaluation",
          "init_args": {"source": EVALUATION, "seq_len": 128, "num_chunks": 256}},
@@ -104,9 +123,11 @@ def configs() -> dict[str, str]:
             pruning = (callback, {"target_ratio": ratio, **args})
             jobs[f"{row}_{target}"] = job(f"{row}_{target}", pruning)
             if row in RECONSTRUCTED:
-                jobs[f"{row}_recon_{target}"] = job(f"{row}_recon_{target}", pruning, reconstruction=True)
-    for row in RECOVERED:
-        name = row.replace("_recon_", "_recon_lora_") if "_recon_" in row else row.replace("_", "_lora_", 1)
+                jobs[f"{row}_recon_{target}"] = job(f"{row}_recon_{target}", pruning, RECONSTRUCTION)
+    for row, (callback, args, reconstruction) in ABLATIONS.items():
+        for target, ratio in TARGETS.items():
+            jobs[f"{row}_{target}"] = job(f"{row}_{target}", (callback, {"target_ratio": ratio, **args}), reconstruction)
+    for name, row in RECOVERED.items():
         jobs[name] = with_recovery(name, jobs[row])
     header = (
         "# python main.py fit --config configs/bench/{name}.yaml\n"

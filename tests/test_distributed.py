@@ -15,18 +15,24 @@ from .pipeline import prune_job, run_fit
 import pytest
 
 LEARNED_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
-    "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "epochs": 2, "holdout": 2}}
+    "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "training": {"epochs": 2, "holdout": 2}}}
+# every kind of statistic (per-window saliency rows included), a global allocation, an intercept refit
+GLOBAL_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
+    "target_ratio": 0.2, "layer_start": 1, "layer_end": -1, "mode": "heuristic", "allocation": "global",
+    "schemes": ["element1", "element2", "vector2", "fluctuation"]}}
 
 
-@pytest.mark.parametrize("pruning", [None, LEARNED_HYWIA], ids=["element1", "hywia_learned"])
-def test_two_processes_prune_like_one(pruning, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("pruning, intercept", [(None, False), (LEARNED_HYWIA, False), (GLOBAL_HYWIA, True)],
+                         ids=["element1", "hywia_learned", "hywia_global_intercept"])
+def test_two_processes_prune_like_one(pruning, intercept, tiny_model_dir, tmp_path):
     """Estimation sharded over 2 ranks (statistics summed), the learned fusion trained on each rank
-    by its own single-device Trainer, reconstruction moments summed: the plan equals 1 process's."""
+    on the same windows, reconstruction moments summed: the plan equals 1 process's."""
     def job(root):
         config = prune_job(tiny_model_dir, root, data={"num_windows": 6})
         if pruning is not None:
             config["trainer"]["callbacks"][0] = pruning
-        config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction"})
+        config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction",
+                                                  "init_args": {"intercept": intercept}})
         return config
 
     single = tmp_path / "single"

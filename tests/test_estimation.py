@@ -5,9 +5,10 @@ import torch
 
 from callbacks import StructuredPruning
 
-from hywia_lightning.estimation import ACCUMULATE_DTYPES, ImportanceEstimation, accumulate_dtype_named
+from hywia_lightning.estimation import ACCUMULATE_DTYPES, Estimator, accumulate_dtype_named
+from hywia_lightning.statistics import NEEDS
 from hywia_lightning.structures import discover_structures
-from hywia_lightning.unit_groups import mlp_group, prunable_linears
+from hywia_lightning.unit_groups import GroupKey, prunable_linears, unit_groups
 
 from .conftest import tiny_llama
 from .pipeline import prune_job, run_fit
@@ -15,8 +16,12 @@ from .pipeline import prune_job, run_fit
 WINDOWS = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
 
 
-def estimate(model, layers):
-    estimator = ImportanceEstimation(model, prunable_linears(layers, "query_heads"))
+def estimator_for(model, layers, needs=NEEDS, **kwargs):
+    return Estimator(model, prunable_linears(layers, "query_heads"), frozenset(needs), len(WINDOWS), **kwargs)
+
+
+def estimate(model, layers, needs=NEEDS):
+    estimator = estimator_for(model, layers, needs)
     estimator.accumulate(WINDOWS)
     return estimator.statistics()
 
@@ -33,8 +38,29 @@ def test_statistics_are_per_window_means_of_g_and_g_squared():
         model(input_ids=window[None], labels=window[None]).loss.backward()
         grads.append(weight.grad.clone())
     g = torch.stack(grads)
-    torch.testing.assert_close(stats[weight][0], g.mean(0))
-    torch.testing.assert_close(stats[weight][1], g.pow(2).mean(0))
+    torch.testing.assert_close(stats.parameters[weight].grad, g.mean(0))
+    torch.testing.assert_close(stats.parameters[weight].sq_grad, g.pow(2).mean(0))
+    taylor = weight.detach() * g  # windows × out × in
+    torch.testing.assert_close(stats.parameters[weight].row_saliency, taylor.sum(2), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(stats.parameters[weight].col_saliency, taylor.sum(1), rtol=1e-4, atol=1e-7)
+
+
+def test_activation_statistics_alone_need_no_backward():
+    model = tiny_llama()
+    layers = discover_structures(model)[1:2]
+    stats = estimate(model, layers, {"input_moments"})
+    entry = stats.parameters[layers[0].mlp.up_proj.weight]
+    assert entry.grad is None and entry.sq_grad is None and entry.row_saliency is None
+    inputs = []
+    handle = layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for window in WINDOWS:
+            model(input_ids=window[None])
+    handle.remove()
+    x = torch.cat(inputs)
+    moments = stats.inputs[layers[0].mlp.down_proj]
+    torch.testing.assert_close(moments.mean, x.mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(moments.variance, x.var(0), rtol=1e-3, atol=1e-6)
 
 
 def test_input_norms_follow_each_weight_elements_input_feature():
@@ -48,7 +74,8 @@ def test_input_norms_follow_each_weight_elements_input_feature():
             model(input_ids=window[None])
     handle.remove()
     expected = torch.cat(inputs).pow(2).sum(0).sqrt()
-    group = mlp_group(mlp, 4, estimate(model, layers))
+    group = unit_groups(layers, "query_heads", 4, estimate(model, layers))[0]
+    assert group.key == GroupKey(1, "mlp")
     down = group.input_norms[2]  # down_proj columns, unit-major: row u is channel u's column
     torch.testing.assert_close(down, expected[:, None].expand_as(down), rtol=1e-4, atol=1e-5)
 
@@ -62,7 +89,8 @@ def per_window_reference(model, params):
         for p in params:
             grads[p].append(p.grad.clone())
     model.zero_grad()
-    return {p: (torch.stack(g).mean(0), torch.stack(g).pow(2).mean(0)) for p, g in grads.items()}
+    return {p: (torch.stack(g).mean(0), torch.stack(g).pow(2).mean(0), (p.detach() * torch.stack(g)).reshape(len(WINDOWS), p.shape[0], -1).sum(2))
+            for p, g in grads.items()}
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
@@ -71,15 +99,16 @@ def test_batched_statistics_equal_one_backward_per_window(batch_size):
     model = tiny_llama(attention_bias=True)  # biases too: their per-window gradient is Σ_t δ
     layers = discover_structures(model)[1:3]
     linears = prunable_linears(layers, "query_heads")
-    estimator = ImportanceEstimation(model, linears, batch_size=batch_size)
+    estimator = Estimator(model, linears, frozenset(NEEDS), len(WINDOWS), batch_size=batch_size)
     estimator.accumulate(WINDOWS)
     stats = estimator.statistics()
     assert estimator.windows_seen == len(WINDOWS)
-    reference = per_window_reference(model, list(stats))
+    reference = per_window_reference(model, list(stats.parameters))
     assert any(m.bias is not None for m in linears)
-    for p, (g, g2) in reference.items():
-        torch.testing.assert_close(stats[p][0], g, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(stats[p][1], g2, rtol=1e-4, atol=1e-9)
+    for p, (g, g2, rows) in reference.items():
+        torch.testing.assert_close(stats.parameters[p].grad, g, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(stats.parameters[p].sq_grad, g2, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(stats.parameters[p].row_saliency, rows, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "float64"])
@@ -87,16 +116,17 @@ def test_accumulators_use_the_configured_dtype(name):
     model = tiny_llama()
     layers = discover_structures(model)[1:2]
     linears = prunable_linears(layers, "query_heads")
-    estimator = ImportanceEstimation(model, linears, accumulate_dtype_named(name))
+    estimator = Estimator(model, linears, frozenset(NEEDS), len(WINDOWS), accumulate_dtype_named(name))
     estimator.accumulate(WINDOWS)
     assert {t.dtype for t in estimator.grad_sum.values()} == {ACCUMULATE_DTYPES[name]}
     stats = estimator.statistics()
     weight = layers[0].mlp.up_proj.weight
-    assert all(t.dtype == ACCUMULATE_DTYPES[name] for t in stats[weight])
+    entry = stats.parameters[weight]
+    assert {entry.grad.dtype, entry.sq_grad.dtype, stats.inputs[layers[0].mlp.up_proj].mean.dtype} == {ACCUMULATE_DTYPES[name]}
     same = tiny_llama()  # the same seed: the same weights, estimated with float32 accumulators
     same_layers = discover_structures(same)[1:2]
-    reference = estimate(same, same_layers)[same_layers[0].mlp.up_proj.weight]
-    for got, want in zip(stats[weight][:2], reference[:2]):  # bfloat16 keeps ~3 digits of the sums' scale
+    reference = estimate(same, same_layers).parameters[same_layers[0].mlp.up_proj.weight]
+    for got, want in ((entry.grad, reference.grad), (entry.sq_grad, reference.sq_grad)):  # bfloat16 keeps ~3 digits
         torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2 * float(want.abs().max()))
 
 
@@ -111,7 +141,7 @@ def test_frozen_weights_and_no_gradient_buffers_remain():
 
 def test_statistics_are_taken_once_and_bad_dtypes_are_refused():
     model = tiny_llama()
-    estimator = ImportanceEstimation(model, prunable_linears(discover_structures(model)[1:2], "query_heads"))
+    estimator = estimator_for(model, discover_structures(model)[1:2])
     estimator.accumulate(WINDOWS[:1])
     estimator.statistics()
     with pytest.raises(RuntimeError, match="already"):
@@ -119,7 +149,7 @@ def test_statistics_are_taken_once_and_bad_dtypes_are_refused():
     with pytest.raises(ValueError, match="accumulate_dtype='float16'.*allowed: float32, float64, bfloat16"):
         accumulate_dtype_named("float16")
     with pytest.raises(ValueError, match="batch_size=0"):
-        ImportanceEstimation(model, [], batch_size=0)
+        Estimator(model, [], frozenset(), 1, batch_size=0)
 
 
 def test_pruning_callback_passes_its_estimation_keys(tiny_model_dir, tmp_path):

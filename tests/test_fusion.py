@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from lightning import Trainer
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.hybrid_pruning import HybridPruning
 from hywia_lightning.fusion import FusionAttention, GroupScores, standardized_log
 from hywia_lightning.fusion_training import FusionTraining, MaskTarget, hard_mask, soft_mask
+from hywia_lightning.hywia import FusionTrainingArgs, HyWIA
 
 from .conftest import tiny_llama
 
@@ -38,9 +37,9 @@ def test_masks_keep_the_planned_count_per_block():
 
 
 def test_heuristic_blend_moves_from_fine_to_coarse_with_depth():
-    callback = HybridPruning(0.2, mode="heuristic")
+    scorer = HyWIA(["element1", "element2", "vector"], mode="heuristic")
     groups = [GroupScores.build(f"layers.{i}.mlp", "mlp", i, 8, [torch.rand(6) for _ in range(3)]) for i in (0, 7)]
-    w = callback.rule_weights(groups)  # schemes: element1 (fine), element2 (fine), vector (coarse)
+    w = scorer.rule_weights(groups)  # schemes: element1 (fine), element2 (fine), vector (coarse)
     assert w[0, 0] > w[0, 2] and w[1, 2] > w[1, 0]
     torch.testing.assert_close(w.sum(1), torch.ones(2, dtype=torch.float64))
 
@@ -54,6 +53,8 @@ def test_bad_fusion_keys_are_refused():
         HybridPruning(0.2, schemes=[])
     with pytest.raises(ValueError, match="mode='fixed' needs weights: one non-negative weight for each of"):
         HybridPruning(0.2, mode="fixed", weights={"element1": 1.0})
+    with pytest.raises(ValueError, match=r"training.epochs=0 must be at least 1"):
+        FusionTrainingArgs(epochs=0)
 
 
 def test_the_fusion_learns_which_granularity_is_right_per_layer():
@@ -79,16 +80,11 @@ def test_the_fusion_learns_which_granularity_is_right_per_layer():
         groups.append(GroupScores.build(f"layers.{i}.mlp", "mlp", i, 4, [a, b]))
         targets.append(MaskTarget(layer.mlp.down_proj, 1, keep=48))
     torch.manual_seed(0)
-    module = FusionTraining(model, FusionAttention(2, width=8), groups, targets, lr=0.05,
-                            temperatures=(0.5, 0.1), max_epochs=12)
+    module = FusionTraining(model, FusionAttention(2, width=8), groups, targets, lr=0.05, temperatures=(0.5, 0.1))
     prompts = torch.randint(0, 300, (16, 1), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         windows = model.generate(prompts, max_new_tokens=31, min_new_tokens=31, do_sample=False)
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=12, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(module, DataLoader(TensorDataset(windows[:12]), batch_size=1, shuffle=True,
-                                   generator=torch.Generator().manual_seed(0)),
-                DataLoader(TensorDataset(windows[12:]), batch_size=1))
+    module.fit(windows[:12], windows[12:], epochs=12, patience=12, seed=0)
     w = module.weights()
     assert (w[:2, 0] > w[:2, 1]).all() and (w[2:, 1] > w[2:, 0]).all(), w
     live = torch.ones(96)
@@ -105,20 +101,20 @@ def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path)
 
     from .pipeline import prune_job, run_fit
 
-    schemes = ["element1", "vector", {"class_path": "callbacks.wanda.WandaActivation"}]
-    extra = {"learned": {"epochs": 2, "holdout": 2},
-             "fixed": {"weights": {"element1": 1.0, "vector": 1.0, "wandaactivation": 2.0}}}.get(mode, {})
+    schemes = ["element1", "vector", {"class_path": "tests.test_fusion.UserWanda"}]
+    extra = {"learned": {"training": {"epochs": 2, "holdout": 2}},
+             "fixed": {"weights": {"element1": 1.0, "vector": 1.0, "userwanda": 2.0}}}.get(mode, {})
     job = prune_job(tiny_model_dir, tmp_path, data={"num_windows": 6})
     job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
         "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "schemes": schemes, "mode": mode, **extra}}
     run_fit(job, tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     fusion = report["fusion"]
-    assert fusion["schemes"] == ["element1", "vector", "wandaactivation"]
+    assert fusion["schemes"] == ["element1", "vector", "userwanda"]
     assert set(fusion["weights"]) == {"layers.1.mlp", "layers.1.self_attn", "layers.2.mlp", "layers.2.self_attn"}
     for weights in fusion["weights"].values():
         assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-4
-    assert report["pruning"]["granularity"] == f"hywia-{mode}(element1+vector+wandaactivation)"
+    assert report["pruning"]["granularity"] == f"hywia-{mode}(element1+vector+userwanda)"
     assert (tmp_path / "export" / "fusion_weights.png").stat().st_size > 1000
     if mode == "learned":
         assert report["fusion"]["training"]["epochs_run"] >= 1
@@ -135,14 +131,16 @@ def test_a_scheme_returning_nan_is_refused_naming_it(tiny_model_dir, tmp_path):
         run_fit(job, tmp_path)
 
 
-from hywia_lightning.granularities import Granularity  # noqa: E402
+from hywia_lightning.granularities import Granularity, Wanda  # noqa: E402
 
 
 class NaNScheme(Granularity):
-    needs_statistics = False
-
     def __call__(self, group):
         return torch.full((group.num_units,), float("nan"))
+
+
+class UserWanda(Wanda):
+    """A user's scheme, given by class_path (here: Wanda under another name)."""
 
 
 def test_holdout_must_leave_training_windows(tiny_model_dir, tmp_path):
@@ -150,6 +148,6 @@ def test_holdout_must_leave_training_windows(tiny_model_dir, tmp_path):
 
     job = prune_job(tiny_model_dir, tmp_path)  # 4 calibration windows
     job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
-        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "holdout": 4}}
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "training": {"holdout": 4}}}
     with pytest.raises(ValueError, match=r"holdout=4 must leave windows .* allowed 1..3 with 4 calibration windows"):
         run_fit(job, tmp_path)

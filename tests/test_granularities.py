@@ -2,15 +2,16 @@ import pytest
 import torch
 
 from hywia_lightning.granularities import (
-    Element1, Element2, Granularity, Magnitude, Random, Vector, check_scores, make_granularity,
+    Element1, Element2, Fluctuation, Granularity, Magnitude, Random, Vector, Vector2, Wanda, check_scores,
+    make_granularity,
 )
-from hywia_lightning.unit_groups import UnitGroup
+from hywia_lightning.unit_groups import GroupKey, UnitGroup
 
 
-def group(weights, grads=None, sq_grads=None, name="layers.0.mlp"):
+def group(weights, grads=None, sq_grads=None, layer=0, **statistics):
     as_tuple = lambda ts: None if ts is None else tuple(torch.tensor(t, dtype=torch.float32) for t in ts)
     w = as_tuple(weights)
-    return UnitGroup(name, "mlp", 0, 1, w[0].shape[0], w, as_tuple(grads), as_tuple(sq_grads))
+    return UnitGroup(GroupKey(layer, "mlp"), 1, w[0].shape[0], w, 1, as_tuple(grads), as_tuple(sq_grads), **statistics)
 
 
 # two units, two coupled tensors; unit 0 has w·g terms that cancel, unit 1 has terms that add
@@ -29,10 +30,22 @@ def test_vector_takes_the_taylor_term_of_the_whole_unit():
     assert Vector()(group(W, G, F)).tolist() == [0.0, 4.0]
 
 
-def test_element2_adds_the_fisher_curvature_term():
-    # unit 0: |2 - 0.5*1*4| + |-2 - 0.5*4*1| + |0 - 0.5*9*1| = 0 + 4 + 4.5
-    # unit 1: |1 - 0| + |2 - 0| + |1 - 0.5*1*2| = 3
-    assert Element2()(group(W, G, F)).tolist() == [8.5, 3.0]
+def test_element2_is_the_diagonal_fisher_saliency():
+    # unit 0: ½(1·4 + 4·1 + 9·1) = 8.5;  unit 1: ½(1·0 + 4·0 + 1·2) = 1  (no gradient term: OBD)
+    assert Element2()(group(W, G, F)).tolist() == [8.5, 1.0]
+
+
+def test_vector2_is_the_mean_square_of_per_window_unit_saliency():
+    saliency = torch.tensor([[1.0, -2.0], [3.0, 2.0]])  # windows × units: Σ_unit w·g_j
+    assert Vector2()(group(W, window_saliency=saliency)).tolist() == [5.0, 4.0]
+    with pytest.raises(ValueError, match="needs window_saliency"):
+        Vector2()(group(W))
+
+
+def test_fluctuation_weighs_the_output_columns_by_their_input_variance():
+    # the output member (index 1, one column per unit): var 2 and 3, weights 3 and 1 → 2·9, 3·1
+    variance = tuple(torch.tensor(v) for v in ([[5.0, 5.0], [5.0, 5.0]], [[2.0], [3.0]]))
+    assert Fluctuation()(group(W, input_variance=variance)).tolist() == [18.0, 3.0]
 
 
 def test_magnitude_is_the_squared_norm_of_the_unit():
@@ -43,11 +56,11 @@ def test_random_is_seeded_per_group_and_seed():
     g = group(W)
     assert torch.equal(Random(3)(g), Random(3)(g))
     assert not torch.equal(Random(3)(g), Random(4)(g))
-    assert not torch.equal(Random(3)(g), Random(3)(group(W, name="layers.1.mlp")))
+    assert not torch.equal(Random(3)(g), Random(3)(group(W, layer=1)))
 
 
 def test_gradient_granularities_refuse_a_group_without_statistics():
-    with pytest.raises(ValueError, match="needs gradient statistics"):
+    with pytest.raises(ValueError, match="needs grads"):
         Element1()(group(W))
 
 
@@ -70,12 +83,8 @@ def test_scores_of_the_wrong_shape_or_nan_are_refused():
 
 
 def test_wanda_weighs_each_element_by_its_input_norm():
-    from callbacks.wanda import WandaActivation
-
-    g = group(W)
     norms = tuple(torch.tensor(n) for n in ([[1.0, 10.0], [1.0, 10.0]], [[2.0], [2.0]]))
-    g = UnitGroup(g.name, g.kind, g.layer, g.num_layers, g.num_units, g.weights, None, None, norms)
     # unit 0: 1·1 + 2·10 + 3·2 = 27;  unit 1: 1·1 + 2·10 + 1·2 = 23
-    assert WandaActivation()(g).tolist() == [27.0, 23.0]
-    with pytest.raises(ValueError, match="needs the input norms"):
-        WandaActivation()(group(W))
+    assert Wanda()(group(W, input_norms=norms)).tolist() == [27.0, 23.0]
+    with pytest.raises(ValueError, match="needs input_norms"):
+        Wanda()(group(W))

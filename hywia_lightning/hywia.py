@@ -1,0 +1,199 @@
+"""HyWIA as a scorer: several granularities fused per group.
+
+Every scheme scores every group; the scores are normalized (standardized logs, see
+:mod:`hywia_lightning.fusion`) and blended per group with weights chosen by ``mode``:
+
+- ``fixed``: the same given weights everywhere;
+- ``heuristic``: front layers fine-grained, back layers coarse-grained, as the paper observed:
+  ``w_s ∝ exp(sharpness · (depth − ½) · g_s)`` with ``g_s`` = −1 for fine, +1 for coarse, 0 otherwise;
+- ``learned``: the fusion attention, trained on the calibration windows against the widths the
+  plan's allocation gives (:mod:`hywia_lightning.fusion_training`); the last ``holdout`` windows
+  stop it early.
+
+It is a :class:`~hywia_lightning.granularities.Granularity`, so it goes wherever one can
+(``granularity: {class_path: hywia_lightning.HyWIA, ...}``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .fusion import FusionAttention, GroupScores, fuse, standardize_across_groups
+from .fusion_training import FusionTraining, MaskTarget
+from .granularities import Granularity, check_scores, make_granularity
+from .scoring import ScoringContext
+from .unit_groups import UnitGroup, effective_attention_unit
+
+FusionMode = Literal["fixed", "heuristic", "learned"]
+FUSION_MODES = ("fixed", "heuristic", "learned")
+GRAIN_SIGN = {"fine": -1.0, "coarse": 1.0, None: 0.0}
+
+
+@dataclass
+class FusionTrainingArgs:
+    """How the ``learned`` fusion trains."""
+
+    epochs: int = 6
+    """Passes over the training windows (at most; early stopping may end sooner)."""
+    lr: float = 0.02
+    """Adam learning rate of the fusion attention."""
+    patience: int = 2
+    """Epochs without a better held-out loss before training stops."""
+    holdout: int = 8
+    """Calibration windows held out for early stopping (the last ones)."""
+    temperatures: tuple[float, float] = (1.0, 0.05)
+    """Soft-mask temperature at the first and the last epoch (annealed geometrically)."""
+    width: int = 16
+    """Width of the attention's queries and keys."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "patience", "width"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"training.{key}={getattr(self, key)} must be at least 1")
+        if not (len(self.temperatures) == 2 and all(t > 0 for t in self.temperatures)):
+            raise ValueError(f"training.temperatures={self.temperatures} must be two positive numbers (start, end)")
+        self.temperatures = tuple(self.temperatures)
+
+
+class HyWIA(Granularity):
+    def __init__(
+        self,
+        schemes: list[str | Granularity] = ["element1", "element2", "vector"],
+        mode: FusionMode = "heuristic",
+        weights: dict[str, float] | None = None,
+        sharpness: float = 4.0,
+        training: FusionTrainingArgs | None = None,
+        normalization: Literal["group", "kind"] = "group",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            schemes: granularities to fuse (names or ``class_path`` instances), at least two.
+            mode: ``fixed``, ``heuristic`` or ``learned``.
+            weights: ``fixed`` mode: one weight per scheme name (normalized to sum 1).
+            sharpness: ``heuristic`` mode: how fast the blend moves from fine to coarse with depth.
+            training: ``learned`` mode: how the fusion attention trains.
+            normalization: each scheme's scores become standardized logs within each ``group``,
+                or across all groups of a structure ``kind`` (fused scores then keep how layers
+                differ, for a global allocation).
+            seed: seeds the fusion's initialization and window order (and a ``random`` scheme).
+        """
+        if mode not in FUSION_MODES:
+            raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(FUSION_MODES)}")
+        self.schemes = [make_granularity(s, seed) for s in schemes]
+        names = [s.name for s in self.schemes]
+        if len(self.schemes) < 2:
+            raise ValueError(f"schemes={names} fuses fewer than two granularities; list at least two")
+        if len(set(names)) != len(names):
+            raise ValueError(f"schemes={names} lists a granularity twice")
+        if mode == "fixed":
+            if not weights or set(weights) != set(names) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise ValueError(f"mode='fixed' needs weights: one non-negative weight for each of {names}; got {weights}")
+        self.mode, self.fixed_weights, self.sharpness = mode, weights, sharpness
+        if normalization not in ("group", "kind"):
+            raise ValueError(f"normalization={normalization!r} is unknown; allowed: group, kind")
+        self.training, self.normalization = training or FusionTrainingArgs(), normalization
+        self.seed = seed
+        self.needs = frozenset().union(*(s.needs for s in self.schemes))
+        self._record: dict = {}
+        self._raw: dict = {}
+
+    @property
+    def name(self) -> str:
+        return f"hywia-{self.mode}({'+'.join(s.name for s in self.schemes)})"
+
+    def __call__(self, group: UnitGroup) -> Tensor:
+        raise TypeError("HyWIA fuses across groups: call score_groups(groups, context)")
+
+    def check(self, num_windows: int) -> None:
+        """Refuse a holdout that leaves nothing to train or to stop on (before any heavy work)."""
+        if self.mode == "learned" and not 0 < self.training.holdout < num_windows:
+            raise ValueError(
+                f"holdout={self.training.holdout} must leave windows for both training and early stopping: "
+                f"allowed 1..{num_windows - 1} with {num_windows} calibration windows"
+            )
+
+    def scheme_scores(self, groups: list[UnitGroup]) -> list[GroupScores]:
+        scored = [
+            GroupScores.build(g.name, g.kind, g.layer, g.num_layers, [check_scores(s(g), g, s) for s in self.schemes])
+            for g in groups
+        ]
+        if self.normalization == "kind":
+            standardize_across_groups(scored)
+        return scored
+
+    def score_groups(self, groups: list[UnitGroup], context: ScoringContext) -> dict:
+        fused_groups = self.scheme_scores(groups)
+        start = time.perf_counter()
+        if self.mode == "learned":
+            weights, training = self.learn_weights(groups, fused_groups, context)
+        else:
+            weights, training = self.rule_weights(fused_groups), None
+        self._record = {
+            "mode": self.mode,
+            "schemes": [s.name for s in self.schemes],
+            "weights": {g.name: [round(float(w), 6) for w in weights[i]] for i, g in enumerate(groups)},
+            "training": training,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        self._raw = {s.name: {g.name: fg.raw[i] for g, fg in zip(groups, fused_groups)} for i, s in enumerate(self.schemes)}
+        return {g.key: fuse(weights[i], fg.normalized) for i, (g, fg) in enumerate(zip(groups, fused_groups))}
+
+    def describe(self) -> dict:
+        return self._record
+
+    def distributions(self, scores: dict) -> dict:
+        return self._raw  # every scheme's own scores: what the fusion blended
+
+    def rule_weights(self, groups: list[GroupScores]) -> Tensor:
+        """``fixed`` and ``heuristic`` blends, G × S."""
+        if self.mode == "fixed":
+            w = torch.tensor([float(self.fixed_weights[s.name]) for s in self.schemes], dtype=torch.float64)
+            return (w / w.sum()).expand(len(groups), -1).clone()
+        signs = torch.tensor([GRAIN_SIGN[s.grain] for s in self.schemes], dtype=torch.float64)
+        depth = torch.tensor([g.depth for g in groups], dtype=torch.float64)
+        return (self.sharpness * (depth[:, None] - 0.5) * signs[None, :]).softmax(-1)
+
+    def learn_weights(
+        self, groups: list[UnitGroup], scored: list[GroupScores], context: ScoringContext
+    ) -> tuple[Tensor, dict]:
+        """Train the fusion attention against the widths the allocation gives the uniform blend."""
+        uniform = torch.full((len(self.schemes),), 1 / len(self.schemes), dtype=torch.float64)
+        widths = context.widths({g.key: fuse(uniform, s.normalized) for g, s in zip(groups, scored)})
+        holdout = self.training.holdout
+        train, held_out = context.windows[:-holdout], context.windows[-holdout:]
+        torch.manual_seed(self.seed)
+        module = FusionTraining(
+            context.model, FusionAttention(len(self.schemes), self.training.width), scored,
+            mask_targets(context, groups, widths), self.training.lr, self.training.temperatures,
+        )
+        initial = module.weights()
+        module.fit(train, held_out, self.training.epochs, self.training.patience, self.seed)
+        weights = module.weights().double()
+        return weights, {
+            "epochs_run": len(module.val_history),
+            "held_out_loss_per_epoch": [round(v, 5) for v in module.val_history],
+            "best_held_out_loss": module.best_val_loss,
+            "weights_moved": float((weights - initial.double()).abs().max()),
+        }
+
+
+def mask_targets(context: ScoringContext, groups: list[UnitGroup], widths: dict) -> list[MaskTarget]:
+    """Where each group's soft mask acts, and how many units it keeps."""
+    by_layer = {s.layer: s for s in context.layers}
+    targets = []
+    for g in groups:
+        s, w = by_layer[g.layer], widths[g.layer]
+        attn = s.attention
+        if g.kind == "mlp":
+            targets.append(MaskTarget(s.mlp.down_proj, 1, w.num_channels))
+        elif effective_attention_unit(attn, context.scope.attention_unit) == "kv_groups":
+            targets.append(MaskTarget(attn.o_proj, attn.group_size * attn.head_dim, w.num_kv_heads))
+        else:
+            targets.append(MaskTarget(attn.o_proj, attn.head_dim, w.num_heads // attn.num_kv_heads, attn.num_kv_heads))
+    return targets

@@ -1,0 +1,135 @@
+"""Reconstruction modes: when the refit's moments are taken, as small strategy classes.
+
+Both refit the output projection of every pruned structure (``o_proj`` of attention that lost
+heads, ``down_proj`` of an MLP that lost channels) with :func:`solve_refit`:
+
+- :class:`Independent`: every layer sees the dense model's activations; one forward pass over the
+  windows before slicing, the solutions assigned after it.
+- :class:`Sequential`: layer after layer, each structure (attention, then MLP) is calibrated on the
+  inputs produced by the already pruned and refit earlier ones, against the dense structure applied
+  to those same inputs; it keeps a copy of the dense pruned-range blocks meanwhile and costs two
+  partial forward passes per layer.
+
+A new mode subclasses :class:`ReconstructionMode` and overrides the two hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .plan import PruningPlan
+from .progress import Progress
+from .reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
+from .slicing import record_layer_widths, unit_indices
+from .structures import LayerStructures, decoder_layers, discover_structures
+from .unit_groups import GroupKey, MODULE_NAME
+
+log = logging.getLogger(__name__)
+Reduce = Callable[[Tensor], Tensor]
+
+
+def pruned_structures(plan: PruningPlan) -> list[GroupKey]:
+    """The structures of the plan that lose units, layer by layer, attention before MLP."""
+    keys = []
+    for i in sorted(plan.layers):
+        if plan.layers[i].heads is not None:
+            keys.append(GroupKey(i, "attention"))
+        if plan.layers[i].channels is not None:
+            keys.append(GroupKey(i, "mlp"))
+    return keys
+
+
+def output_projection(s: LayerStructures, kind: str) -> nn.Linear:
+    return s.attention.o_proj if kind == "attention" else s.mlp.down_proj
+
+
+def kept_inputs(s: LayerStructures, plan: PruningPlan, kind: str) -> list[int]:
+    """The output projection's input features the plan keeps."""
+    layer = plan.layers[s.layer]
+    return unit_indices(layer.heads, s.attention.head_dim) if kind == "attention" else layer.channels
+
+
+def assign(linear: nn.Linear, result: RefitResult) -> None:
+    """Write a refit into a (sliced) projection; an intercept becomes (or adds to) its bias."""
+    if linear.weight.shape != result.weight.shape:
+        raise RuntimeError(f"refit weight {tuple(result.weight.shape)} does not fit {tuple(linear.weight.shape)}")
+    with torch.no_grad():
+        linear.weight.copy_(result.weight.to(linear.weight.device))
+        if result.bias is not None:
+            bias = result.bias.to(linear.weight.device)
+            if linear.bias is not None:
+                bias = bias + linear.bias
+            linear.bias = nn.Parameter(bias, linear.weight.requires_grad)
+
+
+class ReconstructionMode:
+    def __init__(self, damping: float = 0.01, intercept: bool = False) -> None:
+        self.damping, self.intercept = damping, intercept
+
+    def before_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> None:
+        """The plan is final and the model still dense."""
+
+    def after_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> dict[GroupKey, RefitResult]:
+        """The model is pruned: refit and assign; returns every structure's result."""
+        raise NotImplementedError
+
+    def solve(self, dense: nn.Linear | Tensor, sliced: Tensor, stats: RefitStatistics, key: GroupKey) -> RefitResult:
+        weight = dense.weight if isinstance(dense, nn.Linear) else dense
+        return solve_refit(weight, sliced, stats, self.damping, str(key), intercept=self.intercept)
+
+
+class Independent(ReconstructionMode):
+    def before_slicing(self, model, plan, windows, reduce):
+        structures = discover_structures(model)
+        keys = pruned_structures(plan)
+        projections = {key: output_projection(structures[key.layer], key.kind) for key in keys}
+        grams, sums, tokens = dense_grams(model, projections, windows)
+        tokens = int(reduce(torch.tensor(float(tokens))).item())
+        self._results = {}
+        progress = Progress("reconstruction: refit", len(projections), unit="projection")
+        for key, proj in progress.iterate(projections.items()):
+            keep = kept_inputs(structures[key.layer], plan, key.kind)
+            stats = RefitStatistics.from_dense_gram(reduce(grams.pop(key)), reduce(sums.pop(key)), keep, tokens)
+            self._results[key] = self.solve(proj, proj.weight[:, keep], stats, key)
+
+    def after_slicing(self, model, plan, windows, reduce):
+        structures = discover_structures(model)
+        for key, result in self._results.items():
+            assign(output_projection(structures[key.layer], key.kind), result)
+        record_layer_widths(model)
+        results, self._results = self._results, {}
+        return results
+
+
+class Sequential(ReconstructionMode):
+    def before_slicing(self, model, plan, windows, reduce):
+        layers = decoder_layers(model)
+        self._dense = {key: copy.deepcopy(getattr(layers[key.layer], MODULE_NAME[key.kind]))
+                       for key in pruned_structures(plan)}
+
+    def after_slicing(self, model, plan, windows, reduce):
+        layers = decoder_layers(model)
+        results = {}
+        progress = Progress("reconstruction (sequential)", len(self._dense), unit="structure")
+        for key in sorted(self._dense, key=lambda k: (k.layer, k.kind != "attention")):
+            dense = self._dense.pop(key)
+            pruned = getattr(layers[key.layer], MODULE_NAME[key.kind])
+            projection = "o_proj" if key.kind == "attention" else "down_proj"
+            stats = sequential_statistics(model, layers[key.layer], pruned, dense, projection, windows)
+            for name in ("target_gram", "cross", "gram", "target_sum", "kept_sum"):
+                setattr(stats, name, reduce(getattr(stats, name)))
+            stats.tokens = int(reduce(torch.tensor(float(stats.tokens))).item())
+            result = self.solve(getattr(dense, projection), getattr(pruned, projection).weight, stats, key)
+            assign(getattr(pruned, projection), result)
+            results[key] = result
+            progress.update()
+        record_layer_widths(model)
+        return results
+
+
+RECONSTRUCTION_MODES = {"independent": Independent, "sequential": Sequential}

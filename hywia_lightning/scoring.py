@@ -1,0 +1,29 @@
+"""What a scorer may read besides the unit groups: the model, the windows, and the allocation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .allocation import PruningScope
+from .plan import LayerWidths
+from .structures import LayerStructures
+from .unit_groups import GroupKey
+
+
+@dataclass
+class ScoringContext:
+    """Handed to :meth:`Granularity.score_groups`; single-group schemes ignore it.
+
+    ``widths(scores)`` is the plan's allocation at the target for the given scores: a scorer
+    that learns (the HyWIA fusion) trains against the widths the plan will have.
+    """
+
+    model: nn.Module
+    layers: list[LayerStructures]
+    scope: PruningScope
+    windows: Tensor
+    widths: Callable[[dict[GroupKey, Tensor]], dict[int, LayerWidths]]
+    seed: int = 0
