@@ -42,8 +42,17 @@ def test_other_keys_are_checked_at_construction():
         CalibrationData("builtin:python-docs/train", 0, 32)
     with pytest.raises(ValueError, match="num_chunks=0"):
         PerplexityEvaluation("builtin:python-docs/test", num_chunks=0)
-    with pytest.raises(ValueError, match="dirname='/abs'"):
-        Export("/abs")
+
+
+def test_dirname_outside_the_run_folder_is_refused_naming_the_key(tmp_path):
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    for dirname, reason in (("/abs", "outside the run folder"), ("..", "contains '..'"), (".", "the run folder itself"),
+                            ("", "is empty")):
+        with pytest.raises(ValueError, match=rf"Export.dirname={dirname!r} .*{reason}.*allowed: a folder name relative"):
+            Export(dirname).export_dir(trainer)
+    assert Export(str(tmp_path / "run" / "out")).export_dir(trainer) == tmp_path / "run" / "out"
 
 
 @pytest.mark.parametrize("start,end", [(0, 10), (3, 2), (-9, None)])
