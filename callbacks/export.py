@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.export import check_replaceable, export_pretrained, recover_interrupted
+from hywia_lightning.export import check_replaceable, export_pretrained, recover_interrupted, written_files
 from hywia_lightning.files import run_folder, write_json_atomic
 
 from .preflight import Preflight
@@ -46,6 +46,8 @@ class Export(Preflight):
         if trainer.is_global_zero:
             recover_interrupted(out)  # what a killed export left: restored, or removed (logged)
         check_replaceable(out, f"{self.setting('dirname')}={self.dirname!r}")
+        if trainer.is_global_zero and written_files(out):
+            log.info("%s holds a previous export: it is kept until the new one is complete, then replaced", out)
 
     def write_artifacts(self, pl_module: LightningModule, folder: Path) -> None:
         """What goes into the export besides the model: the pruning plan, and the module's own

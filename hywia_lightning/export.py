@@ -128,8 +128,6 @@ def check_replaceable(folder: Path, key: str) -> None:
             f"whole folder, so it only replaces an empty folder or a previous export (recognised by its {MARKER} "
             "file, which lists the export's files). Move those files away, or choose another dirname"
         )
-    if written_files(folder):
-        log.info("%s holds a previous export: it is kept until the new one is complete, then replaced", folder)
 
 
 def recover_interrupted(out_dir: Path) -> None:
