@@ -1,5 +1,6 @@
 """Lightning callbacks that run the pipeline's stages inside ``fit`` (and evaluate in ``validate``/``test``); add yours here."""
 
+from .evaluation import Evaluation
 from .export import Export
 from .hybrid_pruning import HybridPruning
 from .perplexity import PerplexityEvaluation
@@ -11,6 +12,6 @@ from .report import Report
 from .zeroshot import ZeroShotEvaluation
 
 __all__ = [
-    "Export", "HybridPruning", "LeastSquaresReconstruction", "PerplexityEvaluation", "Preflight", "PruningHooks", "Report",
+    "Evaluation", "Export", "HybridPruning", "LeastSquaresReconstruction", "PerplexityEvaluation", "Preflight", "PruningHooks", "Report",
     "StructuredPruning", "ZeroShotEvaluation", "run_preflight",
 ]

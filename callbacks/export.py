@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 
-from hywia_lightning.export import export_pretrained
-from hywia_lightning.report import write_json_atomic
+from hywia_lightning.export import check_replaceable, export_pretrained, recover_interrupted, written_files
+from hywia_lightning.files import run_folder, write_json_atomic
 
-from .preflight import Preflight, run_preflight
+from .preflight import Preflight
 from .report import write_report
 
+log = logging.getLogger(__name__)
 
-class Export(Preflight, Callback):
+
+class Export(Preflight):
     """Write ``<default_root_dir>/<dirname>/``: a Hugging Face folder, ``report.json``, ``report.md``,
-    PNG plots of the report, after pruning ``pruning_plan.json``, and after LoRA recovery ``adapter/``. Only global rank 0 writes; the previous export is replaced
-    only once the new one is complete."""
+    PNG plots of the report, after pruning ``pruning_plan.json``, and after LoRA recovery ``adapter/``.
+    Only global rank 0 writes. Everything is staged next to the folder and swapped in complete; the
+    folder replaced must be empty or a previous export (preflight refuses anything else)."""
 
     def __init__(self, dirname: str = "export") -> None:
-        if not dirname or Path(dirname).is_absolute() or ".." in Path(dirname).parts:
-            raise ValueError(f"dirname={dirname!r} must be a relative folder name inside trainer.default_root_dir")
+        """
+        Args:
+            dirname: the export folder, relative to ``trainer.default_root_dir`` (or an absolute path
+                inside it); never the run folder itself.
+        """
         self.dirname = dirname
 
     def export_dir(self, trainer: Trainer) -> Path:
-        return Path(trainer.default_root_dir) / self.dirname
+        return run_folder(trainer.default_root_dir, self.dirname, self.setting("dirname"))
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        out = self.export_dir(trainer).resolve()
+        out = self.export_dir(trainer)
         source = Path(pl_module.source_path).expanduser()
         if source.exists() and (out == source.resolve() or out in source.resolve().parents):
             raise ValueError(
@@ -35,9 +43,11 @@ class Export(Preflight, Callback):
                 f"export to {out}, overwriting the input model model_name_or_path={str(source)!r}; "
                 "choose another trainer.default_root_dir"
             )
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        run_preflight(trainer, pl_module)
+        if trainer.is_global_zero:
+            recover_interrupted(out)  # what a killed export left: restored, or removed (logged)
+        check_replaceable(out, f"{self.setting('dirname')}={self.dirname!r}")
+        if trainer.is_global_zero and written_files(out):
+            log.info("%s holds a previous export: it is kept until the new one is complete, then replaced", out)
 
     def write_artifacts(self, pl_module: LightningModule, folder: Path) -> None:
         """What goes into the export besides the model: the pruning plan, and the module's own
@@ -53,6 +63,13 @@ class Export(Preflight, Callback):
             return
         out = self.export_dir(trainer)
         report = pl_module.report
-        with report.stage("export"):
-            export_pretrained(pl_module.model, pl_module.tokenizer, out, lambda folder: self.write_artifacts(pl_module, folder))
-        write_report(trainer, pl_module, out, export_dir=str(out))  # report.json, report.md, plots, logger
+        start = time.perf_counter()
+
+        def complete(folder: Path) -> None:  # into the staged folder, before it is swapped in
+            self.write_artifacts(pl_module, folder)
+            report.add_seconds("export", time.perf_counter() - start)
+            write_report(trainer, pl_module, folder, export_dir=str(out))  # report.json, report.md, plots, logger
+
+        export_pretrained(pl_module.model, pl_module.tokenizer, out, complete)
+        report.moved_to(out / "report.json")
+        log.info("export: %s (model, report.json, report.md and plots)", out)

@@ -7,26 +7,25 @@ import logging
 import time
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from jsonargparse.typing import PositiveInt
+from lightning import LightningModule, Trainer
 
 from hywia_lightning.baseline import file_fingerprint
 from hywia_lightning.perplexity import chunk_tokens, perplexity
 from hywia_lightning.progress import show_info_logs
 from hywia_lightning.text_sources import check_source, read_text, token_ids
 
-from .dense_baseline import DenseBaseline
-from .preflight import Preflight, run_preflight
-from .stage_end import StageEnd
+from .evaluation import Evaluation
 
 log = logging.getLogger(__name__)
 
 
-class PerplexityEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
+class PerplexityEvaluation(Evaluation):
     kind = "perplexity"
 
     def __init__(
-        self, source: str, seq_len: int = 128, num_chunks: int | None = 256, stride: int = 1, batch_size: int = 8,
-        text_field: str = "text", baseline: bool = True, baseline_model: str | None = None,
+        self, source: str, seq_len: PositiveInt = 128, num_chunks: PositiveInt | None = 256, stride: PositiveInt = 1,
+        batch_size: PositiveInt = 8, text_field: str = "text", baseline: bool = True, baseline_model: str | None = None,
     ) -> None:
         """
         Args:
@@ -38,22 +37,14 @@ class PerplexityEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
             baseline_model: the dense model to compare with; ``None``: the job's model before pruning,
                 or the model a pruned export was made from (its ``report.json``).
         """
-        for key, value in (("seq_len", seq_len), ("stride", stride), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{key}={value} must be at least 1")
-        if num_chunks is not None and num_chunks < 1:
-            raise ValueError(f"num_chunks={num_chunks} must be at least 1 (or null for the whole text)")
+        super().__init__(baseline, baseline_model)
         self.source, self.seq_len, self.num_chunks, self.stride = source, seq_len, num_chunks, stride
         self.batch_size, self.text_field = batch_size, text_field
-        self.baseline, self.baseline_model = baseline, baseline_model
         self._chunks: torch.Tensor | None = None
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_source(self.source, "PerplexityEvaluation.source")
         self.chunks(pl_module.tokenizer)  # a text too short fails now, not after pruning
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        run_preflight(trainer, pl_module)
 
     def chunks(self, tokenizer) -> torch.Tensor:
         """The evaluation chunks (tokenized once)."""
@@ -63,7 +54,7 @@ class PerplexityEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
             self._chunks = chunk_tokens(ids, self.seq_len, self.num_chunks, self.stride, f"PerplexityEvaluation.source={self.source!r}")
         return self._chunks
 
-    # -- DenseBaseline --------------------------------------------------------------------------
+    # -- Evaluation -----------------------------------------------------------------------------
     def settings(self) -> dict:
         return {
             "source": self.source, "source_file": file_fingerprint(self.source), "text_field": self.text_field,
@@ -81,22 +72,10 @@ class PerplexityEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
                  chunks.shape[0], seconds, chunks.shape[0] / seconds, chunks.numel() / seconds)
         return {"value": value}
 
-    # -- StageEnd -------------------------------------------------------------------------------
-    def at_stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
-        chunks = self.chunks(pl_module.tokenizer)
-        with pl_module.report.stage("perplexity"):
-            value = self.evaluate_model(pl_module.model, pl_module.tokenizer)["value"]
-        pl_module.report.record("perplexity", {
-            "source": self.source, "seq_len": self.seq_len, "chunks": chunks.shape[0],
-            "tokens": chunks.numel(), "stride": self.stride, "value": value,
-        })
-        metrics = {"perplexity": value}
-        dense = self.dense_baseline(trainer, pl_module, stage, {"value": value})
-        if dense is not None:
-            pl_module.report.record("baseline", {"perplexity": dense})
-            if "results" in dense:
-                metrics["dense/perplexity"] = dense["results"]["value"]
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+    def section(self, results: dict) -> dict:
+        chunks = self._chunks
+        return {"source": self.source, "seq_len": self.seq_len, "chunks": chunks.shape[0], "tokens": chunks.numel(),
+                "stride": self.stride, "value": results["value"]}
+
+    def metrics(self, prefix: str, results: dict) -> dict[str, float]:
+        return {prefix: results["value"]}

@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
-from lightning import LightningModule, Trainer
+from lightning import Callback, LightningModule, Trainer
+
+_CHECKED = "_hywia_preflight_checked"  # the trainer attribute: the stage (fit, validate, test) already checked
 
 
-class Preflight:
+class Preflight(Callback):
     """A callback with a cheap :meth:`check` of the run against the loaded model.
 
     Heavy stages call :func:`run_preflight` first, so a bad key of a later stage fails before the
-    earlier stages spend their hours.
+    earlier stages spend their hours; every other Preflight callback calls it in ``setup``. The
+    checks run once per stage, whichever callback asks first.
     """
+
+    config_index: int | None = None  # its place in trainer.callbacks of the YAML (set by HywiaCLI)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         raise NotImplementedError
 
+    def setting(self, name: str) -> str:
+        """How an error names this callback's key ``name``: the class's argument, and its YAML path
+        when the CLI built the callback."""
+        own = f"{type(self).__name__}.{name}"
+        if self.config_index is None:
+            return own
+        return f"{own} (trainer.callbacks[{self.config_index}].init_args.{name})"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        run_preflight(trainer, pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if hasattr(trainer, _CHECKED):
+            delattr(trainer, _CHECKED)  # a later fit/validate/test of this trainer checks again
+
 
 def run_preflight(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Every Preflight callback's :meth:`~Preflight.check`, once per stage of ``trainer``."""
+    if getattr(trainer, _CHECKED, None) == trainer.state.fn:
+        return
     for callback in trainer.callbacks:
         if isinstance(callback, Preflight):
             callback.check(trainer, pl_module)
+    setattr(trainer, _CHECKED, trainer.state.fn)

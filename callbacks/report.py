@@ -1,6 +1,6 @@
 """The run's report as files (``report.json``, ``report.md``, PNG plots) and in the Lightning logger.
 
-:func:`write_report` is what :class:`~callbacks.export.Export` does at the end of ``fit``;
+:func:`write_report` is what :class:`~callbacks.export.Export` does into its staged folder at the end of ``fit``;
 :class:`Report` does it into a folder of its own at the end of ``fit``, ``validate`` or ``test``
 (an evaluation job exports no model, but its numbers deserve a report too).
 """
@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 
+from hywia_lightning.files import run_folder
 from hywia_lightning.plan import count_parameters
 from hywia_lightning.plots import figures, save
 
@@ -62,19 +63,28 @@ def write_report(trainer: Trainer, pl_module: LightningModule, folder: Path, **m
     for logger in trainer.loggers:
         logger.log_metrics(report_scalars(report.sections), step=trainer.global_step)
     report.write_to(folder / "report.json")
-    log.info("report: %s (and report.md, %d plots)", folder / "report.json", len(written))
     return folder / "report.json"
 
 
-class Report(StageEnd, Callback):
+class Report(StageEnd):
     """Write ``<default_root_dir>/<dirname>/report.json``, ``report.md`` and plots at the end of
     ``fit``, ``validate`` or ``test``. Only global rank 0 writes. List it after the evaluations."""
 
     def __init__(self, dirname: str = "report") -> None:
-        if not dirname or Path(dirname).is_absolute() or ".." in Path(dirname).parts:
-            raise ValueError(f"dirname={dirname!r} must be a relative folder name inside trainer.default_root_dir")
+        """
+        Args:
+            dirname: the report's folder, relative to ``trainer.default_root_dir`` (or an absolute
+                path inside it); never the run folder itself.
+        """
         self.dirname = dirname
+
+    def folder(self, trainer: Trainer) -> Path:
+        return run_folder(trainer.default_root_dir, self.dirname, self.setting("dirname"))
+
+    def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.folder(trainer)
 
     def at_stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
-            write_report(trainer, pl_module, Path(trainer.default_root_dir) / self.dirname, stage=stage)
+            path = write_report(trainer, pl_module, self.folder(trainer), stage=stage)
+            log.info("report: %s (and report.md, %d plots)", path, len(pl_module.report.sections["model"]["plots"]))

@@ -12,11 +12,14 @@ from __future__ import annotations
 from lightning import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
+from .preflight import Preflight
+
 EVALUATION_STAGES = {TrainerFn.VALIDATING: "validate", TrainerFn.TESTING: "test"}
 
 
-class StageEnd:
-    """Mixin: :meth:`at_stage_end` runs once at the end of ``fit``, ``validate`` and ``test``."""
+class StageEnd(Preflight):
+    """A callback whose :meth:`at_stage_end` runs once at the end of ``fit``, ``validate`` and ``test``
+    (the base of the evaluations and the report)."""
 
     _stage_done: str | None = None
 
@@ -37,6 +40,7 @@ class StageEnd:
         if evaluation is not None and self._stage_done != evaluation:
             self.at_stage_end(trainer, pl_module, evaluation)
         self._stage_done = None
+        super().teardown(trainer, pl_module, stage)
 
     def _end_of_evaluation(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stage = EVALUATION_STAGES.get(trainer.state.fn)

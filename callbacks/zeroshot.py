@@ -7,24 +7,23 @@ import logging
 import time
 from pathlib import Path
 
-from lightning import Callback, LightningModule, Trainer
+from jsonargparse.typing import PositiveInt
+from lightning import LightningModule, Trainer
 
 from hywia_lightning.baseline import file_fingerprint
 from hywia_lightning.progress import show_info_logs
 from hywia_lightning.zeroshot import check_tasks, check_zeroshot, evaluate_zeroshot, task_file
 
-from .dense_baseline import DenseBaseline
-from .preflight import Preflight, run_preflight
-from .stage_end import StageEnd
+from .evaluation import Evaluation
 
 log = logging.getLogger(__name__)
 
 
-class ZeroShotEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
+class ZeroShotEvaluation(Evaluation):
     kind = "zeroshot"
 
     def __init__(
-        self, tasks: list[str], data_dir: str, limit: int | None = None, batch_size: int = 8,
+        self, tasks: list[str], data_dir: str, limit: PositiveInt | None = None, batch_size: PositiveInt = 8,
         baseline: bool = True, baseline_model: str | None = None,
     ) -> None:
         """
@@ -37,21 +36,14 @@ class ZeroShotEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
             baseline_model: the dense model to compare with; ``None``: the job's model before pruning,
                 or the model a pruned export was made from (its ``report.json``).
         """
+        super().__init__(baseline, baseline_model)
         self.tasks = check_tasks(tasks, "ZeroShotEvaluation.tasks")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit={limit} must be at least 1 (or null for every item)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.data_dir, self.limit, self.batch_size = data_dir, limit, batch_size
-        self.baseline, self.baseline_model = baseline, baseline_model
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_zeroshot(self.tasks, self.data_dir, "ZeroShotEvaluation.data_dir")  # a bad line fails now, not after pruning
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        run_preflight(trainer, pl_module)
-
-    # -- DenseBaseline --------------------------------------------------------------------------
+    # -- Evaluation -----------------------------------------------------------------------------
     def settings(self) -> dict:
         return {
             "tasks": list(self.tasks), "limit": self.limit, "data_dir": str(Path(self.data_dir).expanduser().resolve()),
@@ -70,26 +62,12 @@ class ZeroShotEvaluation(StageEnd, DenseBaseline, Preflight, Callback):
                  ", ".join(f"{task} acc {100 * s['acc']:.1f}" for task, s in scores.items()))
         return scores
 
-    # -- StageEnd -------------------------------------------------------------------------------
-    def at_stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
-        with pl_module.report.stage("zeroshot"):
-            scores = self.evaluate_model(pl_module.model, pl_module.tokenizer)
-        pl_module.report.record("zeroshot", {"data_dir": str(self.data_dir), "limit": self.limit, **scores})
-        metrics = _metrics("zeroshot", scores)
-        dense = self.dense_baseline(trainer, pl_module, stage, scores)
-        if dense is not None:
-            pl_module.report.record("baseline", {"zeroshot": dense})
-            if "results" in dense:
-                metrics.update(_metrics("dense/zeroshot", dense["results"]))
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+    def section(self, results: dict) -> dict:
+        return {"data_dir": str(self.data_dir), "limit": self.limit, **results}
 
-
-def _metrics(prefix: str, scores: dict) -> dict[str, float]:
-    return {
-        f"{prefix}/{task}/{name}": value
-        for task, values in scores.items() for name, value in values.items()
-        if name != "items" and value is not None
-    }
+    def metrics(self, prefix: str, results: dict) -> dict[str, float]:
+        return {
+            f"{prefix}/{task}/{name}": value
+            for task, values in results.items() for name, value in values.items()
+            if name != "items" and value is not None
+        }

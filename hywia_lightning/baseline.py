@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .models import default_cache_dir
-from .report import write_json_atomic
+from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

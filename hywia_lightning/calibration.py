@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -36,17 +37,14 @@ class CalibrationData(LightningDataModule):
     def __init__(
         self,
         source: str,
-        num_windows: int,
-        seq_len: int,
+        num_windows: PositiveInt,
+        seq_len: PositiveInt,
         seed: int = 0,
-        batch_size: int = 1,
+        batch_size: PositiveInt = 1,
         text_field: str = "text",
         split: str = "train",
     ) -> None:
         super().__init__()
-        for key, value in (("num_windows", num_windows), ("seq_len", seq_len), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{key}={value} must be at least 1")
         self.source, self.num_windows, self.seq_len, self.seed = source, num_windows, seq_len, seed
         self.batch_size, self.text_field, self.split = batch_size, text_field, split
         self.tokenizer: PreTrainedTokenizerBase | None = None

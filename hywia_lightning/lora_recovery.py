@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import LoraConfig, PeftModel
 from torch import Tensor
@@ -35,7 +36,7 @@ class LoRARecovery(CausalLM):
         model_name_or_path: str,
         cache_dir: str | None = None,
         dtype: str = "float32",
-        r: int = 8,
+        r: PositiveInt = 8,
         alpha: int = 16,
         dropout: float = 0.05,
         target_modules: list[str] = list(LLAMA_PROJECTIONS),
@@ -54,8 +55,6 @@ class LoRARecovery(CausalLM):
                 has its own, in :class:`~hywia_lightning.strategies.DecoderLayerFSDP`).
         """
         super().__init__(model_name_or_path, cache_dir, dtype)
-        if r < 1:
-            raise ValueError(f"model.init_args.r={r} must be a positive integer (the LoRA rank)")
         if not 0 <= dropout < 1:
             raise ValueError(f"model.init_args.dropout={dropout} must be in [0, 1)")
         check_target_modules(self.model, list(target_modules))

@@ -7,8 +7,6 @@ same figures can go to a file and to a logger (TensorBoard's ``add_figure``).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .report import file_mode  # noqa: E402
+from .files import write_atomic  # noqa: E402
 
 DPI = 80  # small files: a few tens of KB each
 
@@ -118,17 +116,7 @@ def figures(sections: dict) -> dict[str, Figure]:
 
 def save(fig: Figure, path: Path) -> Path:
     """Write ``fig`` as a PNG, atomically (a reader never sees half an image)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=DPI, format="png")
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
 
 
 def write_plots(sections: dict, folder: Path) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
@@ -58,10 +59,10 @@ class RecoveryData(LightningDataModule):
         self,
         source: str,
         format: str = "alpaca",
-        seq_len: int = 256,
-        batch_size: int = 8,
-        val_size: int = 16,
-        max_examples: int | None = None,
+        seq_len: PositiveInt = 256,
+        batch_size: PositiveInt = 8,
+        val_size: NonNegativeInt = 16,
+        max_examples: PositiveInt | None = None,
         seed: int = 0,
         text_field: str = "text",
         train_on_inputs: bool = False,
@@ -80,13 +81,6 @@ class RecoveryData(LightningDataModule):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"format={format!r} is unknown; allowed: {', '.join(FORMATS)}")
-        for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{key}={value} must be at least 1")
-        if val_size < 0:
-            raise ValueError(f"val_size={val_size} must be >= 0")
-        if max_examples is not None and max_examples < 1:
-            raise ValueError(f"max_examples={max_examples} must be at least 1 (or null for all)")
         self.source, self.format, self.seq_len, self.batch_size = source, format, seq_len, batch_size
         self.val_size, self.max_examples, self.seed = val_size, max_examples, seed
         self.text_field, self.train_on_inputs = text_field, train_on_inputs

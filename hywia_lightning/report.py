@@ -3,10 +3,7 @@ rendered for a person, ``report.md`` next to it."""
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .files import write_json_atomic, write_text_atomic
 from .report_markdown import render_markdown
 
 
@@ -23,31 +21,6 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available():
         peaks["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return peaks
-
-
-def file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (mkstemp's are private)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 class RunReport:
@@ -71,12 +44,20 @@ class RunReport:
         """Add the time spent in a stage to ``seconds.<name>`` (a stage may run in several parts)."""
         start = time.perf_counter()
         yield
-        spent = time.perf_counter() - start + self.sections["seconds"].get(name, 0.0)
+        self.add_seconds(name, time.perf_counter() - start)
+
+    def add_seconds(self, name: str, seconds: float) -> None:
+        spent = seconds + self.sections["seconds"].get(name, 0.0)
         self.record("seconds", {name: round(spent, 3)})
 
     def write_to(self, path: Path) -> None:
         self.path = path
         self.flush()
+
+    def moved_to(self, path: Path) -> None:
+        """The report written by :meth:`write_to` now lives at ``path`` (its folder was renamed):
+        later records rewrite it there."""
+        self.path = path
 
     def flush(self) -> None:
         if self.path is not None:

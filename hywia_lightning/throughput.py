@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .checks import require_positive
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -26,8 +28,7 @@ def interleaved_seconds(
     runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1, device: torch.device | str = "cpu"
 ) -> dict[str, list[float]]:
     """Wall seconds of every repetition of every run, the runs alternating within each round."""
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be at least 1")
+    require_positive(repeats=repeats)
     device = torch.device(device)
     for _ in range(warmup):
         for run in runs.values():

@@ -19,6 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from .checks import require_positive
+
 log = logging.getLogger(__name__)
 
 ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -227,10 +229,7 @@ def evaluate_zeroshot(
     """Zero-shot ``acc`` / ``acc_norm`` of an in-memory Hugging Face model on the first ``limit``
     items of each task (``None``: all): ``{task: {"acc", "acc_norm", "items"}}``. WinoGrande has
     no ``acc_norm`` (``None``; see :data:`TASKS`)."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit={limit} must be at least 1 (or None for every item)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    require_positive(limit=limit, batch_size=batch_size)
     task_objects = local_tasks(tasks, data_dir)  # every input error is raised here, before the model runs
 
     from lm_eval import simple_evaluate

@@ -1,4 +1,5 @@
-"""A callback that kills its process abruptly at a given step, as a preempted node would."""
+"""Callbacks that kill their process abruptly, as a preempted node would. (The export's swap has
+its own kill points, set by the environment: ``HYWIA_TEST_KILL_AT`` in :mod:`hywia_lightning.export`.)"""
 
 import os
 
@@ -12,3 +13,18 @@ class CrashAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os._exit(13)  # no cleanup, no final checkpoint: only what was saved before survives
+
+
+class CrashAfterCheckpoint(CrashAtStep):
+    """Killed as soon as the first checkpoint file of ``step`` is written: at a second checkpoint
+    of the same step (``last.ckpt`` saved as a copy), or else at the next batch."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.saves = 0
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step == self.step:
+            self.saves += 1
+            if self.saves > 1:
+                os._exit(13)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 import yaml
 
 from hywia_lightning.cli import HywiaCLI
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def prune_job(model_dir: Path, root: Path, data: dict | None = None, **pruning) -> dict:
@@ -43,6 +46,17 @@ def run_fit(config: dict, workdir: Path) -> HywiaCLI:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(copy.deepcopy(config)))
     return HywiaCLI(args=["fit", "--config", str(path)])
+
+
+def run_main(config: dict, workdir: Path, *extra: str, timeout: int = 600, cwd: Path = REPO,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python main.py fit --config <workdir>/job-N.yaml *extra`` in a new process, from ``cwd``;
+    ``env`` is added to this process's environment."""
+    path = workdir / f"job-{len(list(workdir.glob('job-*.yaml')))}.yaml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, str(REPO / "main.py"), "fit", "--config", str(path), *extra],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 FRESH_PROCESS_LOAD = r"""

@@ -3,7 +3,7 @@
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from callbacks import Export, PerplexityEvaluation, StructuredPruning
+from callbacks import Export, StructuredPruning
 from hywia_lightning import CalibrationData
 
 from .pipeline import prune_job, run_fit
@@ -38,12 +38,29 @@ def test_unknown_granularity_and_attention_unit():
 def test_other_keys_are_checked_at_construction():
     with pytest.raises(ValueError, match="round_to=0"):
         StructuredPruning(0.2, calibration(), round_to=0)
-    with pytest.raises(ValueError, match="num_windows=0 must be at least 1"):
-        CalibrationData("builtin:python-docs/train", 0, 32)
-    with pytest.raises(ValueError, match="num_chunks=0"):
-        PerplexityEvaluation("builtin:python-docs/test", num_chunks=0)
-    with pytest.raises(ValueError, match="dirname='/abs'"):
-        Export("/abs")
+
+
+@pytest.mark.parametrize("section,key", [("data", "num_windows"), ("callback", "num_chunks"), ("callback", "batch_size")])
+def test_counts_below_one_are_refused_by_the_cli_with_their_key(section, key, tiny_model_dir, tmp_path, capsys):
+    """Counts are typed (jsonargparse's PositiveInt): LightningCLI refuses 0 while parsing, naming the key."""
+    job = prune_job(tiny_model_dir, tmp_path)
+    init_args = job["data"]["init_args"] if section == "data" else job["trainer"]["callbacks"][1]["init_args"]
+    init_args[key] = 0
+    with pytest.raises(SystemExit):
+        run_fit(job, tmp_path)
+    error = capsys.readouterr().err
+    assert f'Parser key "{key}"' in error and "does not conform to restriction v>0" in error
+
+
+def test_dirname_outside_the_run_folder_is_refused_naming_the_key(tmp_path):
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    for dirname, reason in (("/abs", "outside the run folder"), ("..", "contains '..'"), (".", "the run folder itself"),
+                            ("", "is empty")):
+        with pytest.raises(ValueError, match=rf"Export.dirname={dirname!r} .*{reason}.*allowed: a folder name relative"):
+            Export(dirname).export_dir(trainer)
+    assert Export(str(tmp_path / "run" / "out")).export_dir(trainer) == tmp_path / "run" / "out"
 
 
 @pytest.mark.parametrize("start,end", [(0, 10), (3, 2), (-9, None)])

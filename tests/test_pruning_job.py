@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from callbacks import Preflight
 from hywia_lightning.plan import TOLERANCE
 from hywia_lightning.structures import discover_structures
 
@@ -72,3 +73,23 @@ def test_a_ratio_near_the_most_the_range_allows_completes(tiny_model_dir, tmp_pa
     run_fit(prune_job(tiny_model_dir, tmp_path, target_ratio=0.15), tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     assert abs(report["pruning"]["fraction_removed"] - 0.15) <= TOLERANCE
+
+
+class CountingCheck(Preflight):
+    """A stage whose check counts how often it runs."""
+
+    def __init__(self) -> None:
+        self.checks: list[str] = []
+
+    def check(self, trainer, pl_module) -> None:
+        self.checks.append(trainer.state.fn)
+
+
+def test_preflight_runs_every_check_once_per_stage(tiny_model_dir, tmp_path):
+    job = prune_job(tiny_model_dir, tmp_path)
+    job["trainer"]["callbacks"].append({"class_path": "tests.test_pruning_job.CountingCheck"})
+    cli = run_fit(job, tmp_path)
+    [counting] = [c for c in cli.trainer.callbacks if isinstance(c, CountingCheck)]
+    assert counting.checks == ["fit"], "four Preflight callbacks, one check"
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    assert counting.checks == ["fit", "validate"]

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .conftest import REPO
-from .pipeline import logits_in_fresh_process, recovery_job, run_fit
-
-
-def run_main(config: dict, workdir, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    path = workdir / f"job-{len(list(workdir.glob('job-*.yaml')))}.yaml"
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "main.py", "fit", "--config", str(path), *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+from .pipeline import logits_in_fresh_process, recovery_job, run_fit, run_main
 
 
 @pytest.fixture(scope="module")

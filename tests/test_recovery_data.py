@@ -89,8 +89,13 @@ def test_a_resumed_epoch_starts_after_the_last_trained_example():
 def test_bad_settings_are_refused_with_the_key():
     with pytest.raises(ValueError, match="format='chat' is unknown; allowed: alpaca, text"):
         RecoveryData("x.jsonl", format="chat")
-    with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
-        RecoveryData("x.jsonl", batch_size=0)
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)  # what LightningCLI parses the YAML with
+    parser.add_class_arguments(RecoveryData, "data")
+    for key, value in (("batch_size", 0), ("seq_len", 0), ("val_size", -1), ("max_examples", 0)):
+        with pytest.raises(ArgumentError, match=rf'Parser key "data.{key}"'):
+            parser.parse_args(["--data.source", "x.jsonl", f"--data.{key}", str(value)])
     with pytest.raises(FileNotFoundError, match="data.source='missing.txt'"):
         RecoveryData("missing.txt", format="text").check()
 

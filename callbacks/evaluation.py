@@ -1,4 +1,10 @@
-"""The dense model's numbers next to every evaluation: measured once, before pruning, then cached.
+"""The base of the evaluation callbacks: evaluate the model at the end of ``fit``, ``validate`` and
+``test`` (:class:`~callbacks.stage_end.StageEnd`), into the run's report and logger, next to the
+dense model's numbers, which are measured once, before pruning, then cached.
+
+A subclass gives its :attr:`~Evaluation.kind` (its report section), :meth:`~Evaluation.check`,
+:meth:`~Evaluation.settings`, :meth:`~Evaluation.evaluate_model`, and how its results become a
+report section and logged metrics (:meth:`~Evaluation.section`, :meth:`~Evaluation.metrics`).
 
 Where the dense model comes from, in order:
 
@@ -26,18 +32,20 @@ from hywia_lightning.models import load_causal_lm
 from hywia_lightning.plan import PruningPlan
 
 from .pruning_hooks import PruningHooks
+from .stage_end import StageEnd
 
 log = logging.getLogger(__name__)
 
 
-class DenseBaseline(PruningHooks):
-    """Mixin for an evaluation callback with ``baseline`` (bool) and ``baseline_model`` (str or None)
-    attributes; it supplies :attr:`kind`, :meth:`settings` and :meth:`evaluate_model`."""
+class Evaluation(StageEnd, PruningHooks):
+    """An evaluation of the model at the end of every stage, with its dense baseline
+    (``baseline``: on or off; ``baseline_model``: the dense model to compare with, or ``None``)."""
 
-    kind: str
-    baseline: bool
-    baseline_model: str | None
+    kind: str  # the report section, the metrics' prefix and the baseline cache's kind
     _dense: dict | None = None
+
+    def __init__(self, baseline: bool = True, baseline_model: str | None = None) -> None:
+        self.baseline, self.baseline_model = baseline, baseline_model
 
     def settings(self) -> dict:
         """Everything the evaluation's numbers depend on (the cache key)."""
@@ -45,6 +53,29 @@ class DenseBaseline(PruningHooks):
 
     def evaluate_model(self, model, tokenizer) -> dict:
         raise NotImplementedError
+
+    def section(self, results: dict) -> dict:
+        """The report section of this evaluation's ``results``."""
+        raise NotImplementedError
+
+    def metrics(self, prefix: str, results: dict) -> dict[str, float]:
+        """The logged metrics of ``results`` (this model's, or the dense model's), named from ``prefix``."""
+        raise NotImplementedError
+
+    def at_stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        with pl_module.report.stage(self.kind):
+            results = self.evaluate_model(pl_module.model, pl_module.tokenizer)
+        pl_module.report.record(self.kind, self.section(results))
+        metrics = self.metrics(self.kind, results)
+        dense = self.dense_baseline(trainer, pl_module, stage, results)
+        if dense is not None:
+            pl_module.report.record("baseline", {self.kind: dense})
+            if "results" in dense:
+                metrics.update(self.metrics(f"dense/{self.kind}", dense["results"]))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     # -- the cache key --------------------------------------------------------------------------
     @staticmethod
