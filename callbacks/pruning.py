@@ -16,6 +16,7 @@ import logging
 from typing import Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
@@ -48,11 +49,11 @@ class StructuredPruning(Preflight, Callback):
         layer_start: int = 0,
         layer_end: int | None = None,
         attention_unit: Literal["query_heads", "kv_groups", "none"] = "query_heads",
-        heads_to_keep: int | None = None,
-        round_to: int = 1,
+        heads_to_keep: PositiveInt | None = None,
+        round_to: PositiveInt = 1,
         seed: int = 0,
         accumulate_dtype: Literal["float32", "float64", "bfloat16"] = "float32",
-        estimation_batch_size: int = 1,
+        estimation_batch_size: PositiveInt = 1,
     ) -> None:
         """
         Args:
@@ -80,10 +81,6 @@ class StructuredPruning(Preflight, Callback):
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
         if attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"attention_unit={attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
-        for key, value in (("round_to", round_to), ("estimation_batch_size", estimation_batch_size),
-                           ("heads_to_keep", 1 if heads_to_keep is None else heads_to_keep)):
-            if value < 1:
-                raise ValueError(f"{key}={value} must be at least 1")
         self.accumulate_dtype = accumulate_dtype_named(accumulate_dtype)
         self.estimation_batch_size = estimation_batch_size
         self.scope = PruningScope(target_ratio, attention_unit, heads_to_keep, round_to)

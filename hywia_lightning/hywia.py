@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
 from torch import Tensor
 
 from .fusion import FusionAttention, GroupScores, fuse, standardize_across_groups
@@ -38,23 +39,20 @@ GRAIN_SIGN = {"fine": -1.0, "coarse": 1.0, None: 0.0}
 class FusionTrainingArgs:
     """How the ``learned`` fusion trains."""
 
-    epochs: int = 6
+    epochs: PositiveInt = 6
     """Passes over the training windows (at most; early stopping may end sooner)."""
     lr: float = 0.02
     """Adam learning rate of the fusion attention."""
-    patience: int = 2
+    patience: PositiveInt = 2
     """Epochs without a better held-out loss before training stops."""
-    holdout: int = 8
+    holdout: PositiveInt = 8
     """Calibration windows held out for early stopping (the last ones)."""
     temperatures: tuple[float, float] = (1.0, 0.05)
     """Soft-mask temperature at the first and the last epoch (annealed geometrically)."""
-    width: int = 16
+    width: PositiveInt = 16
     """Width of the attention's queries and keys."""
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "patience", "width"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"training.{key}={getattr(self, key)} must be at least 1")
         if not (len(self.temperatures) == 2 and all(t > 0 for t in self.temperatures)):
             raise ValueError(f"training.temperatures={self.temperatures} must be two positive numbers (start, end)")
         self.temperatures = tuple(self.temperatures)

@@ -84,6 +84,49 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the default configuration and one change each (scripts/make_bench_configs.py's ABLATIONS), and the
+# peer measured by its own code on the same tokens (../shared/BENCHMARK.md)
+ABLATION_ROWS = {
+    "hywia_default": "**default**: HyWIA heuristic (element2 + fluctuation), uniform widths, LS refit with intercept",
+    "hywia_default_fixed": "fusion: fixed equal blend",
+    "hywia_default_learned": "fusion: learned fusion attention",
+    "hywia_default_pool4": "schemes: element1 + element2 + vector2 + fluctuation",
+    "element2_default": "element2 alone",
+    "fluctuation_default": "fluctuation alone",
+    "element1_default": "element1 alone",
+    "vector_default": "vector alone",
+    "vector2_default": "vector2 alone",
+    "wanda_default": "wanda alone",
+    "hywia_default_global": "widths: global (FLAP's standardized ranking)",
+    "hywia_default_nointercept": "refit without intercept",
+    "hywia_default_sequential": "refit sequential",
+    "hywia_default_norecon": "no refit",
+}
+FLAP = {"20": (89.66, 49.3), "50": (504.31, 41.8)}  # PPL, mean PIQA/ARC-Easy acc (../shared/BENCHMARK.md)
+
+
+def _mean_accuracy(r: dict | None) -> str:
+    scores = (r or {}).get("zeroshot", {})
+    if not all(task in scores for task in ZEROSHOT_TASKS):
+        return "–"
+    return f"{100 * sum(scores[t]['acc'] for t in ZEROSHOT_TASKS) / len(ZEROSHOT_TASKS):.1f}"
+
+
+def ablation_table(results: dict[str, dict]) -> str:
+    """What each component of the default adds: one row per change, both targets side by side."""
+    lines = ["| configuration | PPL 20% | mean acc 20% | PPL 50% | mean acc 50% |", "|---|---:|---:|---:|---:|"]
+    for row, label in ABLATION_ROWS.items():
+        cells = []
+        for target in ("20", "50"):
+            r = results.get(f"{row}_{target}")
+            cells += [f"{r['perplexity']['value']:.2f}" if r else "–", _mean_accuracy(r)]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| FLAP, its own code (../shared/BENCHMARK.md) | " + " | ".join(
+        f"{FLAP[t][0]:.2f} | {FLAP[t][1]:.1f}" for t in ("20", "50")) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(results: dict[str, dict], out: Path) -> None:
     """``results.json`` and the Markdown table, dense first."""
     ordered = dict(sorted(results.items(), key=lambda kv: (kv[0] != "dense", kv[0])))
@@ -95,6 +138,9 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         "n items of PIQA and ARC-Easy through lm-eval on each row's export; – = not measured yet: "
         "`python scripts/benchmark.py --zeroshot-only --rows ROW...` adds them).\n\n"
         + markdown(ordered)
+        + "\n## Ablations of the default configuration\n\nMean acc = mean of PIQA and ARC-Easy acc (n=500). "
+        "Each row changes one component of `hywia_default` (`configs/bench/<row>_<target>.yaml`).\n\n"
+        + ablation_table(ordered)
     )
 
 

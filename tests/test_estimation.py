@@ -161,5 +161,3 @@ def test_pruning_callback_passes_its_estimation_keys(tiny_model_dir, tmp_path):
     assert plan(tmp_path / "b3", estimation_batch_size=3, accumulate_dtype="float64") == plan(tmp_path / "b1")
     with pytest.raises(ValueError, match="accumulate_dtype='float16'"):
         StructuredPruning(target_ratio=0.2, accumulate_dtype="float16")
-    with pytest.raises(ValueError, match="estimation_batch_size=0"):
-        StructuredPruning(target_ratio=0.2, estimation_batch_size=0)

@@ -53,8 +53,8 @@ def test_bad_fusion_keys_are_refused():
         HybridPruning(0.2, schemes=[])
     with pytest.raises(ValueError, match="mode='fixed' needs weights: one non-negative weight for each of"):
         HybridPruning(0.2, mode="fixed", weights={"element1": 1.0})
-    with pytest.raises(ValueError, match=r"training.epochs=0 must be at least 1"):
-        FusionTrainingArgs(epochs=0)
+    with pytest.raises(ValueError, match=r"training.temperatures=\(1.0,\) must be two positive numbers"):
+        FusionTrainingArgs(temperatures=(1.0,))
 
 
 def test_the_fusion_learns_which_granularity_is_right_per_layer():
