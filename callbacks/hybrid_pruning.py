@@ -1,7 +1,10 @@
-"""HyWIA pruning, the convenient way: :class:`StructuredPruning` with a :class:`~hywia_lightning.HyWIA` scorer.
+"""HyWIA pruning, the convenient way: :class:`StructuredPruning` whose granularity is the fused
+:class:`~hywia_lightning.HyWIA` scorer, given as a plain ``fusion`` group:
 
     - class_path: callbacks.HybridPruning
-      init_args: {target_ratio: 0.2, schemes: [element1, element2, vector], mode: heuristic}
+      init_args:
+        target_ratio: 0.2
+        fusion: {schemes: [element2, fluctuation], mode: heuristic}
 
 is the same job as ``callbacks.StructuredPruning`` with ``granularity: {class_path:
 hywia_lightning.HyWIA, init_args: {schemes: ..., mode: ...}}``. Every other key is
@@ -10,30 +13,17 @@ hywia_lightning.HyWIA, init_args: {schemes: ..., mode: ...}}``. Every other key 
 
 from __future__ import annotations
 
-from typing import Literal
-
-from hywia_lightning.granularities import Granularity
-from hywia_lightning.hywia import FusionMode, FusionTrainingArgs, HyWIA
+from hywia_lightning.hywia import HyWIA
 
 from .pruning import StructuredPruning
 
 
 class HybridPruning(StructuredPruning):
-    def __init__(
-        self,
-        target_ratio: float,
-        schemes: list[str | Granularity] = ["element1", "element2", "vector"],
-        mode: FusionMode = "heuristic",
-        weights: dict[str, float] | None = None,
-        sharpness: float = 4.0,
-        training: FusionTrainingArgs | None = None,
-        normalization: Literal["group", "kind"] = "group",
-        **kwargs,
-    ) -> None:
+    def __init__(self, target_ratio: float, fusion: HyWIA | None = None, **kwargs) -> None:
         """
         Args:
-            schemes, mode, weights, sharpness, training, normalization: the :class:`~hywia_lightning.HyWIA` scorer's.
+            fusion: the HyWIA scorer's keys (``schemes``, ``mode``, ``weights``, ``sharpness``,
+                ``training``, ``normalization``); ``None``: its defaults.
             kwargs: :class:`StructuredPruning`'s keys (all but ``granularity``).
         """
-        scorer = HyWIA(schemes, mode, weights, sharpness, training, normalization, seed=kwargs.get("seed", 0))
-        super().__init__(target_ratio, granularity=scorer, **kwargs)
+        super().__init__(target_ratio, granularity=fusion or HyWIA(), **kwargs)

@@ -125,7 +125,7 @@ def job(row: str, model: str, windows: int, target: float, root: Path) -> dict:
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith(("PerplexityEvaluation", "Export"))]
     pruning = trainer["callbacks"][0]["init_args"]
     pruning["layer_end"] = -2  # the protocol's 4..27 of 30 layers, for any depth
-    training = pruning.get("training") or {}
+    training = (pruning.get("fusion") or {}).get("training") or {}
     if "holdout" in training:
         training["holdout"] = min(training["holdout"], windows // 4)  # the protocol's 8 of 32
     return config

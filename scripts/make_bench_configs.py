@@ -64,10 +64,16 @@ RECOVERY_DATA = {"source": CALIBRATION, "format": "text", "seq_len": 128, "batch
 RECOVERY_STEPS = 200
 
 
+FUSION_KEYS = ("schemes", "mode", "weights", "sharpness", "training", "normalization")
+
+
 def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None = None) -> dict:
     callbacks = []
     if pruning is not None:
         callback, args = pruning
+        if callback == "HybridPruning":  # the scorer's keys go into its fusion group
+            args = {**{k: v for k, v in args.items() if k not in FUSION_KEYS},
+                    "fusion": {k: args[k] for k in FUSION_KEYS if k in args}}
         callbacks.append({
             "class_path": f"callbacks.{callback}",
             "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1,

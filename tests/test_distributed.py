@@ -15,11 +15,12 @@ from .pipeline import prune_job, run_fit
 import pytest
 
 LEARNED_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
-    "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "training": {"epochs": 2, "holdout": 2}}}
+    "target_ratio": 0.1, "layer_start": 1, "layer_end": -1,
+    "fusion": {"mode": "learned", "training": {"epochs": 2, "holdout": 2}}}}
 # every kind of statistic (per-window saliency rows included), a global allocation, an intercept refit
 GLOBAL_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
-    "target_ratio": 0.2, "layer_start": 1, "layer_end": -1, "mode": "heuristic", "allocation": "global",
-    "schemes": ["element1", "element2", "vector2", "fluctuation"]}}
+    "target_ratio": 0.2, "layer_start": 1, "layer_end": -1, "allocation": "global",
+    "fusion": {"mode": "heuristic", "schemes": ["element1", "element2", "vector2", "fluctuation"]}}}
 
 
 @pytest.mark.parametrize("pruning, intercept", [(None, False), (LEARNED_HYWIA, False), (GLOBAL_HYWIA, True)],

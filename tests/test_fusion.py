@@ -46,13 +46,14 @@ def test_heuristic_blend_moves_from_fine_to_coarse_with_depth():
 
 def test_bad_fusion_keys_are_refused():
     with pytest.raises(ValueError, match="mode='average' is unknown; allowed: fixed, heuristic, learned"):
-        HybridPruning(0.2, mode="average")
+        HyWIA(mode="average")
     with pytest.raises(ValueError, match=r"schemes=\['vector'\] fuses fewer than two"):
-        HybridPruning(0.2, schemes=["vector"])
+        HyWIA(schemes=["vector"])
     with pytest.raises(ValueError, match=r"schemes=\[\] fuses fewer than two"):
-        HybridPruning(0.2, schemes=[])
+        HyWIA(schemes=[])
     with pytest.raises(ValueError, match="mode='fixed' needs weights: one non-negative weight for each of"):
-        HybridPruning(0.2, mode="fixed", weights={"element1": 1.0})
+        HyWIA(mode="fixed", weights={"element1": 1.0})
+    assert HybridPruning(0.2).granularity.name == "hywia-heuristic(element1+element2+vector)"
     with pytest.raises(ValueError, match=r"training.temperatures=\(1.0,\) must be two positive numbers"):
         FusionTrainingArgs(temperatures=(1.0,))
 
@@ -106,7 +107,7 @@ def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path)
              "fixed": {"weights": {"element1": 1.0, "vector": 1.0, "userwanda": 2.0}}}.get(mode, {})
     job = prune_job(tiny_model_dir, tmp_path, data={"num_windows": 6})
     job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
-        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "schemes": schemes, "mode": mode, **extra}}
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"schemes": schemes, "mode": mode, **extra}}}
     run_fit(job, tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     fusion = report["fusion"]
@@ -125,8 +126,8 @@ def test_a_scheme_returning_nan_is_refused_naming_it(tiny_model_dir, tmp_path):
 
     job = prune_job(tiny_model_dir, tmp_path)
     job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
-        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "heuristic",
-        "schemes": ["element1", {"class_path": "tests.test_fusion.NaNScheme"}]}}
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1,
+        "fusion": {"mode": "heuristic", "schemes": ["element1", {"class_path": "tests.test_fusion.NaNScheme"}]}}}
     with pytest.raises(ValueError, match="granularity 'nanscheme' returned NaN or infinite scores for layers.1"):
         run_fit(job, tmp_path)
 
@@ -148,6 +149,6 @@ def test_holdout_must_leave_training_windows(tiny_model_dir, tmp_path):
 
     job = prune_job(tiny_model_dir, tmp_path)  # 4 calibration windows
     job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
-        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "mode": "learned", "training": {"holdout": 4}}}
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"mode": "learned", "training": {"holdout": 4}}}}
     with pytest.raises(ValueError, match=r"holdout=4 must leave windows .* allowed 1..3 with 4 calibration windows"):
         run_fit(job, tmp_path)
