@@ -91,8 +91,32 @@ def scope_of(variant: dict, target: float) -> PruningScope:
     return PruningScope(target, heads_to_keep=variant.get("heads_to_keep"))
 
 
+def label(spec) -> str:
+    if isinstance(spec, str):
+        return spec
+    return f"HyWIA {spec['mode']} ({' + '.join(spec['schemes'])}; {spec.get('normalization', 'group')})"
+
+
+def table(path: Path) -> str:
+    """The screen's rows as Markdown: perplexity at each target, ×dense in brackets."""
+    rows: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        allocation = "group" if r["allocation"] == "global" else r["allocation"]  # the first screen's name for it
+        heads = f", heads_to_keep {r['heads_to_keep']}" if r.get("heads_to_keep") else ""
+        key = (label(r["scorer"]), ("uniform" if allocation == "uniform" else f"global ({allocation})") + heads, r["refit"])
+        rows.setdefault(key, {})[r["target"]] = r
+    lines = ["| scorer | widths | refit | PPL 20% | PPL 50% |", "|---|---|---|---:|---:|"]
+    for key, by_target in sorted(rows.items(), key=lambda kv: kv[1].get(0.2, kv[1].get(0.5))["ppl"]):
+        cells = [f"{by_target[t]['ppl']:.2f} ({by_target[t]['ppl'] / by_target[t]['dense_ppl']:.2f}×)" if t in by_target
+                 else "–" for t in (0.2, 0.5)]
+        lines.append("| " + " | ".join(key + tuple(cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", help="print the Markdown table of a finished screen's JSON lines, run nothing")
     parser.add_argument("--model", default="bundled:SmolLM2-135M-Instruct")
     parser.add_argument("--calibration", default=str(ROOT.parent / "shared/data/wikitext-2/valid.txt"))
     parser.add_argument("--evaluation", default=str(ROOT.parent / "shared/data/wikitext-2/test.txt"))
@@ -101,6 +125,9 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="*", help="indices of variants() to run")
     parser.add_argument("--out", default="runs/sweep.jsonl")
     args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.table)), end="")
+        return
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(args.model)
