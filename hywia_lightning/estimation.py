@@ -11,8 +11,8 @@ receives ``δ``, folds ``δᵢᵀ xᵢ`` into the accumulators that were asked f
 and drops it. Only prunable weights have accumulators. With ``batch_size`` windows per pass the
 statistics equal those of one backward per window (up to float summation order).
 
-The same forward passes sum every prunable Linear's input features and their squares (O(width)
-memory). When no granularity needs a gradient, estimation is forward passes only.
+With ``input_moments`` the same forward passes sum every prunable Linear's input features and their
+squares (O(width) memory). When no granularity needs a gradient, estimation is forward passes only.
 
 Under several processes each rank passes its share of the windows with their global indices; the
 sums (and the per-window rows, zero where another rank owns the window) are summed over ranks, so
@@ -128,14 +128,12 @@ class Estimator:
             if module in self._inputs:  # δᵢᵀxᵢ per call would square partial gradients
                 raise RuntimeError(f"{module} ran twice in one forward; per-window gradients need one call per Linear")
             self._inputs[module] = x  # autograd keeps no copy: the weight is frozen
-        flat = x.reshape(-1, x.shape[-1]).to(self.accumulate_dtype)
-        if module not in self.input_sq_sum:
-            self.input_sum[module] = torch.zeros(x.shape[-1], dtype=self.accumulate_dtype, device=x.device)
-            self.input_sq_sum[module] = torch.zeros(x.shape[-1], dtype=self.accumulate_dtype, device=x.device)
-        self.input_sum[module].add_(flat.sum(0))
-        self.input_sq_sum[module].add_(flat.pow(2).sum(0))
         if module is self.linears[0]:
-            self.tokens += flat.shape[0]
+            self.tokens += x.numel() // x.shape[-1]
+        if "input_moments" in self.needs:
+            flat = x.reshape(-1, x.shape[-1]).to(self.accumulate_dtype)
+            _add(self.input_sum, module, flat.sum(0))
+            _add(self.input_sq_sum, module, flat.pow(2).sum(0))
 
     def _after_linear(self, module: nn.Linear, args, output: Tensor) -> Tensor:
         if not output.requires_grad:  # the first prunable Linear: the gradient only needs to reach its output
@@ -160,7 +158,7 @@ class Estimator:
         if "squared_gradients" in self.needs:
             if param not in self.sq_grad_sum:
                 self.sq_grad_sum[param] = torch.zeros_like(grad)
-            self.sq_grad_sum[param].addcmul_(grad, grad)
+            self.sq_grad_sum[param].addcmul_(grad, grad)  # in place: no temporary of the weight's size
         if "window_saliency" in self.needs:
             taylor = param.detach().to(self.accumulate_dtype) * grad
             if param not in self.rows:
@@ -186,22 +184,27 @@ class Estimator:
             raise RuntimeError("importance estimation saw no calibration window")
         self._spent = True
         stats = Statistics(windows)
+
+        def take(sums: dict, key, shape: tuple) -> Tensor:
+            """This rank's sum (zeros for a rank with no window), summed over all ranks."""
+            device = key.weight.device if isinstance(key, nn.Linear) else key.device
+            local = sums.pop(key) if key in sums else torch.zeros(shape, dtype=self.accumulate_dtype, device=device)
+            return reduce(local)
+
         for p in self.params:
             entry = ParameterStatistics()
-            if self.needs_backward:
-                zeros = lambda shape: torch.zeros(shape, dtype=self.accumulate_dtype, device=p.device)  # a rank with no window
-                if "gradients" in self.needs:
-                    entry.grad = reduce(self.grad_sum.pop(p, None) if p in self.grad_sum else zeros(p.shape)).div_(windows)
-                if "squared_gradients" in self.needs:
-                    entry.sq_grad = reduce(self.sq_grad_sum.pop(p) if p in self.sq_grad_sum else zeros(p.shape)).div_(windows)
-                if "window_saliency" in self.needs:
-                    entry.row_saliency = reduce(self.rows.pop(p) if p in self.rows else zeros((self.num_windows, p.shape[0])))
-                    if p.dim() == 2:
-                        entry.col_saliency = reduce(self.cols.pop(p) if p in self.cols else zeros((self.num_windows, p.shape[1])))
+            if "gradients" in self.needs:
+                entry.grad = take(self.grad_sum, p, p.shape).div_(windows)
+            if "squared_gradients" in self.needs:
+                entry.sq_grad = take(self.sq_grad_sum, p, p.shape).div_(windows)
+            if "window_saliency" in self.needs:
+                entry.row_saliency = take(self.rows, p, (self.num_windows, p.shape[0]))
+                if p.dim() == 2:
+                    entry.col_saliency = take(self.cols, p, (self.num_windows, p.shape[1]))
             stats.parameters[p] = entry
-        for m in self.linears:
-            zeros = torch.zeros(m.in_features, dtype=self.accumulate_dtype, device=m.weight.device)
-            total = reduce(self.input_sum.pop(m, zeros))
-            squares = reduce(self.input_sq_sum.pop(m, zeros.clone()))
-            stats.inputs[m] = InputStatistics(tokens, total.div_(max(tokens, 1)), squares.div_(max(tokens, 1)))
+        if "input_moments" in self.needs:
+            for m in self.linears:
+                mean = take(self.input_sum, m, (m.in_features,)).div_(max(tokens, 1))
+                sq_mean = take(self.input_sq_sum, m, (m.in_features,)).div_(max(tokens, 1))
+                stats.inputs[m] = InputStatistics(tokens, mean, sq_mean)
         return stats

@@ -161,3 +161,12 @@ def test_pruning_callback_passes_its_estimation_keys(tiny_model_dir, tmp_path):
     assert plan(tmp_path / "b3", estimation_batch_size=3, accumulate_dtype="float64") == plan(tmp_path / "b1")
     with pytest.raises(ValueError, match="accumulate_dtype='float16'"):
         StructuredPruning(target_ratio=0.2, accumulate_dtype="float16")
+
+
+def test_only_the_statistics_asked_for_are_collected():
+    model = tiny_llama()
+    layers = discover_structures(model)[1:2]
+    stats = estimate(model, layers, {"gradients"})
+    entry = stats.parameters[layers[0].mlp.up_proj.weight]
+    assert entry.grad is not None and entry.sq_grad is None and entry.row_saliency is None
+    assert stats.inputs == {}  # no input moments: no activation-aware scheme asked for them
