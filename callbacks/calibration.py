@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning import Trainer
 
 from hywia_lightning.calibration import CalibrationData
+from hywia_lightning.checks import check_context
 
 
 def calibration_for(stage: str, own: CalibrationData | None, trainer: Trainer) -> CalibrationData:
@@ -21,6 +22,8 @@ def checked_calibration(stage: str, own: CalibrationData | None, trainer: Traine
     """The windows, built now so that a missing or too short source fails before any forward pass."""
     data = calibration_for(stage, own, trainer)
     data.check(f"{stage}.calibration.source" if data is own else "data.source")
+    check_context(data.seq_len, trainer.lightning_module.model.config,
+                  f"{stage}.calibration.seq_len" if data is own else "data.seq_len")
     data.attach_tokenizer(tokenizer)
     data.windows()
     return data

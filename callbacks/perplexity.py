@@ -11,6 +11,7 @@ from jsonargparse.typing import PositiveInt
 from lightning import LightningModule, Trainer
 
 from hywia_lightning.baseline import file_fingerprint
+from hywia_lightning.checks import check_context
 from hywia_lightning.perplexity import chunk_tokens, perplexity
 from hywia_lightning.progress import show_info_logs
 from hywia_lightning.text_sources import check_source, read_text, token_ids
@@ -43,7 +44,8 @@ class PerplexityEvaluation(Evaluation):
         self._chunks: torch.Tensor | None = None
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        check_source(self.source, "PerplexityEvaluation.source")
+        check_source(self.source, self.setting("source"))
+        check_context(self.seq_len, pl_module.model.config, self.setting("seq_len"))
         self.chunks(pl_module.tokenizer)  # a text too short fails now, not after pruning
 
     def chunks(self, tokenizer) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from lightning import Callback, LightningModule, Trainer
 
+from hywia_lightning.input_errors import mark_input_error
+
 _CHECKED = "_hywia_preflight_checked"  # the trainer attribute: the stage (fit, validate, test) already checked
 
 
@@ -15,7 +17,7 @@ class Preflight(Callback):
     checks run once per stage, whichever callback asks first.
     """
 
-    config_index: int | None = None  # its place in trainer.callbacks of the YAML (set by HywiaCLI)
+    config_key: str | None = None  # where the YAML holds its arguments, e.g. "pruning.init_args" (set by HywiaCLI)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         raise NotImplementedError
@@ -24,9 +26,9 @@ class Preflight(Callback):
         """How an error names this callback's key ``name``: the class's argument, and its YAML path
         when the CLI built the callback."""
         own = f"{type(self).__name__}.{name}"
-        if self.config_index is None:
+        if self.config_key is None:
             return own
-        return f"{own} (trainer.callbacks[{self.config_index}].init_args.{name})"
+        return f"{own} ({self.config_key}.{name})"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         run_preflight(trainer, pl_module)
@@ -42,5 +44,8 @@ def run_preflight(trainer: Trainer, pl_module: LightningModule) -> None:
         return
     for callback in trainer.callbacks:
         if isinstance(callback, Preflight):
-            callback.check(trainer, pl_module)
+            try:
+                callback.check(trainer, pl_module)
+            except (ValueError, OSError) as error:  # the run's input, refused before any heavy work
+                raise mark_input_error(error, callback.config_key)
     setattr(trainer, _CHECKED, trainer.state.fn)

@@ -49,8 +49,11 @@ class CalibrationData(LightningDataModule):
         self.batch_size, self.text_field, self.split = batch_size, text_field, split
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._windows: Tensor | None = None
+        self.key = "calibration.source"  # how errors name the source (the stage that uses it says, in check)
 
     def check(self, key: str = "calibration.source") -> None:
+        """Fail fast on a source that cannot be read; ``key`` names it in this and later errors."""
+        self.key = key
         check_source(self.source, key)
 
     def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -69,9 +72,9 @@ class CalibrationData(LightningDataModule):
         if self._windows is None:
             if self.tokenizer is None:
                 raise RuntimeError("CalibrationData needs a tokenizer: call attach_tokenizer(tokenizer) first")
-            text = read_text(self.source, "calibration.source", self.text_field, self.split)
+            text = read_text(self.source, self.key, self.text_field, self.split)
             ids = token_ids(self.tokenizer, text)
-            self._windows = token_windows(ids, self.num_windows, self.seq_len, self.seed, f"calibration.source={self.source!r}")
+            self._windows = token_windows(ids, self.num_windows, self.seq_len, self.seed, f"{self.key}={self.source!r}")
         return self._windows
 
     def describe(self) -> dict:

@@ -12,16 +12,28 @@ SHARDED_METADATA = "meta.pt"  # what Lightning's FSDP writes beside the shards o
 
 def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """The checkpoint's dictionary, with tensors memory-mapped (not read) where the format allows;
-    for a sharded (FSDP) checkpoint folder, its metadata file."""
+    for a sharded (FSDP) checkpoint folder, its metadata file. Read with ``weights_only=True``: a
+    checkpoint runs no code."""
     path = Path(path)
     if path.is_dir():
         path = path / SHARDED_METADATA
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(path)!r}: no such checkpoint file (or sharded checkpoint folder)")
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError:  # an old (non-zip) serialization cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as error:  # an old (non-zip) serialization cannot be memory-mapped
+            if "mmap" not in str(error):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise ValueError(f"ckpt_path={str(path)!r} is not a checkpoint of this project ({type(error).__name__}: {reason}); "
+                         "allowed: a .ckpt file or sharded checkpoint folder that a run's ModelCheckpoint wrote") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "callbacks"} & checkpoint.keys():
+        raise ValueError(f"ckpt_path={str(path)!r} is not a checkpoint of this project (no state_dict or callback states); "
+                         "allowed: a .ckpt file or sharded checkpoint folder that a run's ModelCheckpoint wrote")
+    return checkpoint
 
 
 def callback_state(path: str | Path, state_key: str) -> dict[str, Any] | None:

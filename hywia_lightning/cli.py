@@ -10,10 +10,23 @@ from jsonargparse import Namespace
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, import_object
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .calibration import CalibrationData
+from .checkpoints import checkpoint_metadata
+from .input_errors import InputError, from_instantiation_error, from_parse_error, is_union_report, show_tracebacks
 from .progress import show_info_logs
+
+
+def stage_groups() -> dict[str, type]:
+    """The pipeline's stages as named, optional argument groups of the CLI, in the order they run:
+    ``--pruning.target_ratio 0.3`` changes one key of one stage, and a ``--config`` overlay that sets
+    one stage leaves the others in place. Each takes the stage's class or a subclass (``class_path``
+    may be omitted for the class itself); other callbacks go into ``trainer.callbacks`` as usual."""
+    from callbacks import Export, LeastSquaresReconstruction, PerplexityEvaluation, Report, StructuredPruning, ZeroShotEvaluation
+
+    return {"pruning": StructuredPruning, "reconstruction": LeastSquaresReconstruction,
+            "perplexity": PerplexityEvaluation, "zeroshot": ZeroShotEvaluation, "report": Report, "export": Export}
 
 
 def _instantiate_nested(class_type, *args, **kwargs):
@@ -35,6 +48,17 @@ def _in_run_folder(root: str, path: Any) -> Any:
 torch.serialization.add_safe_globals([PositiveInt, NonNegativeInt, NonNegativeFloat])
 
 
+class HywiaParser(LightningArgumentParser):
+    """A parser whose errors are one paragraph (:mod:`hywia_lightning.input_errors`), not jsonargparse's
+    report and the usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if self.exit_on_error and not show_tracebacks():
+            top_level = sorted({action.dest.split(".", 1)[0] for action in self._actions if action.dest != "help"})
+            raise from_parse_error(message, top_level) from ex
+        super().error(message, ex)
+
+
 class HywiaCLI(LightningCLI):
     """LightningCLI that
 
@@ -43,14 +67,21 @@ class HywiaCLI(LightningCLI):
       set given to a callback does not have; those are built plainly;
     - resolves the relative ``save_dir`` of every logger and ``dirpath`` of every
       ``ModelCheckpoint`` against ``trainer.default_root_dir``, so that one flag moves a whole run;
-    - tells every callback with a ``config_index`` attribute its place in ``trainer.callbacks``,
-      so that its errors can name their YAML key.
+    - has the pipeline's stages as named argument groups (:func:`stage_groups`), appended to
+      ``trainer.callbacks`` in the order they run;
+    - tells every callback with a ``config_key`` attribute where the YAML holds its arguments
+      (``pruning.init_args``, ``trainer.callbacks[3].init_args``), so that its errors can name their key.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", HywiaParser)
         show_info_logs()
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key, stage in stage_groups().items():
+            parser.add_lightning_class_args(stage, key, subclass_mode=True, required=False)
 
     def before_fit(self) -> None:
         """Hand ``--ckpt_path`` to the trainer before ``fit`` starts: a pruning callback reads the saved
@@ -58,6 +89,28 @@ class HywiaCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path"):
             self.trainer.ckpt_path, config["ckpt_path"] = config["ckpt_path"], None
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters right after parsing: a file that is no
+        checkpoint of a run is refused first, in one paragraph, not by the unpickler."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            try:
+                checkpoint_metadata(ckpt_path)
+            except (ValueError, OSError) as error:
+                raise InputError("ckpt_path", str(error), "resume from a run's checkpoints/last.ckpt") from error
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; one that refuses its arguments is reported with its YAML key."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            if not is_union_report(str(error)) or show_tracebacks():
+                raise
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            raise from_instantiation_error(str(error), config) from error
 
     def before_instantiate_classes(self) -> None:
         self.parser.add_instantiator(_instantiate_nested, CalibrationData, subclasses=True, prepend=True)
@@ -79,7 +132,25 @@ class HywiaCLI(LightningCLI):
                 callback.init_args.dirpath = _in_run_folder(root, callback.init_args.get("dirpath"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        for index, callback in enumerate(_as_list(self._get(self.config_init, "trainer", default={}).get("callbacks"))):
-            if hasattr(callback, "config_index"):
-                callback.config_index = index
-        return super().instantiate_trainer(**kwargs)
+        """The trainer with ``trainer.callbacks`` followed by the stages that are set; each callback
+        learns its YAML key."""
+        listed = _as_list(self._get(self.config_init, "trainer", default={}).get("callbacks"))
+        stages = {key: self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys}
+        stages = {key: stage for key, stage in stages.items() if stage is not None}
+        keyed = [(f"trainer.callbacks[{i}].init_args", c) for i, c in enumerate(listed)]
+        keyed += [(f"{key}.init_args", stage) for key, stage in stages.items()]
+        for key, callback in keyed:
+            if hasattr(callback, "config_key"):
+                callback.config_key = key
+        _refuse_second_stage(keyed)
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, list(stages.values()))
+
+
+def _refuse_second_stage(keyed: list[tuple[str, Any]]) -> None:
+    """Two callbacks of one stage (a ``pruning`` group and a pruning callback in ``trainer.callbacks``)
+    would prune twice or export twice: refuse, naming both keys."""
+    for group, kind in stage_groups().items():
+        keys = [key.removesuffix(".init_args") for key, callback in keyed if isinstance(callback, kind)]
+        if group in ("pruning", "reconstruction", "export") and len(keys) > 1:
+            raise ValueError(f"{' and '.join(keys)} are both a {kind.__name__} stage; keep one (usually {group!r})")

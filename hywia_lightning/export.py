@@ -14,9 +14,11 @@ anywhere in between leaves folders that the next export of the same folder clean
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -27,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import modeling_pruned
 from .files import file_mode, write_json_atomic
+from .input_errors import mark_input_error
 from .structures import check_supported
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ def export_pretrained(
         config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"}
         config.architectures = [class_name]
         model.save_pretrained(staging)
+        _crash_point("writing")
         tokenizer.save_pretrained(staging)
         shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
         if write_extra is not None:
@@ -67,8 +71,14 @@ def export_pretrained(
         write_json_atomic(staging / MARKER, {"written_by": __name__, "files": files})
         _make_readable(staging)
         _sync(staging)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        reason = _out_of_space(error)
+        if reason:
+            raise mark_input_error(OSError(errno.ENOSPC, (
+                f"writing the export to {out_dir} failed: {reason}. Nothing of it was left behind"
+                f"{' and the previous export there is kept' if out_dir.exists() else ''}; free space on that disk, "
+                "or move the run with trainer.default_root_dir"))) from error
         raise
     finally:
         for key, value in previous.items():
@@ -81,6 +91,20 @@ def export_pretrained(
                          "which removes stale staging folders") from None
     _replace_dir(staging, out_dir)
     return out_dir
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # a full disk, a file size limit, a quota
+
+
+def _out_of_space(error: BaseException) -> str | None:
+    """Why ``error`` means the disk took no more (an ``OSError``, or safetensors' own error that
+    carries the OS error number), else ``None``."""
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return error.strerror
+    number = re.search(r"os error (\d+)", str(error))
+    if number and int(number.group(1)) in _NO_SPACE:
+        return os.strerror(int(number.group(1)))
+    return None
 
 
 def _crash_point(name: str) -> None:

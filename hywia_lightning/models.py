@@ -42,7 +42,17 @@ def resolve_model_path(model_name_or_path: str, cache_dir: str | os.PathLike | N
                 f"model_name_or_path={model_name_or_path!r} names no bundled model; the bundled model is {BUNDLED_MODEL!r}"
             )
         return str(_converted_bundled_model(Path(cache_dir) if cache_dir else default_cache_dir()))
+    if not Path(model_name_or_path).expanduser().exists() and _is_local_path(model_name_or_path):
+        raise FileNotFoundError(
+            f"model_name_or_path={model_name_or_path!r}: no such folder; allowed: a local Hugging Face folder, "
+            f"a hub id 'namespace/name' (needs a network) or {BUNDLED_MODEL!r}"
+        )
     return model_name_or_path
+
+
+def _is_local_path(name: str) -> bool:
+    """A name no hub id can have: absolute, relative to '.' or '~', or with more than one '/'."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def load_causal_lm(

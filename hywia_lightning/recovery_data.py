@@ -21,6 +21,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
+from .checks import check_context
+from .input_errors import mark_input_error
 from .instruction_data import read_instructions, tokenize_instruction
 from .lm_loss import IGNORE_INDEX
 from .perplexity import chunk_tokens
@@ -92,18 +94,21 @@ class RecoveryData(LightningDataModule):
     # -- building -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Read, check and tokenize everything now: before pruning, before any training step."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        self.per_device_batch_size(world)
-        if self.train_set:
-            return
-        self.check()
-        tokenizer = self.trainer.lightning_module.tokenizer
-        self.build(tokenizer)
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"data.source={self.source!r} gives {len(self.train_set)} training examples after holding out "
-                f"val_size={self.val_size}, fewer than batch_size={self.batch_size}; use more data or a smaller batch"
-            )
+        try:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            self.per_device_batch_size(world)
+            if self.train_set:
+                return
+            self.check()
+            check_context(self.seq_len, self.trainer.lightning_module.model.config, "data.seq_len")
+            self.build(self.trainer.lightning_module.tokenizer)
+            if len(self.train_set) < self.batch_size:
+                raise ValueError(
+                    f"data.source={self.source!r} gives {len(self.train_set)} training examples after holding out "
+                    f"val_size={self.val_size}, fewer than batch_size={self.batch_size}; use more data or a smaller batch"
+                )
+        except (ValueError, OSError) as error:  # the job's data, refused before pruning and training
+            raise mark_input_error(error, "data.init_args")
 
     def check(self) -> None:
         """A text source that cannot be read fails here (instruction files are checked as they are read)."""

@@ -10,6 +10,7 @@ boundary nearest 80% of the characters: the first part is ``train`` (calibration
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +38,8 @@ def check_source(source: str, key: str) -> None:
         raise FileNotFoundError(f"{key}={source!r}: no such file; expected {describe_sources()}")
     if path.suffix not in FILE_SUFFIXES:
         raise ValueError(f"{key}={source!r}: unsupported file type {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{key}={source!r}: the file is not readable by this user; fix its permissions (chmod u+r)")
 
 
 def read_text(source: str, key: str, text_field: str = "text", split: str = "train") -> str:

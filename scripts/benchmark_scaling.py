@@ -122,8 +122,8 @@ def job(row: str, model: str, windows: int, target: float, root: Path) -> dict:
     trainer = config["trainer"]
     trainer["default_root_dir"] = str(root / row)
     trainer["enable_progress_bar"] = False
-    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith(("PerplexityEvaluation", "Export"))]
-    pruning = trainer["callbacks"][0]["init_args"]
+    config.pop("perplexity"), config.pop("export")
+    pruning = config["pruning"]["init_args"]
     pruning["layer_end"] = -2  # the protocol's 4..27 of 30 layers, for any depth
     training = (pruning.get("fusion") or {}).get("training") or {}
     if "holdout" in training:

@@ -30,9 +30,8 @@ EOF
 fi
 ARGS=(--config configs/recover_smollm2.yaml --config configs/recover_smollm2_fsdp.yaml
       --model.init_args.model_name_or_path "$MODEL" --trainer.max_steps 30 --trainer.val_check_interval 10
-      --trainer.default_root_dir "$OUT/run" --trainer.logger.init_args.save_dir "$OUT/run")
-CKPT=runs/recover_smollm2/checkpoints
-rm -rf "$CKPT"
+      --trainer.default_root_dir "$OUT/run")
+CKPT="$OUT/run/checkpoints"  # every path of the run derives from trainer.default_root_dir
 set +e
 python main.py fit "${ARGS[@]}" --trainer.callbacks+=tests.crash.CrashAtStep --trainer.callbacks.step=22 \
   > "$OUT/first.log" 2>&1

@@ -68,24 +68,21 @@ FUSION_KEYS = ("schemes", "mode", "weights", "sharpness", "training", "normaliza
 
 
 def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None = None) -> dict:
-    callbacks = []
+    stages = {}
     if pruning is not None:
         callback, args = pruning
         if callback == "HybridPruning":  # the scorer's keys go into its fusion group
             args = {**{k: v for k, v in args.items() if k not in FUSION_KEYS},
                     "fusion": {k: args[k] for k in FUSION_KEYS if k in args}}
-        callbacks.append({
+        stages["pruning"] = {
             "class_path": f"callbacks.{callback}",
             "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1,
                           **copy.deepcopy(args)},
-        })
+        }
     if reconstruction:
-        callbacks.append({"class_path": "callbacks.LeastSquaresReconstruction", "init_args": dict(reconstruction)})
-    callbacks += [
-        {"class_path": "callbacks.PerplexityEvaluation",
-         "init_args": {"source": EVALUATION, "seq_len": 128, "num_chunks": 256}},
-        {"class_path": "callbacks.Export", "init_args": {"dirname": "export"}},
-    ]
+        stages["reconstruction"] = dict(reconstruction)
+    stages["perplexity"] = {"source": EVALUATION, "seq_len": 128, "num_chunks": 256}
+    stages["export"] = {"dirname": "export"}
     return {
         "seed_everything": 0,
         "model": {"class_path": "hywia_lightning.CausalLM",
@@ -95,8 +92,9 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_steps": 0, "limit_train_batches": 0,
             "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
-            "default_root_dir": f"runs/bench/{name}", "callbacks": callbacks,
+            "default_root_dir": f"runs/bench/{name}",
         },
+        **stages,
     }
 
 
@@ -114,10 +112,9 @@ def with_recovery(name: str, pruning_job: dict) -> dict:
     trainer.update(max_steps=RECOVERY_STEPS, val_check_interval=RECOVERY_STEPS // 2, check_val_every_n_epoch=None,
                    num_sanity_val_steps=-1,
                    default_root_dir=f"runs/bench/{name}")
-    for callback in trainer["callbacks"]:
-        if callback["class_path"] in ("callbacks.StructuredPruning", "callbacks.HybridPruning",
-                                      "callbacks.LeastSquaresReconstruction"):
-            callback["init_args"]["calibration"] = copy.deepcopy(calibration)
+    config["pruning"]["init_args"]["calibration"] = copy.deepcopy(calibration)
+    if "reconstruction" in config:
+        config["reconstruction"]["calibration"] = copy.deepcopy(calibration)
     return config
 
 

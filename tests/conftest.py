@@ -57,3 +57,9 @@ def wikitext_valid() -> Path:
     if not WIKITEXT_VALID.is_file():
         pytest.skip(f"shared data not found at {WIKITEXT_VALID}")
     return WIKITEXT_VALID
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """The environment of a job in a subprocess: the dense baselines of the tiny model stay in the test."""
+    return {"HYWIA_CACHE": str(tmp_path / "cache")}

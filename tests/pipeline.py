@@ -28,16 +28,12 @@ def prune_job(model_dir: Path, root: Path, data: dict | None = None, **pruning) 
             "accelerator": "cpu", "devices": 1, "max_steps": 0, "limit_train_batches": 0, "limit_val_batches": 0,
             "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
             "default_root_dir": str(root),
-            "callbacks": [
-                {"class_path": "callbacks.StructuredPruning", "init_args": {
-                    "target_ratio": 0.1, "granularity": "element1", "layer_start": 1, "layer_end": -1, **pruning,
-                }},
-                {"class_path": "callbacks.PerplexityEvaluation", "init_args": {
-                    "source": "builtin:python-docs/test", "seq_len": 32, "num_chunks": 4,
-                }},
-                {"class_path": "callbacks.Export", "init_args": {"dirname": "export"}},
-            ],
         },
+        "pruning": {"class_path": "callbacks.StructuredPruning", "init_args": {
+            "target_ratio": 0.1, "granularity": "element1", "layer_start": 1, "layer_end": -1, **pruning,
+        }},
+        "perplexity": {"source": "builtin:python-docs/test", "seq_len": 32, "num_chunks": 4},
+        "export": {"dirname": "export"},
     }
 
 
@@ -110,10 +106,10 @@ def recovery_job(model_dir: Path, root: Path, max_steps: int = 4, **data) -> dic
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
                     "dirpath": str(root / "checkpoints"), "every_n_train_steps": 2, "save_top_k": -1, "save_last": True}},
-                {"class_path": "callbacks.StructuredPruning", "init_args": {
-                    "target_ratio": 0.1, "calibration": calibration, "layer_start": 1, "layer_end": -1}},
-                {"class_path": "callbacks.LeastSquaresReconstruction", "init_args": {"calibration": calibration}},
-                {"class_path": "callbacks.Export", "init_args": {"dirname": "export"}},
             ],
         },
+        "pruning": {"class_path": "callbacks.StructuredPruning", "init_args": {
+            "target_ratio": 0.1, "calibration": calibration, "layer_start": 1, "layer_end": -1}},
+        "reconstruction": {"calibration": calibration},
+        "export": {"dirname": "export"},
     }

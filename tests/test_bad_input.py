@@ -5,6 +5,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from callbacks import Export, StructuredPruning
 from hywia_lightning import CalibrationData
+from hywia_lightning.input_errors import InputError
 
 from .pipeline import prune_job, run_fit
 
@@ -36,18 +37,18 @@ def test_unknown_granularity_and_attention_unit():
 
 
 @pytest.mark.parametrize("section,key", [
-    ("data", "num_windows"), (1, "num_chunks"), (1, "batch_size"), (0, "round_to"), (0, "estimation_batch_size"),
-    (0, "heads_to_keep"),
+    ("data", "num_windows"), ("perplexity", "num_chunks"), ("perplexity", "batch_size"), ("pruning", "round_to"),
+    ("pruning", "estimation_batch_size"), ("pruning", "heads_to_keep"),
 ])
-def test_counts_below_one_are_refused_by_the_cli_with_their_key(section, key, tiny_model_dir, tmp_path, capsys):
+def test_counts_below_one_are_refused_by_the_cli_with_their_key(section, key, tiny_model_dir, tmp_path):
     """Counts are typed (jsonargparse's PositiveInt): LightningCLI refuses 0 while parsing, naming the key."""
     job = prune_job(tiny_model_dir, tmp_path)
-    init_args = job["data"]["init_args"] if section == "data" else job["trainer"]["callbacks"][section]["init_args"]
+    init_args = job[section].get("init_args", job[section])
     init_args[key] = 0
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError) as error:
         run_fit(job, tmp_path)
-    error = capsys.readouterr().err
-    assert f'Parser key "{key}"' in error and "does not conform to restriction v>0" in error
+    assert error.value.key == f"{section}.init_args.{key}"
+    assert "not a PositiveInt (allowed: a value >0)" in str(error.value)
 
 
 def test_dirname_outside_the_run_folder_is_refused_naming_the_key(tmp_path):

@@ -9,7 +9,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
 
 from callbacks import StructuredPruning
-from hywia_lightning.cli import HywiaCLI
+from hywia_lightning.cli import HywiaCLI, stage_groups
 
 from .conftest import REPO
 
@@ -49,6 +49,8 @@ def test_config_starts_with_its_command_and_instantiates(path: Path, tiny_model_
     cli = HywiaCLI(args=args, run=False)
     assert cli.model.model.config.num_hidden_layers == 4
     expected = [c["class_path"] for c in merged["trainer"].get("callbacks", []) if c["class_path"].startswith("callbacks.")]
+    expected += [merged[key].get("class_path", f"callbacks.{stage.__name__}")
+                 for key, stage in stage_groups().items() if merged.get(key) is not None]
     built = [f"callbacks.{type(c).__name__}" for c in cli.trainer.callbacks if type(c).__module__.startswith("callbacks.")]
     assert built == expected
     assert sum(isinstance(c, StructuredPruning) for c in cli.trainer.callbacks) <= 1

@@ -21,11 +21,6 @@ from .pipeline import prune_job, recovery_job, run_main
 KILLED = -9  # SIGKILL
 
 
-@pytest.fixture
-def env(tmp_path) -> dict[str, str]:
-    return {"HYWIA_CACHE": str(tmp_path / "cache")}  # the dense baselines of the tiny model stay in the test
-
-
 def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -48,8 +43,8 @@ def leftovers(root: Path, kind: str) -> list[Path]:
 # the export folder ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dirname,existing,message", [
-    (".", "notes.txt", r"Export.dirname \(trainer.callbacks\[2\].init_args.dirname\)='.' is the run folder itself"),
-    ("export", "export/notes.txt", r"Export.dirname \(trainer.callbacks\[2\].init_args.dirname\)='export': .*export "
+    (".", "notes.txt", r"Export.dirname \(export.init_args.dirname\)='.' is the run folder itself"),
+    ("export", "export/notes.txt", r"Export.dirname \(export.init_args.dirname\)='export': .*export "
                                    r"holds files that no export of this package wrote \(notes.txt\)"),
 ])
 def test_an_export_that_would_delete_other_files_is_refused_before_estimation(
@@ -58,7 +53,7 @@ def test_an_export_that_would_delete_other_files_is_refused_before_estimation(
     (root / existing).parent.mkdir(parents=True, exist_ok=True)
     (root / existing).write_text("mine\n")
     job = prune_job(tiny_model_dir, root)
-    job["trainer"]["callbacks"][2]["init_args"]["dirname"] = dirname
+    job["export"]["dirname"] = dirname
     result = run_main(job, tmp_path / "jobs", env=env)
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-3000:]
@@ -78,9 +73,17 @@ def test_a_killed_export_never_leaves_a_model_without_its_report(tiny_model_dir,
     previous = files(export)
     assert_complete(export)
 
-    # killed with the new export complete in its staging folder: the previous export is untouched
+    # killed while writing the new export: the previous export is untouched, the partial one apart
+    writing = run_main(job, jobs, env={**env, KILL_AT: "writing"})
+    assert writing.returncode == KILLED, writing.stderr[-3000:]
+    assert files(export) == previous
+    [partial] = leftovers(root, "staging")
+    assert not (partial / "report.json").exists()
+
+    # the next run removes it; killed with the new export complete in its staging folder
     staged = run_main(job, jobs, env={**env, KILL_AT: "staged"})
     assert staged.returncode == KILLED, staged.stderr[-3000:]
+    assert f"removed the stale staging folder {partial}" in staged.stderr
     assert files(export) == previous
     [staging] = leftovers(root, "staging")
     assert_complete(staging)

@@ -31,9 +31,8 @@ def test_two_processes_prune_like_one(pruning, intercept, tiny_model_dir, tmp_pa
     def job(root):
         config = prune_job(tiny_model_dir, root, data={"num_windows": 6})
         if pruning is not None:
-            config["trainer"]["callbacks"][0] = pruning
-        config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction",
-                                                  "init_args": {"intercept": intercept}})
+            config["pruning"] = pruning
+        config["reconstruction"] = {"intercept": intercept}
         return config
 
     single = tmp_path / "single"

@@ -41,7 +41,7 @@ def test_a_user_granularity_by_class_path(tiny_model_dir, tmp_path):
 
 def test_a_pruning_callback_that_overrides_score(tiny_model_dir, tmp_path):
     job = prune_job(tiny_model_dir, tmp_path)
-    job["trainer"]["callbacks"][0]["class_path"] = "tests.test_extending.RankProductPruning"
+    job["pruning"]["class_path"] = "tests.test_extending.RankProductPruning"
     cli = run_fit(job, tmp_path)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, RankProductPruning))
     assert callback.scored == ["layers.1.mlp", "layers.1.self_attn", "layers.2.mlp", "layers.2.self_attn"]

@@ -106,7 +106,7 @@ def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path)
     extra = {"learned": {"training": {"epochs": 2, "holdout": 2}},
              "fixed": {"weights": {"element1": 1.0, "vector": 1.0, "userwanda": 2.0}}}.get(mode, {})
     job = prune_job(tiny_model_dir, tmp_path, data={"num_windows": 6})
-    job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
+    job["pruning"] = {"class_path": "callbacks.HybridPruning", "init_args": {
         "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"schemes": schemes, "mode": mode, **extra}}}
     run_fit(job, tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
@@ -125,7 +125,7 @@ def test_a_scheme_returning_nan_is_refused_naming_it(tiny_model_dir, tmp_path):
     from .pipeline import prune_job, run_fit
 
     job = prune_job(tiny_model_dir, tmp_path)
-    job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
+    job["pruning"] = {"class_path": "callbacks.HybridPruning", "init_args": {
         "target_ratio": 0.1, "layer_start": 1, "layer_end": -1,
         "fusion": {"mode": "heuristic", "schemes": ["element1", {"class_path": "tests.test_fusion.NaNScheme"}]}}}
     with pytest.raises(ValueError, match="granularity 'nanscheme' returned NaN or infinite scores for layers.1"):
@@ -148,7 +148,7 @@ def test_holdout_must_leave_training_windows(tiny_model_dir, tmp_path):
     from .pipeline import prune_job, run_fit
 
     job = prune_job(tiny_model_dir, tmp_path)  # 4 calibration windows
-    job["trainer"]["callbacks"][0] = {"class_path": "callbacks.HybridPruning", "init_args": {
+    job["pruning"] = {"class_path": "callbacks.HybridPruning", "init_args": {
         "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"mode": "learned", "training": {"holdout": 4}}}}
     with pytest.raises(ValueError, match=r"holdout=4 must leave windows .* allowed 1..3 with 4 calibration windows"):
         run_fit(job, tmp_path)

@@ -87,7 +87,7 @@ class CountingCheck(Preflight):
 
 def test_preflight_runs_every_check_once_per_stage(tiny_model_dir, tmp_path):
     job = prune_job(tiny_model_dir, tmp_path)
-    job["trainer"]["callbacks"].append({"class_path": "tests.test_pruning_job.CountingCheck"})
+    job["trainer"]["callbacks"] = [{"class_path": "tests.test_pruning_job.CountingCheck"}]
     cli = run_fit(job, tmp_path)
     [counting] = [c for c in cli.trainer.callbacks if isinstance(c, CountingCheck)]
     assert counting.checks == ["fit"], "four Preflight callbacks, one check"

@@ -99,7 +99,7 @@ def test_nan_activations_and_negative_damping_are_refused():
 def test_missing_calibration_data_fails_before_any_work(tiny_model_dir, tmp_path):
     job = prune_job(tiny_model_dir, tmp_path, granularity="magnitude")  # needs no calibration itself
     job.pop("data")
-    job["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction"})
+    job["reconstruction"] = {}
     with pytest.raises(ValueError, match="LeastSquaresReconstruction needs calibration windows"):
         run_fit(job, tmp_path)
 
@@ -107,8 +107,7 @@ def test_missing_calibration_data_fails_before_any_work(tiny_model_dir, tmp_path
 @pytest.mark.parametrize("mode", ["independent", "sequential"])
 def test_reconstruction_in_a_job_lowers_every_layers_error(mode, tiny_model_dir, tmp_path):
     job = prune_job(tiny_model_dir, tmp_path)
-    job["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction",
-                                           "init_args": {"mode": mode, "damping": 0.01}})
+    job["reconstruction"] = {"mode": mode, "damping": 0.01}
     run_fit(job, tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     layers = report["reconstruction"]["layers"]

@@ -40,10 +40,7 @@ def zeroshot_data(tmp_path) -> Path:
 
 def with_evaluations(job: dict, root: Path, zeroshot_data: Path, logger: str = "CSVLogger") -> dict:
     job = copy.deepcopy(job)
-    callbacks = job["trainer"]["callbacks"]
-    callbacks.insert(len(callbacks) - 1, {"class_path": "callbacks.ZeroShotEvaluation", "init_args": {
-        "tasks": ["piqa", "arc_easy"], "data_dir": str(zeroshot_data), "limit": 2, "batch_size": 4,
-    }})
+    job["zeroshot"] = {"tasks": ["piqa", "arc_easy"], "data_dir": str(zeroshot_data), "limit": 2, "batch_size": 4}
     job["trainer"]["logger"] = {"class_path": f"lightning.pytorch.loggers.{logger}",
                                 "init_args": {"save_dir": str(root / "logs"), "name": "run", "version": 0}}
     return job
@@ -122,7 +119,7 @@ def test_report_matches_the_logged_metrics_and_the_dense_baseline_is_cached(tiny
 
 def test_baseline_off(tiny_model_dir, tmp_path, cache):
     job = prune_job(tiny_model_dir, tmp_path)
-    job["trainer"]["callbacks"][1]["init_args"]["baseline"] = False
+    job["perplexity"]["baseline"] = False
     run_fit(job, tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     assert "baseline" not in report and not (cache / "baselines").exists()
@@ -142,14 +139,10 @@ def evaluation_job(model: Path | str, root: Path, zeroshot_data: Path, limit_bat
             "enable_progress_bar": False, "default_root_dir": str(root),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": str(root / "logs"), "name": "run", "version": 0}},
-            "callbacks": [
-                {"class_path": "callbacks.PerplexityEvaluation", "init_args": {
-                    "source": "builtin:python-docs/test", "seq_len": 32, "num_chunks": 4}},
-                {"class_path": "callbacks.ZeroShotEvaluation", "init_args": {
-                    "tasks": ["piqa"], "data_dir": str(zeroshot_data), "limit": 2, "batch_size": 4}},
-                {"class_path": "callbacks.Report", "init_args": {"dirname": "report"}},
-            ],
         },
+        "perplexity": {"source": "builtin:python-docs/test", "seq_len": 32, "num_chunks": 4},
+        "zeroshot": {"tasks": ["piqa"], "data_dir": str(zeroshot_data), "limit": 2, "batch_size": 4},
+        "report": {"dirname": "report"},
     }
 
 

@@ -216,9 +216,7 @@ def test_winogrande_needs_a_blank(tmp_path):
 
 def zeroshot_job(model_dir: Path, root: Path, data_dir: Path, limit: int | None = 2) -> dict:
     job = prune_job(model_dir, root)
-    job["trainer"]["callbacks"].append({"class_path": "callbacks.zeroshot.ZeroShotEvaluation", "init_args": {
-        "tasks": ["piqa", "arc_easy"], "data_dir": str(data_dir), "limit": limit, "batch_size": 4,
-    }})
+    job["zeroshot"] = {"tasks": ["piqa", "arc_easy"], "data_dir": str(data_dir), "limit": limit, "batch_size": 4}
     return job
 
 
