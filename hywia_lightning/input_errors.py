@@ -108,7 +108,7 @@ def from_parse_error(message: str, top_level_keys: list[str]) -> InputError:
         hint = f"did you mean {'--' + name.replace(head, close[0], 1)!r}?" if close else f"keys at the top: {', '.join(top_level_keys)}"
         return InputError(name, f"{option} is not an option of this command", hint)
     found = _read(message.splitlines())
-    return _explain(found, None)
+    return _explain(found)
 
 
 def from_instantiation_error(message: str, config: Any) -> InputError:
@@ -123,7 +123,7 @@ def from_instantiation_error(message: str, config: Any) -> InputError:
         init_args = vars(node).get("init_args") if _is_namespace(node) else None
         if name and init_args is not None and name.group(1) in vars(init_args):
             found.keys += ["init_args", name.group(1)]
-    return _explain(found, config)
+    return _explain(found)
 
 
 def _read(lines: list[str]) -> _Found:
@@ -159,15 +159,14 @@ def _read_item(item: list[str]) -> _Found:
         option = re.fullmatch(r"Option '([^']+)' is not accepted", inner.leaf)
         if option:
             return _Found(["init_args", option.group(1)], inner.leaf, inner.given, problem.group(1))
-        missing = re.search(r"has no attribute '([^']+)'|No module named '([^']+)'", inner.leaf)
-        if missing and not inner.keys:
+        if re.search(r"has no attribute|No module named", inner.leaf) and not inner.keys:
             return _Found(["class_path"], inner.leaf, inner.given, problem.group(1))
         keys = ["init_args"] + inner.keys if inner.keys else []
         return _Found(keys, inner.leaf, inner.given, inner.class_path or problem.group(1))
     return _read([first] + [line[2:] for line in item[1:]])
 
 
-def _explain(found: _Found, config: Any) -> InputError:
+def _explain(found: _Found) -> InputError:
     key = ".".join(found.keys) or None
     leaf, hint = found.leaf, ""
     literal = re.fullmatch(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", leaf)
