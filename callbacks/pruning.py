@@ -22,13 +22,13 @@ from torch import Tensor
 
 from hywia_lightning.allocation import Allocation, PruningScope, make_allocation
 from hywia_lightning.calibration import CalibrationData
-from hywia_lightning.checkpoints import callback_state
+from hywia_lightning.checkpoints import callback_state, saved_parameter_names
 from hywia_lightning.estimation import accumulate_dtype_named
 from hywia_lightning.granularities import Granularity, make_granularity
 from hywia_lightning.pipeline import Collective, prune, target_layers
 from hywia_lightning.plan import PruningPlan, count_parameters
 from hywia_lightning.scoring import ScoringContext
-from hywia_lightning.slicing import apply_plan
+from hywia_lightning.slicing import add_saved_output_biases, apply_plan
 from hywia_lightning.structures import LayerStructures
 from hywia_lightning.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
 
@@ -196,6 +196,7 @@ class StructuredPruning(Preflight, Callback):
             )
         plan = PruningPlan.from_dict(state["plan"])
         apply_plan(pl_module.model, plan)
+        add_saved_output_biases(pl_module.model, saved_parameter_names(trainer.ckpt_path))  # a refit's intercepts
         self.plan = pl_module.pruning_plan = plan
         log.info("resuming from %s: pruned architecture rebuilt from the saved plan, estimation skipped", trainer.ckpt_path)
         return True

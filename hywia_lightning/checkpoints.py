@@ -39,3 +39,14 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 def callback_state(path: str | Path, state_key: str) -> dict[str, Any] | None:
     """The state a callback saved in the checkpoint at ``path`` (``None`` if it saved none)."""
     return checkpoint_metadata(path).get("callbacks", {}).get(state_key)
+
+
+def saved_parameter_names(path: str | Path) -> list[str]:
+    """The names in the checkpoint's ``state_dict`` (for a sharded folder: in its distributed
+    checkpoint's metadata), without reading any tensor."""
+    path = Path(path)
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    return list(checkpoint_metadata(path).get("state_dict", {}))

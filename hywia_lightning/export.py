@@ -75,7 +75,7 @@ def export_pretrained(
         shutil.rmtree(staging, ignore_errors=True)
         reason = _out_of_space(error)
         if reason:
-            raise mark_input_error(OSError(errno.ENOSPC, (
+            raise mark_input_error(OSError((
                 f"writing the export to {out_dir} failed: {reason}. Nothing of it was left behind"
                 f"{' and the previous export there is kept' if out_dir.exists() else ''}; free space on that disk, "
                 "or move the run with trainer.default_root_dir"))) from error

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Iterable
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -50,6 +53,27 @@ def apply_plan(model: PreTrainedModel, plan: PruningPlan) -> None:
             _slice_linear(mlp.down_proj, layer_plan.channels, 1)
             mlp.intermediate_size = len(layer_plan.channels)
     record_layer_widths(model)
+
+
+_OUTPUT_BIAS = re.compile(r"layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)(?:\.base_layer)?\.bias$")
+
+
+def add_saved_output_biases(model: PreTrainedModel, saved_names: Iterable[str]) -> int:
+    """Give ``o_proj``/``down_proj`` the (zero) biases that a saved state has for them and the model
+    lacks (a refit's intercept is no part of the plan), so that the saved weights load; returns how many."""
+    layers, added = decoder_layers(model), 0
+    for name in saved_names:
+        match = _OUTPUT_BIAS.search(name)
+        if match is None:
+            continue
+        layer = layers[int(match.group(1))]
+        linear = layer.self_attn.o_proj if match.group(2).startswith("self_attn") else layer.mlp.down_proj
+        if linear.bias is None:
+            linear.bias = nn.Parameter(linear.weight.new_zeros(linear.out_features), linear.weight.requires_grad)
+            added += 1
+    if added:
+        record_layer_widths(model)
+    return added
 
 
 def record_layer_widths(model: PreTrainedModel) -> None:

@@ -73,11 +73,12 @@ def export_state(root: Path, previous: dict[str, int] | None) -> str:
 
 
 def fault_rows(work: Path) -> list[dict]:
+    """The faults one after another on one run folder: each run also cleans up after the fault before
+    it (what it said is that fault's "next run"), and a last clean run after the last fault."""
     root = work / "run"
     args = [*JOB, "--trainer.default_root_dir", str(root)]
     first = run_cli(args, root, ENV)
     assert first.returncode == 0, first.output[-3000:]
-    previous = {p.name: p.stat().st_size for p in (root / "export").iterdir() if p.is_file()}
     learned = ["--pruning.init_args.fusion.mode", "learned", "--pruning.init_args.fusion.training.holdout", "1"]
     faults = [
         ("kill -9 during estimation", args, "estimation", None),
@@ -88,25 +89,49 @@ def fault_rows(work: Path) -> list[dict]:
         ("kill -9 with the new export staged", args, None, "staged"),
         ("kill -9 with the old export moved aside", args, None, "backed-up"),
         ("kill -9 right after the swap", args, None, "swapped"),
+        (None, args, None, None),  # the clean run after the last fault
     ]
-    rows = []
+    rows, previous = [], _export_sizes(root)
     for name, fault_args, trigger, kill_at in faults:
         if trigger:
             outcome = run_killed(fault_args, root, trigger)
         else:
-            outcome = run_cli(fault_args, root, {**ENV, "HYWIA_TEST_KILL_AT": kill_at})
-        state = export_state(root, previous)
-        after = run_cli(args, root, ENV)
-        cleaned = [line.split("callbacks.", 1)[-1] for line in after.output.splitlines()
-                   if "stale staging" in line or "restored the previous export" in line or "had already replaced" in line]
+            outcome = run_cli(fault_args, root, {**ENV, **({"HYWIA_TEST_KILL_AT": kill_at} if kill_at else {})})
+        if rows:
+            cleaned = [line.split(": ", 1)[-1] for line in outcome.output.splitlines() if any(
+                phrase in line for phrase in ("stale staging", "restored the previous export", "had already replaced"))]
+            rows[-1]["next"] = "; ".join(cleaned) or "nothing to clean up"
+        if name is None:
+            rows[-1]["next"] += f"; that run: exit {outcome.returncode}, {export_state(root, None)}"
+            break
         rows.append({"case": name, "command": _command(fault_args) + (f" (HYWIA_TEST_KILL_AT={kill_at})" if kill_at else ""),
                      "exit": outcome.returncode, "seconds": outcome.seconds, "last": outcome.last_lines(2),
-                     "left": state, "next": f"exit {after.returncode}; " + ("; ".join(cleaned) or "nothing to clean up")
-                     + "; " + export_state(root, None)})
-        previous = {p.name: p.stat().st_size for p in (root / "export").iterdir() if p.is_file()}
-    rows.append(disk_full_row(args, root, previous))
+                     "left": export_state(root, previous), "next": ""})
+        previous = _export_sizes(root)
+    rows.append(disk_full_row(args, root, _export_sizes(root)))
     rows.append(ddp_rank_row(work / "ddp"))
     return rows
+
+
+def _export_sizes(root: Path) -> dict[str, int] | None:
+    export = root / "export"
+    return {p.name: p.stat().st_size for p in export.iterdir() if p.is_file()} if export.is_dir() else None
+
+
+def disk_full_row(args: list[str], root: Path, previous: dict[str, int]) -> dict:
+    limit = previous["model.safetensors"] // 2
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV}, preexec_fn=limited)
+    outcome = Outcome([], result.returncode, time.perf_counter() - start, result.stdout)
+    return {"case": f"the disk fills while exporting (files limited to {limit // 2**20} MiB)",
+            "command": _command(args) + " (ulimit -f)", "exit": outcome.returncode, "seconds": outcome.seconds,
+            "last": outcome.last_lines(3), "left": export_state(root, previous), "next": "-"}
 
 
 def ddp_rank_row(root: Path) -> dict:
@@ -131,27 +156,13 @@ def ddp_rank_row(root: Path) -> dict:
     resumed = run_cli([*args, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")], root, ENV)
     report = root / "export" / "report.json"
     steps = json.loads(report.read_text())["recovery"]["steps"] if report.is_file() else None
-    return {"case": f"kill -9 rank 1 of 2 (DDP) during recovery, after the step-2 checkpoint ({len(children)} child killed)",
+    return {"case": f"kill -9 rank 1 of 2 (DDP) during recovery, after the step-2 checkpoint ({len(children)} process killed)",
             "command": _command(args), "exit": process.returncode, "seconds": time.perf_counter() - start,
             "last": [line for line in output.splitlines() if line.strip()][-2:],
-            "left": f"rank 0 exited {waited:.1f} s after the kill; " + ", ".join(sorted(p.name for p in (root / "checkpoints").iterdir())),
-            "next": f"--ckpt_path last.ckpt: exit {resumed.returncode}, recovery steps in the report: {steps}"}
-
-
-def disk_full_row(args: list[str], root: Path, previous: dict[str, int]) -> dict:
-    limit = previous["model.safetensors"] // 2
-
-    def limited() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV}, preexec_fn=limited)
-    outcome = Outcome([], result.returncode, time.perf_counter() - start, result.stdout)
-    return {"case": f"the disk fills while exporting (files limited to {limit // 2**20} MiB)",
-            "command": _command(args) + " (ulimit -f)", "exit": outcome.returncode, "seconds": outcome.seconds,
-            "last": outcome.last_lines(3), "left": export_state(root, previous), "next": "-"}
+            "left": f"rank 0 exited {waited:.1f} s after the kill; checkpoints: "
+                    + ", ".join(sorted(p.name for p in (root / "checkpoints").iterdir())),
+            "next": f"--ckpt_path last.ckpt: exit {resumed.returncode}, recovery steps in the report: {steps}"
+                    + ("" if resumed.returncode == 0 else "; " + " ".join(resumed.last_lines(3)))}
 
 
 def input_rows(work: Path) -> list[dict]:
@@ -201,14 +212,19 @@ def main() -> None:
     options = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bad_inputs-"))
+    results = options.out.with_suffix(".json")
+    rows = json.loads(results.read_text()) if results.is_file() else {"inputs": [], "faults": [], "seconds": {}}
     try:
-        inputs = input_rows(work) if options.only != "faults" else []
-        faults = fault_rows(work / "faults") if options.only != "inputs" else []
+        for section, run in (("inputs", input_rows), ("faults", fault_rows)):
+            if options.only in (None, section):
+                section_start = time.perf_counter()
+                rows[section] = run(work / section)
+                rows["seconds"][section] = time.perf_counter() - section_start
+                results.write_text(json.dumps(rows, indent=1))  # a section kept even if the next one fails
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    options.out.write_text(markdown(inputs, faults, time.perf_counter() - start))
-    (options.out.with_suffix(".json")).write_text(json.dumps({"inputs": inputs, "faults": faults}, indent=1))
-    print(f"wrote {options.out}")
+    options.out.write_text(markdown(rows["inputs"], rows["faults"], sum(rows["seconds"].values())))
+    print(f"wrote {options.out} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
