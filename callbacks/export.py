@@ -11,7 +11,7 @@ from lightning import LightningModule, Trainer
 
 from hywia_lightning.export import check_replaceable, export_kind, export_pretrained, recover_interrupted, written_files
 from hywia_lightning.files import run_folder, write_json_atomic
-from hywia_lightning.gguf_export import GGUF_NAME, check_exportable, export_gguf
+from hywia_lightning.gguf_export import GGUF_NAME, check_exportable, export_gguf, model_name
 
 from .preflight import Preflight
 from .report import write_report
@@ -88,7 +88,7 @@ class Export(Preflight):
             self.write_artifacts(pl_module, folder)
             files = {}
             if "gguf" in self.formats:
-                export_gguf(folder, folder / GGUF_NAME, self.gguf_dtype)
+                export_gguf(folder, folder / GGUF_NAME, self.gguf_dtype, name=model_name(out))
                 files["gguf"] = {"file": GGUF_NAME, "dtype": self.gguf_dtype}
             report.add_seconds("export", time.perf_counter() - start)
             write_report(trainer, pl_module, folder, export_dir=str(out), export=kind.to_dict() | files)  # report.json, report.md, plots, logger

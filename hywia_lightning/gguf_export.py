@@ -76,9 +76,17 @@ class LayerShape:
     pad_channels: bool = False  # one all-zero MLP channel written for a 0-width MLP
 
 
-def export_gguf(export_dir: str | Path, out_path: str | Path, dtype: str = "float16") -> Path:
+def model_name(folder: Path) -> str:
+    """``general.name``: the folder's name, or its run's for an export called ``export``
+    (``runs/prune_smollm2/export`` -> ``prune_smollm2``)."""
+    folder = Path(folder).resolve()
+    return folder.parent.name if folder.name == "export" else folder.name
+
+
+def export_gguf(export_dir: str | Path, out_path: str | Path, dtype: str = "float16", name: str | None = None) -> Path:
     """Convert the Hugging Face folder ``export_dir`` (an export of ours, or a plain family
-    checkpoint) to ``out_path``, written to a temporary name first and renamed when complete."""
+    checkpoint) to ``out_path``, written to a temporary name first and renamed when complete;
+    ``name`` is the model's name in the file (default: :func:`model_name` of the folder)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     export_dir, out_path = Path(export_dir), Path(out_path)
@@ -94,7 +102,7 @@ def export_gguf(export_dir: str | Path, out_path: str | Path, dtype: str = "floa
     partial = out_path.with_name(f".{out_path.name}.partial")
     writer = gguf.GGUFWriter(partial, arch)
     try:
-        _write_metadata(writer, config, shapes, arch, dtype, export_dir.name)
+        _write_metadata(writer, config, shapes, arch, dtype, name or model_name(export_dir))
         _write_tokenizer(writer, tokenizer, config)
         _write_tensors(writer, config, weights, shapes, DTYPES[dtype])
         writer.write_header_to_file()

@@ -55,11 +55,34 @@ PROMPTS = [
 ]
 
 
-def llama(path: Path, n_ctx: int, threads: int):
-    from llama_cpp import Llama
+def llama(path: Path, n_ctx: int, threads: int, float32_cache: bool = False):
+    """llama.cpp on one GGUF file, logits of every position kept; ``float32_cache``: a float32 KV
+    cache instead of llama.cpp's float16 default (for the logit comparison)."""
+    import llama_cpp
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=True, verbose=False)
+    _without_extra_buffers(llama_cpp)
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if float32_cache else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                           n_threads_batch=threads, logits_all=True, verbose=False, **cache)
+
+
+def _without_extra_buffers(llama_cpp) -> None:
+    """Load weights without llama.cpp's extra CPU buffer types (weight repacking, AMX). On this
+    machine's Sapphire-Rapids-class cores ggml's AMX kernels for q8_0 die of SIGILL (``tileloadd``,
+    the tile state is not enabled for the thread); the plain CPU kernels compute the same model.
+    llama-cpp-python has no argument for it, so its default model parameters are wrapped."""
+    low = llama_cpp.llama_cpp
+    if getattr(low.llama_model_default_params, "without_extra_buffers", False):
+        return
+    default = low.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    params.without_extra_buffers = True
+    low.llama_model_default_params = params
 
 
 def llama_logits(llm, tokens: list[int]) -> np.ndarray:
@@ -151,7 +174,7 @@ def check(args: argparse.Namespace) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     hf = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    llm = llama(files["float32"], 512, args.threads)
+    llm = llama(files["float32"], 512, args.threads, float32_cache=True)
     rows, agree, positions, worst, same_tokens = [], 0, 0, 0.0, 0
     for prompt in PROMPTS:
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -173,11 +196,15 @@ def check(args: argparse.Namespace) -> dict:
     result["logits"] = {"prompts": rows, "top1_agreement": agree / positions, "positions": positions,
                         "max_abs_diff": worst, "tokenizer_same": f"{same_tokens}/{len(PROMPTS)}"}
     del llm
+    save(args.out, result)
 
     ids = token_ids(tokenizer, read_text(str(args.ppl_source), "--ppl-source", split="test"))
     chunks = chunk_tokens(ids, args.seq_len, args.num_chunks, source=str(args.ppl_source))
     start = time.perf_counter()
     ppl = {"hf float32": perplexity(hf, chunks)}
+    result["perplexity"] = {"source": str(args.ppl_source), "chunks": f"{args.num_chunks} x {args.seq_len}",
+                            "values": ppl, "relative_to_hf": {}}
+    result["seconds"] = seconds
     seconds["perplexity hf"] = round(time.perf_counter() - start, 1)
     del hf
     for name, path in files.items():
@@ -186,22 +213,27 @@ def check(args: argparse.Namespace) -> dict:
         ppl[f"gguf {name}"] = llama_perplexity(llm, chunks, name)
         seconds[f"perplexity {name}"] = round(time.perf_counter() - start, 1)
         del llm
-    base = ppl["hf float32"]
-    result["perplexity"] = {"source": str(args.ppl_source), "chunks": f"{args.num_chunks} x {args.seq_len}",
-                            "values": ppl, "relative_to_hf": {k: v / base - 1 for k, v in ppl.items()}}
-    result["seconds"] = seconds
+        result["perplexity"]["relative_to_hf"] = {k: v / ppl["hf float32"] - 1 for k, v in ppl.items()}
+        save(args.out, result)  # what is measured so far survives a crash of the next file
     return result
 
 
+def save(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+
+
 def markdown(result: dict) -> str:
-    lg, pp = result["logits"], result["perplexity"]
+    lg, pp = result["logits"], result.get("perplexity", {"chunks": "", "source": "", "values": {}})
     lines = [f"# GGUF check of `{result['export_dir']}`", "", f"Command: `{result['command']}`", "",
              f"llama-cpp-python {result['llama_cpp_python']}, {result['platform']}.", ""]
     if result.get("stress"):
         lines += [f"Stress variant (derived from the export): {result['stress']}.", ""]
-    lines += [f"- heads per layer: {result['layer_num_attention_heads']}",
-              f"- MLP channels per layer: {result['layer_intermediate_size']}", "",
-              "## Logits, llama.cpp (float32 GGUF) against the HF export (float32)", "",
+    same = "the same in every layer (a stock config)"
+    lines += [f"- heads per layer: {result['layer_num_attention_heads'] or same}",
+              f"- MLP channels per layer: {result['layer_intermediate_size'] or same}", "",
+              "## Logits, llama.cpp (float32 GGUF, float32 KV cache) against the HF export (float32)", "",
               f"Top-1 agreement {lg['top1_agreement']:.4f} over {lg['positions']} positions, max abs difference "
               f"{lg['max_abs_diff']:.2e}; llama.cpp's tokenizer gives the HF tokens on {lg['tokenizer_same']} prompts.", "",
               "| prompt | tokens | top-1 | max abs diff | greedy = HF | llama.cpp continuation |", "|---|---:|---:|---:|---|---|"]
@@ -209,12 +241,15 @@ def markdown(result: dict) -> str:
         show = lambda s: s.replace("\n", "\\n").replace("|", "\\|")  # noqa: E731
         lines.append(f"| `{show(row['prompt'])}` | {row['tokens']} | {row['top1_agree']} | {row['max_abs_diff']:.2e} | "
                      f"{'yes' if row['same_greedy_tokens_as_hf'] else 'no'} | {show(row['llama_cpp_text'])} |")
+    if not pp["values"]:
+        return "\n".join(lines + ["", "(no perplexity measured)", ""])
     lines += ["", f"## Perplexity, {pp['chunks']} tokens of `{pp['source']}`", "", "| model | perplexity | vs HF |",
               "|---|---:|---:|"]
     for name, value in pp["values"].items():
         lines.append(f"| {name} ({result['sizes_mb'].get(name.split(' ', 1)[1], '')} MB) | {value:.3f} | {pp['relative_to_hf'][name]:+.3%} |"
                      if name.startswith("gguf") else f"| {name} | {value:.3f} | |")
-    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()) + ".", ""]
+    lines += ["", "Perplexity runs use llama.cpp's default float16 KV cache.", "",
+              "Seconds: " + ", ".join(f"{k} {v}" for k, v in result.get("seconds", {}).items()) + ".", ""]
     return "\n".join(lines)
 
 
@@ -234,9 +269,7 @@ def main() -> None:
     if "float32" not in args.dtypes or (args.quantize and "float16" not in args.dtypes):
         parser.error("--dtypes must include float32 (the logits) and float16 when --quantize is given")
     result = check(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
+    save(args.out, result)
     print(markdown(result))
 
 

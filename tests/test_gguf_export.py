@@ -126,6 +126,7 @@ def test_the_export_callback_stages_the_gguf_file_with_the_folder_and_reports_th
     assert "model.gguf" in written_files(folder)
     fields, _ = read(folder / "model.gguf")
     assert fields["general.architecture"] == "deci" and fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert fields["general.name"] == "run"  # the run's folder, not the staging folder's
     report = json.loads((folder / "report.json").read_text())["model"]["export"]
     assert report["kind"] == "custom" and report["reason"].startswith("per-layer widths differ")
     assert report["gguf"] == {"file": "model.gguf", "dtype": "q8_0"}
@@ -137,3 +138,32 @@ def test_formats_without_hf_are_refused():
 
     with pytest.raises(ValueError, match="'hf' is always written"):
         Export(formats=["gguf"])
+
+
+def test_llama3_rope_scaling_becomes_llamacpp_rope_freqs(tmp_path, tiny_tokenizer):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = tiny_llama(num_hidden_layers=1, rope_parameters=rope)
+    export_pretrained(model, tiny_tokenizer, tmp_path / "export")
+    fields, tensors = read(export_gguf(tmp_path / "export", tmp_path / "m.gguf"))
+    divisors = np.array(tensors["rope_freqs.weight"].data)
+    assert divisors.shape == (8,) and divisors[0] == pytest.approx(1.0) and divisors[-1] == pytest.approx(8.0)
+    assert fields["llama.rope.freq_base"] == 500000.0
+
+
+def test_what_cannot_be_written_is_refused_with_the_reason(tiny_tokenizer):
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hywia_lightning.gguf_export import check_exportable
+
+    config = {"model_type": "llama"}
+    check_exportable(config, tiny_tokenizer)
+    with pytest.raises(ValueError, match="model_type 'qwen3' has no GGUF export.*q/k norms"):
+        check_exportable({"model_type": "qwen3"}, tiny_tokenizer)
+    with pytest.raises(ValueError, match="rope type 'yarn' has no GGUF export yet"):
+        check_exportable({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, tiny_tokenizer)
+    backend = tiny_tokenizer.backend_tokenizer.__class__.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="no llama.cpp pre-tokenizer known for .*Whitespace"):
+        check_exportable(config, PreTrainedTokenizerFast(tokenizer_object=backend))
