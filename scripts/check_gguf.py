@@ -1,6 +1,6 @@
 """Run an export's GGUF through llama.cpp and compare it with the Hugging Face export.
 
-    pip install -e ".[gguf-check]"    # llama-cpp-python, built from source (CMAKE_BUILD_PARALLEL_LEVEL=1: ~N min)
+    pip install -e ".[gguf-check]"    # llama-cpp-python, compiled from source (CMAKE_BUILD_PARALLEL_LEVEL=1: ~27 min here)
     python scripts/check_gguf.py runs/prune_smollm2/export --out docs/export/check_default
 
 What it does, each number into ``<out>.json`` and ``<out>.md``:
