@@ -63,9 +63,19 @@ class UniformAllocation(Allocation):
 
     needs_scores = False
 
+    def __init__(self, equal_widths: bool = False) -> None:
+        """
+        Args:
+            equal_widths: every pruned layer keeps exactly the same MLP width (the remainder steps
+                that would widen some layers by ``round_to`` are rounded away, within the target's
+                tolerance). With ``heads_to_keep`` over all layers this makes a stock export
+                (``from_pretrained`` without remote code, llama.cpp's plain ``llama``).
+        """
+        self.equal_widths = equal_widths
+
     def widths(self, layers, total_params, scope, scores=None):
         return allocate_widths(layers, total_params, scope.target_ratio, scope.attention_unit, scope.heads_to_keep,
-                               scope.round_to)
+                               scope.round_to, self.equal_widths)
 
 
 @dataclass

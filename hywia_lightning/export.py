@@ -1,8 +1,18 @@
 """Export a (pruned) model as a self-contained Hugging Face folder, written atomically.
 
-The folder holds safetensors weights, the config with per-layer widths, the tokenizer and a copy
-of :mod:`hywia_lightning.modeling_pruned`, so it loads with plain transformers and
-``trust_remote_code=True`` on a machine without this package.
+Two kinds of folder (:func:`export_kind` decides and says why):
+
+- **stock**: every layer has the same widths, so the family's own config says it all (``head_dim``
+  set, the kept head counts and MLP width, bias flags): it loads with
+  ``AutoModelForCausalLM.from_pretrained(dir)``, no remote code, and so in vLLM, TGI and the rest.
+  A Llama whose refit gave ``o_proj``/``down_proj`` a bias is written with ``attention_bias`` /
+  ``mlp_bias`` and zero biases for the other projections those flags cover (q/k/v, gate/up): the
+  same function, a few zeros more on disk. Mistral and Qwen2 have no such flag (Qwen3 only for the
+  attention): an output bias there makes the export custom.
+- **custom**: per-layer widths (or a layer with no attention or MLP, or a bias its family cannot
+  express): the config carries per-layer lists and the folder a copy of
+  :mod:`hywia_lightning.modeling_pruned`, so it loads with ``trust_remote_code=True`` on a machine
+  without this package. llama.cpp runs either kind as GGUF (:mod:`hywia_lightning.gguf_export`).
 
 An export never deletes what it did not write. Every export carries :data:`MARKER`, the list of
 its files; a folder is only replaced when every file in it is on that list. The new folder is
@@ -22,21 +32,95 @@ import re
 import shutil
 import signal
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from . import modeling_pruned
 from .files import file_mode, write_json_atomic
 from .input_errors import mark_input_error
-from .structures import check_supported
+from .modeling_pruned import BIAS_KEY, WIDTH_KEYS
+from .structures import check_supported, discover_structures
 
 log = logging.getLogger(__name__)
 
 MODELING_FILE = Path(modeling_pruned.__file__).name
 MARKER = ".hywia_export"  # JSON: {"written_by": ..., "files": [every file of the export, relative]}
 KILL_AT = "HYWIA_TEST_KILL_AT"  # tests: SIGKILL this process at the named point of the swap (see _crash_point)
+
+
+# the config flag of each family that gives these projections a bias (all of them together)
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+BIAS_FLAGS = {"llama": {"attention_bias": _ATTENTION, "mlp_bias": _MLP}, "qwen3": {"attention_bias": _ATTENTION}}
+NATIVE_BIASES = {"qwen2": set(_ATTENTION[:3])}  # biases a family's class always has
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    """What :func:`export_pretrained` writes for a model: ``stock`` (the family's own class,
+    ``architecture``) or ``custom`` (our modeling code), and why."""
+
+    kind: str
+    architecture: str
+    reason: str
+    bias_flags: tuple[str, ...] = ()  # stock only: the config flags set to carry the model's biases
+
+    def to_dict(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def export_kind(model: PreTrainedModel) -> ExportKind:
+    """Stock when every layer has the same, non-zero widths and the family's config can express the
+    model's biases; custom otherwise, with the reason."""
+    config = model.config
+    structures = discover_structures(model)
+    family = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+    widths = sorted({(s.attention.num_heads, s.attention.num_kv_heads, s.mlp.num_channels) for s in structures})
+    custom = modeling_pruned.PRUNED_CLASSES[config.model_type]
+    if len(widths) > 1:
+        differ = [f"{name} {min(w[i] for w in widths)}..{max(w[i] for w in widths)}"
+                  for i, name in enumerate(("query heads", "KV heads", "MLP channels")) if len({w[i] for w in widths}) > 1]
+        return ExportKind("custom", custom, f"per-layer widths differ ({', '.join(differ)}), which no stock config expresses")
+    if 0 in widths[0]:
+        return ExportKind("custom", custom, "the layers have 0 query heads or 0 MLP channels, which the stock classes cannot run")
+    biased = {name for s in structures for name, linear in _projections(s).items() if linear.bias is not None}
+    flags = BIAS_FLAGS.get(config.model_type, {})
+    native = NATIVE_BIASES.get(config.model_type, set())
+    needed = tuple(flag for flag, covered in flags.items() if biased & set(covered))
+    uncovered = biased - native - {name for flag in needed for name in flags[flag]}
+    if uncovered:
+        return ExportKind("custom", custom, f"{', '.join(sorted(uncovered))} carry a bias that the stock "
+                          f"{config.model_type} config cannot express")
+    zeros = {name for flag in needed for name in flags[flag]} - biased
+    reason = f"every layer has {widths[0][0]} query heads, {widths[0][1]} KV heads and {widths[0][2]} MLP channels"
+    if needed:
+        reason += f"; biases through {', '.join(f'{flag}=true' for flag in needed)}"
+        reason += f" (zero biases added for {', '.join(sorted(zeros))})" if zeros else ""
+    return ExportKind("stock", family, reason, needed)
+
+
+def _projections(structure) -> dict[str, torch.nn.Linear]:
+    """A layer's projections by their names inside the layer."""
+    a, m = structure.attention, structure.mlp
+    return dict(zip(_ATTENTION + _MLP, (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)))
+
+
+def _stock_state_dict(model: PreTrainedModel, kind: ExportKind) -> dict[str, torch.Tensor]:
+    """The model's weights plus a zero bias for every projection the kind's bias flags cover and the model lacks."""
+    flags = BIAS_FLAGS.get(model.config.model_type, {})
+    state = model.state_dict()
+    covered = {name for flag in kind.bias_flags for name in flags[flag]}
+    for s in discover_structures(model):
+        for name, linear in _projections(s).items():
+            if name in covered and linear.bias is None:
+                state[f"model.layers.{s.layer}.{name}.bias"] = torch.zeros(
+                    linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    return state
 
 
 def export_pretrained(
@@ -56,15 +140,25 @@ def export_pretrained(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     write_json_atomic(staging / MARKER, {"written_by": __name__, "files": []})  # ours, for the cleanup of a killed run
     config = model.config
-    class_name = modeling_pruned.PRUNED_CLASSES[config.model_type]
-    previous = {key: getattr(config, key, None) for key in ("auto_map", "architectures")}
+    kind = export_kind(model)
+    changed = ("auto_map", "architectures", "head_dim", *WIDTH_KEYS, BIAS_KEY, *kind.bias_flags)
+    previous = {key: getattr(config, key) for key in changed if hasattr(config, key)}
     try:
-        config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"}
-        config.architectures = [class_name]
-        model.save_pretrained(staging)
+        config.architectures = [kind.architecture]
+        if kind.kind == "stock":
+            config.head_dim = discover_structures(model)[0].attention.head_dim
+            for key in ("auto_map", *WIDTH_KEYS, BIAS_KEY):
+                if hasattr(config, key):
+                    delattr(config, key)
+            for flag in kind.bias_flags:
+                setattr(config, flag, True)
+            model.save_pretrained(staging, state_dict=_stock_state_dict(model, kind))
+        else:
+            config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{kind.architecture}"}
+            model.save_pretrained(staging)
+            shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
         _crash_point("writing")
         tokenizer.save_pretrained(staging)
-        shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
         if write_extra is not None:
             write_extra(staging)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file() and p.name != MARKER)
@@ -81,8 +175,11 @@ def export_pretrained(
                 "or move the run with trainer.default_root_dir"))) from error
         raise
     finally:
-        for key, value in previous.items():
-            setattr(config, key, value)
+        for key in changed:
+            if key in previous:
+                setattr(config, key, previous[key])
+            elif hasattr(config, key):
+                delattr(config, key)
     _crash_point("staged")
     try:
         check_replaceable(out_dir, "the export folder")  # again: a file may have been added while this run worked

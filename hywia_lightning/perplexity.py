@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
+from .progress import Progress
+
 
 def chunk_tokens(
     token_ids: Tensor, seq_len: int, num_chunks: int | None, stride: int = 1, source: str = "the evaluation text"
@@ -29,11 +31,14 @@ def perplexity(model: nn.Module, chunks: Tensor, batch_size: int = 8) -> float:
     model.eval()
     device = next(model.parameters()).device
     metric = Perplexity(sync_on_compute=False).to(device)  # one process evaluates; no collective
+    progress = Progress("perplexity", len(chunks), unit="chunk")
     try:
         for batch in chunks.split(batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()
             metric.update(logits, batch[:, 1:])
+            progress.update(len(batch))
     finally:
+        progress.close()
         model.train(was_training)
     return metric.compute().item()

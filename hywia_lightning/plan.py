@@ -89,8 +89,10 @@ def allocate_widths(
     attention_unit: str,
     heads_to_keep: int | None = None,
     round_to: int = 1,
+    equal_widths: bool = False,
 ) -> dict[int, LayerWidths]:
-    """Uniform per-layer widths over ``layers`` that remove ``target_ratio`` of ``total_params``.
+    """Uniform per-layer widths over ``layers`` that remove ``target_ratio`` of ``total_params``
+    (with ``equal_widths`` the same MLP width in every layer, no remainder steps).
 
     Raises ``ValueError`` naming the key to change when the target cannot be met.
     """
@@ -120,7 +122,7 @@ def allocate_widths(
         + (s.attention.num_kv_heads - attention[s.layer][1]) * kv_head_params(s.attention)
         for s in layers
     )
-    channels = _allocate_channels(layers, target - removed_by_attention, round_to)
+    channels = _allocate_channels(layers, target - removed_by_attention, round_to, equal_widths)
     widths = {s.layer: LayerWidths(*attention[s.layer], channels[s.layer]) for s in layers}
     reached = (removed_by_attention + sum(
         (s.mlp.num_channels - channels[s.layer]) * channel_params(s.mlp) for s in layers
@@ -141,13 +143,16 @@ def allocate_widths(
     return widths
 
 
-def _allocate_channels(layers: list[LayerStructures], params_to_remove: float, round_to: int) -> dict[int, int]:
+def _allocate_channels(layers: list[LayerStructures], params_to_remove: float, round_to: int,
+                       equal_widths: bool = False) -> dict[int, int]:
     """Kept MLP channels per layer, multiples of ``round_to`` where possible, removing about
-    ``params_to_remove`` in total; the remainder steps go to the last layers first."""
+    ``params_to_remove`` in total; the remainder steps go to the last layers first (none with ``equal_widths``)."""
     per_channel = channel_params(layers[0].mlp)
     steps_total = max(0, round(params_to_remove / (per_channel * round_to)))
     kept = {}
     base, extra = divmod(steps_total, len(layers))
+    if equal_widths:
+        base, extra = max(0, round(steps_total / len(layers))), 0
     for position, s in enumerate(reversed(layers)):
         steps = base + (1 if position < extra else 0)
         max_steps = (s.mlp.num_channels - 1) // round_to

@@ -77,8 +77,17 @@ def _summary(s: dict) -> list[str]:
         lines.append(f"- reconstruction: {recon['mode']}, damping {recon['damping']}, mean relative output error "
                      f"{_num(recon['mean_error_before'], 4)} → {_num(recon['mean_error_after'], 4)}")
     if model.get("export_dir"):
-        lines.append(f"- export: `{model['export_dir']}`")
+        lines.append(f"- export: `{model['export_dir']}`" + _export_kind(model.get("export")))
     return lines
+
+
+def _export_kind(export: dict | None) -> str:
+    if not export:
+        return ""
+    how = ("loads with `AutoModelForCausalLM.from_pretrained(dir)`" if export["kind"] == "stock"
+           else "loads with `trust_remote_code=True` (its own modeling code)")
+    gguf = f"; `{export['gguf']['file']}` ({export['gguf']['dtype']}) for llama.cpp" if export.get("gguf") else ""
+    return f", {export['kind']} `{export['architecture']}`: {how}, because {export['reason']}{gguf}"
 
 
 def _evaluation(s: dict) -> list[str]:

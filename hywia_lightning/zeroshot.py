@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checks import require_positive
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,36 @@ def local_tasks(tasks: list[str], data_dir: str | Path) -> dict:
     return {task: local_task(task, items[task], str(task_file(data_dir, task))) for task in tasks}
 
 
+def _progress_lm():
+    """lm-eval's HFLM reporting its scored requests through :class:`~hywia_lightning.progress.Progress`
+    (a bar in a terminal, log lines in a batch job) instead of its own tqdm bars."""
+    from lm_eval.models.huggingface import HFLM
+
+    class ProgressHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            progress = Progress("zero-shot", len(requests), unit="request")
+            hook = self.cache_hook
+            self.cache_hook = _CountingHook(hook, progress)
+            try:
+                return super().loglikelihood(requests, disable_tqdm=True)
+            finally:
+                self.cache_hook = hook
+                progress.close()
+
+    return ProgressHFLM
+
+
+class _CountingHook:
+    """lm-eval calls its cache hook once per scored request: count it, then pass it on."""
+
+    def __init__(self, hook, progress: Progress) -> None:
+        self.hook, self.progress = hook, progress
+
+    def add_partial(self, attr: str, request, result) -> None:
+        self.hook.add_partial(attr, request, result)
+        self.progress.update()
+
+
 def evaluate_zeroshot(
     model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,
 ) -> dict[str, dict[str, float]]:
@@ -233,11 +264,10 @@ def evaluate_zeroshot(
     task_objects = local_tasks(tasks, data_dir)  # every input error is raised here, before the model runs
 
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _progress_lm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         results = simple_evaluate(
             model=lm, tasks=list(task_objects.values()), task_manager=TaskManager(include_defaults=False),

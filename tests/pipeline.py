@@ -66,7 +66,7 @@ else:
     raise SystemExit("hywia_lightning is importable")
 import torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[4] == "remote-code").eval()
 ids = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.save(model(ids).logits, sys.argv[3])
@@ -74,12 +74,14 @@ print(type(model).__name__)
 """
 
 
-def logits_in_fresh_process(export_dir: Path, input_ids: torch.Tensor, workdir: Path) -> tuple[torch.Tensor, str]:
+def logits_in_fresh_process(export_dir: Path, input_ids: torch.Tensor, workdir: Path,
+                            remote_code: bool = True) -> tuple[torch.Tensor, str]:
     """Logits of ``export_dir`` loaded by plain transformers in a new process where this package
-    cannot be imported; also the class name transformers chose."""
+    cannot be imported (``trust_remote_code`` only with ``remote_code``); also the class name transformers chose."""
     torch.save(input_ids, workdir / "ids.pt")
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_LOAD, str(export_dir), str(workdir / "ids.pt"), str(workdir / "out.pt")],
+        [sys.executable, "-c", FRESH_PROCESS_LOAD, str(export_dir), str(workdir / "ids.pt"), str(workdir / "out.pt"),
+         "remote-code" if remote_code else "stock"],
         capture_output=True, text=True, cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]

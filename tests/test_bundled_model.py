@@ -48,3 +48,27 @@ def test_quick_start_config_prunes_20_percent_and_exports_a_loadable_model(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(logits, model(ids).logits, atol=1e-4, rtol=0)
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+
+def test_stock_config_exports_a_stock_llama_and_a_llama_gguf(tmp_path):
+    import gguf
+
+    config = yaml.safe_load((REPO / "configs" / "prune_smollm2_stock.yaml").read_text())
+    config["trainer"]["default_root_dir"] = str(tmp_path)
+    config["data"]["init_args"]["num_windows"] = 4  # the shapes, not the quality, are under test
+    callbacks = config["trainer"]["callbacks"]
+    config["trainer"]["callbacks"] = [c for c in callbacks if c["class_path"] != "callbacks.PerplexityEvaluation"]
+    cli = run_fit(config, tmp_path)
+    export = tmp_path / "export"
+    saved = json.loads((export / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in saved
+    assert (saved["num_attention_heads"], saved["attention_bias"], saved["mlp_bias"]) == (6, True, True)
+    assert json.loads((export / "report.json").read_text())["model"]["export"]["kind"] == "stock"
+    ids = cli.model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    logits, class_name = logits_in_fresh_process(export, ids, tmp_path, remote_code=False)
+    assert class_name == "LlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(logits, cli.model.model(ids).logits, atol=1e-4, rtol=0)
+    fields = gguf.GGUFReader(export / "model.gguf").fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.feed_forward_length"].contents() == saved["intermediate_size"]

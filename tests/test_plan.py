@@ -44,6 +44,15 @@ def test_round_to_makes_kept_channels_multiples():
     assert all(w.num_channels % 16 == 0 for w in widths.values())
 
 
+def test_equal_widths_give_every_layer_the_same_width_within_tolerance():
+    model = tiny_llama(num_hidden_layers=6, intermediate_size=256)
+    layers, total = discover_structures(model), count_parameters(model)
+    assert len({w.num_channels for w in allocate_widths(layers, total, 0.2, "query_heads", 2, 8).values()}) > 1
+    widths = allocate_widths(layers, total, 0.2, "query_heads", 2, 8, equal_widths=True)
+    assert len({(w.num_heads, w.num_channels) for w in widths.values()}) == 1
+    assert abs(removed_fraction(layers, widths, total) - 0.2) <= TOLERANCE
+
+
 def test_a_head_target_gqa_cannot_meet_names_the_allowed_counts():
     model = tiny_llama(num_key_value_heads=2)
     layers = discover_structures(model)

@@ -17,10 +17,11 @@ import yaml
 from hywia_lightning.cli import HywiaCLI
 from hywia_lightning.perplexity import chunk_tokens, perplexity
 from hywia_lightning.plots import write_plots
-from hywia_lightning.progress import Progress
+from hywia_lightning.progress import Progress, use_bar
 from hywia_lightning.report_markdown import render_markdown
 from hywia_lightning.text_sources import read_text
 
+from .conftest import tiny_llama
 from .pipeline import prune_job, run_fit
 from .test_zeroshot import GOOD, HAND_WRITTEN, write_items
 
@@ -258,3 +259,30 @@ def test_progress_lines_are_rate_limited(caplog):
     assert caplog.records[-1].getMessage().endswith("left, held-out loss 3.2")
     with pytest.raises(ValueError, match=r"every=-1 must be >= 0"):
         Progress("x", 1, every=-1)
+
+
+def test_in_a_terminal_progress_is_a_bar_and_the_last_line(caplog, capsys, monkeypatch):
+    caplog.set_level(logging.INFO, logger="hywia_lightning.progress")
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert use_bar()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not use_bar()  # other processes of the node log
+    monkeypatch.setenv("HYWIA_PROGRESS", "bar")
+    progress = Progress("perplexity", 4, unit="chunk", every=0)
+    for _ in range(4):
+        progress.update(note="x")
+    assert "perplexity" in capsys.readouterr().err  # tqdm drew it
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("perplexity: chunk 4/4, ")
+    monkeypatch.setenv("HYWIA_PROGRESS", "log")
+    assert not use_bar()
+    monkeypatch.setenv("HYWIA_PROGRESS", "bars")
+    with pytest.raises(ValueError, match="HYWIA_PROGRESS='bars'"):
+        use_bar()
+
+
+def test_perplexity_reports_progress(caplog, monkeypatch):
+    monkeypatch.setenv("HYWIA_PROGRESS", "log")
+    caplog.set_level(logging.INFO, logger="hywia_lightning.progress")
+    perplexity(tiny_llama(), torch.randint(0, 300, (5, 8)), batch_size=2)
+    assert caplog.records[-1].getMessage().startswith("perplexity: chunk 5/5, ")

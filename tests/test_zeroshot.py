@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,9 @@ def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     return sum(logprobs[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
 
 
-def test_scores_equal_a_direct_loglikelihood_comparison(tiny_tokenizer, tmp_path):
+def test_scores_equal_a_direct_loglikelihood_comparison(tiny_tokenizer, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("HYWIA_PROGRESS", "log")
+    caplog.set_level(logging.INFO, logger="hywia_lightning.progress")
     model = tiny_llama()
     questions = [
         ("What melts ice?", ["heat", "the cold of a winter night", "dark"]),
@@ -160,6 +163,7 @@ def test_scores_equal_a_direct_loglikelihood_comparison(tiny_tokenizer, tmp_path
     assert scores["acc"] == pytest.approx(sum(expected_acc) / 4) == 0.5
     assert scores["acc_norm"] == pytest.approx(sum(expected_norm) / 4)
     assert not model.training
+    assert caplog.records[-1].getMessage().startswith("zero-shot: request 11/11, ")  # one per choice of the 4 items
 
 
 # (d) bad input fails before any model work ---------------------------------------------------------
