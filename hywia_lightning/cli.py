@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -16,6 +17,8 @@ from .calibration import CalibrationData
 from .checkpoints import checkpoint_metadata
 from .input_errors import InputError, from_instantiation_error, from_parse_error, is_union_report, show_tracebacks
 from .progress import show_info_logs
+
+log = logging.getLogger(__name__)
 
 
 def stage_groups() -> dict[str, type]:
@@ -117,6 +120,8 @@ class HywiaCLI(LightningCLI):
         trainer = self._get(self.config, "trainer")
         if trainer is not None:
             self._paths_in_run_folder(trainer)
+        if self.subcommand in (None, "fit"):
+            check_memory_plan(self.config.get(self.subcommand) if self.subcommand else self.config)
 
     @staticmethod
     def _paths_in_run_folder(trainer: Namespace) -> None:
@@ -145,6 +150,50 @@ class HywiaCLI(LightningCLI):
         _refuse_second_stage(keyed)
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         return self._instantiate_trainer(trainer_config, list(stages.values()))
+
+
+def check_memory_plan(config: Namespace) -> None:
+    """Refuse a job whose memory plan (:mod:`hywia_lightning.memory_plan`) exceeds one device, before
+    any weight is loaded. Only where the plan is known offline (the model's shape from a local
+    ``config.json``, the bundled model, the HF cache or the shipped table) and the device memory is
+    known; ``HYWIA_MEMORY_CHECK=0`` skips it."""
+    from .memory_plan_config import CHECK_VARIABLE, device_bytes, job_plan, refusal
+
+    if os.environ.get(CHECK_VARIABLE, "1") == "0":
+        return
+    try:
+        planned = job_plan(config)
+    except Exception as error:  # a plan that cannot be made must never stop a job that may fit
+        log.warning("memory plan not computed (%s: %s); the job runs unchecked", type(error).__name__, error)
+        return
+    if planned is None:
+        log.info("memory plan: the shape of %s is not known offline; the job runs unchecked",
+                 config.get("model", {}).get("init_args", {}).get("model_name_or_path"))
+        return
+    limit, source = device_bytes(planned.plan.job)
+    if limit is None:
+        return
+    if not planned.plan.fits(limit):
+        raise refusal(planned, limit, source)
+    log.info("memory plan: peak %.2f GiB per rank (%s), %.1f GiB available (%s)", planned.plan.peak_gib,
+             planned.plan.peak.stage if planned.plan.peak else "-", limit / 2**30, source)
+
+
+def parse_job(args: list[str]) -> Namespace:
+    """A job's config as ``main.py fit`` parses it (``--config`` files and overrides, defaults filled),
+    with nothing instantiated and no memory check: what the memory plan reads."""
+
+    class ParsedOnly(HywiaCLI):
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
+            pass
+
+    return ParsedOnly(args=args, run=False).config
 
 
 def _refuse_second_stage(keyed: list[tuple[str, Any]]) -> None:

@@ -1,0 +1,377 @@
+"""The memory plan: each stage's peak memory per rank, by arithmetic from a model's shape and a job's settings.
+
+Why: a 7B–70B job that does not fit learns it after minutes of loading (or a download), and the
+remedy (``accumulate_dtype``, ``devices``, ``estimation_batch_size``, ``dtype``) depends on which
+stage is the peak. Each stage's peak is a sum of named parts, every one the bytes of tensors this
+code holds at that stage's highest point (the sources are named in each part's comment), plus the
+runtime (the process and its libraries on a CPU, the CUDA context on a GPU).
+
+Per rank: today estimation, scoring, fusion training and reconstruction hold the whole model and
+its statistics on every rank (windows are sharded, not tensors); only LoRA recovery under FSDP
+shards weights, adapters and optimizer states over ``devices × num_nodes``. ``estimation_shards``
+is where a sharded estimation (issue 13, item 1) enters: the parts it would divide are marked
+``sharded`` and divided by it; it is 1 until that exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model_shapes import ModelShape
+
+GIB = 2**30
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+#: resident size of a job's process besides its tensors: Python with torch, transformers and Lightning
+#: imported (0.44 GiB measured), the tokenizer, the calibration text and the trainer (0.55 GiB in a job)
+CPU_RUNTIME_BYTES = int(0.55 * GIB)
+#: the CUDA context and the caching allocator's slack on a GPU (an assumption, not measured here)
+GPU_RUNTIME_BYTES = int(1.0 * GIB)
+
+
+@dataclass(frozen=True)
+class EstimationSettings:
+    """What importance estimation and scoring hold: the statistics ``needs`` asks for, over ``layers``."""
+
+    needs: frozenset[str]
+    layers: tuple[int, ...]                     # the pruned layers (those with accumulators)
+    attention_unit: str = "query_heads"
+    accumulate_dtype: str = "float32"
+    batch_size: int = 1                          # estimation_batch_size
+    num_windows: int = 32
+    seq_len: int = 128
+    learned_fusion: bool = False                 # HyWIA mode: learned (a fusion training stage)
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    mode: str = "independent"
+    seq_len: int = 128
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Perplexity: ``batch_size`` chunks of ``seq_len`` tokens per forward pass."""
+
+    batch_size: int = 8
+    seq_len: int = 128
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """LoRA recovery: ``batch_size`` is the global batch (every rank takes its share)."""
+
+    r: int = 8
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    dropout: float = 0.05
+    batch_size: int = 8
+    seq_len: int = 256
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """The job's keys that decide memory; ``None`` for a stage the job does not run."""
+
+    dtype: str = "float32"                       # model.init_args.dtype (or the trainer's *-true precision)
+    devices: int = 1
+    num_nodes: int = 1
+    accelerator: str = "cpu"                     # "cpu" or "gpu": which runtime overhead applies
+    target_ratio: float = 0.0                    # what the stages after pruning see removed
+    estimation: EstimationSettings | None = None
+    reconstruction: ReconstructionSettings | None = None
+    perplexity: EvaluationSettings | None = None
+    recovery: RecoverySettings | None = None
+    estimation_shards: int = 1                   # sharded estimation (issue 13 item 1): not built, so 1
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+@dataclass
+class Part:
+    name: str
+    bytes: int
+    sharded: bool = False   # divided over the ranks of a sharded stage (already applied to ``bytes``)
+
+
+@dataclass
+class StagePeak:
+    """One stage's peak on one rank, as the sum of its parts."""
+
+    stage: str
+    parts: list[Part]
+    note: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass
+class MemoryPlan:
+    shape: ModelShape
+    job: JobSettings
+    stages: list[StagePeak] = field(default_factory=list)
+
+    @property
+    def peak(self) -> StagePeak | None:
+        return max(self.stages, key=lambda s: s.bytes, default=None)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak.gib if self.peak else 0.0
+
+    def fits(self, device_bytes: float) -> bool:
+        return self.peak is None or self.peak.bytes <= device_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "peak_gib": round(self.peak_gib, 3), "peak_stage": self.peak.stage if self.peak else None,
+            "world_size": self.job.world_size, "parameters": self.shape.parameters(),
+            "stages": {s.stage: {"gib": round(s.gib, 3), **{p.name: round(p.bytes / GIB, 3) for p in s.parts}}
+                       for s in self.stages},
+        }
+
+
+# -- the parts ---------------------------------------------------------------------------------------
+
+def _prunable(shape: ModelShape, layer: int, attention_unit: str) -> dict[str, tuple[int, int]]:
+    """The Linears estimation accumulates for (``unit_groups.prunable_linears``)."""
+    linears = shape.layer_linears(layer)
+    return {n: s for n, s in linears.items() if attention_unit != "none" or n in ("gate_proj", "up_proj", "down_proj")}
+
+
+def _members(shape: ModelShape, layer: int, attention_unit: str) -> dict[str, tuple[int, int]]:
+    """The parameters a unit group scores (``unit_groups.attention_members`` / ``mlp_members``)."""
+    names = ["gate_proj", "up_proj", "down_proj"]
+    if attention_unit != "none":
+        names += ["q_proj", "o_proj"] + (["k_proj", "v_proj"] if attention_unit == "kv_groups" else [])
+    linears = shape.layer_linears(layer)
+    return {n: linears[n] for n in names}
+
+
+def _layer_activations(shape: ModelShape, layer: int, b: int, kept_inputs: int) -> int:
+    """Bytes per token autograd keeps for one decoder layer whose weights are frozen: both RMSNorms'
+    float32 inputs, SDPA's q, k, v and output, the MLP's gate, SiLU and up outputs, plus
+    ``kept_inputs`` features (the inputs hooks or trainable adapters keep) in the model dtype."""
+    q, kv, i = shape.heads(layer) * shape.head_dim, shape.kv_heads(layer) * shape.head_dim, shape.intermediate(layer)
+    return 2 * 4 * shape.hidden_size + b * (2 * q + 2 * kv + 3 * i + kept_inputs)
+
+
+def _logits(shape: ModelShape, tokens: int) -> int:
+    """The vocabulary-sized tensors of a backward: float32 log-probabilities, their gradient and the
+    logits' gradient (12 bytes a token and vocabulary entry)."""
+    return 12 * tokens * shape.vocab_size
+
+
+def weights(shape: ModelShape, b: int, kept: float = 1.0) -> int:
+    return int(shape.parameters() * kept * b)
+
+
+def accumulator_bytes(shape: ModelShape, e: EstimationSettings) -> int:
+    """``g`` and ``g²`` (each the size of every prunable weight), per-window saliency rows and input
+    moments, in ``accumulate_dtype`` (``estimation.Estimator``)."""
+    a = DTYPE_BYTES[e.accumulate_dtype]
+    copies = ("gradients" in e.needs) + ("squared_gradients" in e.needs)
+    total = 0
+    for layer in e.layers:
+        for out, inp in _prunable(shape, layer, e.attention_unit).values():
+            total += copies * out * inp * a
+            if "window_saliency" in e.needs:
+                total += e.num_windows * (out + inp) * a
+            if "input_moments" in e.needs:
+                total += 2 * inp * a
+    return total
+
+
+def _largest(shape: ModelShape, e: EstimationSettings) -> int:
+    return max(o * i for layer in e.layers for o, i in _prunable(shape, layer, e.attention_unit).values())
+
+
+def estimation_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    e, b, shards = job.estimation, DTYPE_BYTES[job.dtype], job.estimation_shards
+    a = DTYPE_BYTES[e.accumulate_dtype]
+    parts = [Part("weights", weights(shape, b) // shards, shards > 1),
+             Part("accumulators", accumulator_bytes(shape, e) // shards, shards > 1)]
+    if e.needs & {"gradients", "squared_gradients", "window_saliency"}:
+        tokens, first = e.batch_size * e.seq_len, min(e.layers)
+        hooked = set(e.layers)
+        per_token = 0
+        for layer in range(first, shape.num_hidden_layers):  # the graph starts at the first prunable Linear
+            q = shape.heads(layer) * shape.head_dim
+            kept = (2 * shape.hidden_size + q + shape.intermediate(layer)) if layer in hooked else 0
+            per_token += _layer_activations(shape, layer, b, kept)
+        parts.append(Part("activations", tokens * per_token))
+        parts.append(Part("logits", _logits(shape, tokens)))
+        # one window's gradient δᵢᵀxᵢ of the largest Linear, its accumulate-dtype copy and the Taylor term
+        transient = b + (a if a != b else 0) + (a if "window_saliency" in e.needs else 0)
+        parts.append(Part("per-window gradient", _largest(shape, e) * transient))
+    else:  # forward passes only: one layer's outputs at a time and the logits
+        tokens = e.batch_size * e.seq_len
+        parts.append(Part("activations", tokens * (b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
+                                                    + (b + 4) * shape.vocab_size)))
+    return StagePeak("estimation", parts, "whole model on every rank" if shards == 1 else f"sharded over {shards}")
+
+
+def _unit_major_copies(shape: ModelShape, e: EstimationSettings, b: int) -> int:
+    """What building the unit groups copies (``unit_groups.build_group``): a unit-major view
+    (``[units, -1]``) of a unit that spans several rows (a query head's ``head_dim`` rows) or
+    several columns (``o_proj``'s) cannot be a view of the transposed or broadcast tensor. So
+    ``o_proj``'s weight, ``g`` and ``g²`` are copied, and with input moments each such member's input
+    norms and variances broadcast to its weight's shape, in the model dtype. MLP channels (one row,
+    one column) are views."""
+    a = DTYPE_BYTES[e.accumulate_dtype]
+    copies = ("gradients" in e.needs) + ("squared_gradients" in e.needs)
+    total = 0
+    for layer in e.layers:
+        units = shape.kv_heads(layer) if e.attention_unit == "kv_groups" else shape.heads(layer)
+        for name, (out, inp) in _members(shape, layer, e.attention_unit).items():
+            if name in ("gate_proj", "up_proj", "down_proj"):
+                continue
+            columns = name == "o_proj"
+            if (inp if columns else out) // units <= 1:
+                continue
+            if columns:
+                total += out * inp * (b + copies * a)
+            if "input_moments" in e.needs:
+                total += 2 * out * inp * b
+    return total
+
+
+def scoring_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    e, b, shards = job.estimation, DTYPE_BYTES[job.dtype], job.estimation_shards
+    parts = [Part("weights", weights(shape, b) // shards, shards > 1),
+             Part("accumulators", accumulator_bytes(shape, e) // shards, shards > 1),
+             Part("unit-major copies", _unit_major_copies(shape, e, b) // shards, shards > 1),
+             # a scheme's float64 temporaries over the largest member (w, g or F, their product, the sum)
+             Part("float64 scoring temporaries", 4 * 8 * _largest(shape, e))]
+    return StagePeak("scoring", parts, "unit groups of every pruned layer at once")
+
+
+def fusion_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """Learned fusion: scoring's tensors stay alive (the groups) while one window's masked forward +
+    backward runs; the masks keep the inputs of ``o_proj``/``down_proj``."""
+    e, b = job.estimation, DTYPE_BYTES[job.dtype]
+    scoring = scoring_peak(shape, job)
+    persistent = [p for p in scoring.parts if p.name != "float64 scoring temporaries"]
+    tokens, first, masked = e.seq_len, min(e.layers), set(e.layers)
+    per_token = sum(_layer_activations(shape, layer, b, (shape.heads(layer) * shape.head_dim + shape.intermediate(layer))
+                                       if layer in masked else 0)
+                    for layer in range(first, shape.num_hidden_layers))
+    return StagePeak("fusion training", persistent + [Part("activations", tokens * per_token),
+                                                        Part("logits", _logits(shape, tokens))], "one window per step")
+
+
+def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """Independent mode holds ``X Xᵀ`` (float64) of every pruned projection's input at once
+    (``reconstruction.dense_grams``): ``o_proj`` (heads × head_dim) and ``down_proj`` (intermediate)
+    of every pruned layer, then solves one at a time. Sequential mode holds a dense copy of the
+    pruned blocks and one structure's moments at a time."""
+    e, r, b = job.estimation, job.reconstruction, DTYPE_BYTES[job.dtype]
+    inputs = []
+    for layer in e.layers:
+        if e.attention_unit != "none":
+            inputs.append(shape.heads(layer) * shape.head_dim)
+        inputs.append(shape.intermediate(layer))
+    n = max(inputs)
+    out = shape.hidden_size
+    tokens = r.seq_len
+    parts = [Part("weights", weights(shape, b))]
+    forward = Part("forward of one window", tokens * (b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
+                                                      + b * shape.vocab_size))
+    # the solve of the widest projection: cross (n×k), k×k system, its factor, eye, and the dense weight in float64;
+    # k (kept inputs) is not known before the plan: bounded by n
+    solve = Part("largest solve", 8 * (6 * n * n + 3 * out * n))
+    if r.mode == "sequential":
+        dense = sum(sum(o * i for name, (o, i) in shape.layer_linears(layer).items()
+                        if e.attention_unit != "none" or name in ("gate_proj", "up_proj", "down_proj"))
+                    for layer in e.layers) * b
+        parts += [Part("dense copy of the pruned blocks", dense), Part("one structure's moments", 8 * 3 * n * n + 12 * n * n),
+                  forward, solve]
+        return StagePeak("reconstruction", parts, "sequential: one structure's moments at a time")
+    grams = sum(8 * (m * m + m) for m in inputs)
+    parts += [Part("Gram matrices (float64, all layers)", grams), Part("float32 product of a window", 12 * n * n), forward,
+              solve]
+    return StagePeak("reconstruction", parts, f"X Xᵀ of {len(inputs)} projections held at once")
+
+
+def perplexity_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """The dense baseline (when not cached) is measured on the dense weights; each batch's logits,
+    their contiguous float32 copy (``perplexity.perplexity``) and torchmetrics' softmax are
+    vocabulary-sized."""
+    p, b = job.perplexity, DTYPE_BYTES[job.dtype]
+    tokens = p.batch_size * p.seq_len
+    return StagePeak("perplexity", [
+        Part("weights", weights(shape, b)),
+        Part("logits", tokens * shape.vocab_size * (b + 2 * 4)),
+        Part("forward of one batch", tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)),
+    ], "the dense baseline first, on the same weights")
+
+
+def recovery_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """LoRA: frozen pruned weights, adapters with their gradients and AdamW's two states (all in the
+    model dtype: ``lora.add_lora`` keeps it), activations for the rank's share of the batch; FSDP
+    shards weights, adapters, gradients and states over every rank and gathers one decoder layer
+    at a time (two with prefetch)."""
+    rc, b, world = job.recovery, DTYPE_BYTES[job.dtype], job.world_size
+    kept = 1.0 - job.target_ratio
+    shards = world if rc.fsdp else 1
+    adapters = sum(rc.r * (out + inp) for layer in range(shape.num_hidden_layers)
+                   for name, (out, inp) in shape.layer_linears(layer).items() if name in rc.target_modules)
+    parts = [Part("weights", weights(shape, b, kept) // shards, rc.fsdp),
+             Part("adapters + gradients + AdamW states", 4 * adapters * b // shards, rc.fsdp)]
+    if rc.fsdp:
+        largest_layer = max(shape.layer_parameters(i) for i in range(shape.num_hidden_layers))
+        parts.append(Part("gathered decoder layers (2)", int(2 * largest_layer * kept * b)))
+    elif world > 1:
+        parts.append(Part("DDP gradient buckets", adapters * b))
+    tokens = max(rc.batch_size // world, 1) * rc.seq_len
+    per_layer = []
+    for layer in range(shape.num_hidden_layers):
+        linears = shape.layer_linears(layer)
+        targets = [name for name in linears if name in rc.target_modules]
+        if rc.dropout > 0:  # every adapter keeps its own dropped input (and a one-byte mask)
+            inputs = sum(linears[name][1] for name in targets) * (b + 1)
+        else:  # q/k/v share one input, gate/up another
+            shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp", "up_proj": "mlp"}
+            inputs = sum({shared.get(name, name): linears[name][1] for name in targets}.values()) * b
+        # pruned widths are not known before the plan: the dense layer's, scaled by the kept share
+        per_layer.append(int((_layer_activations(shape, layer, b, 0) + inputs) * kept))
+    if rc.activation_checkpointing:
+        activations = tokens * (shape.num_hidden_layers * shape.hidden_size * b + max(per_layer))
+    else:
+        activations = tokens * sum(per_layer)
+    parts += [Part("activations" + (" (checkpointed)" if rc.activation_checkpointing else ""), activations),
+              Part("logits", _logits(shape, tokens))]
+    note = f"FSDP over {world} ranks" if rc.fsdp else ("DDP: every rank holds the model" if world > 1 else "one device")
+    return StagePeak("recovery", parts, note)
+
+
+def runtime_part(job: JobSettings) -> Part:
+    return Part("runtime", GPU_RUNTIME_BYTES if job.accelerator == "gpu" else CPU_RUNTIME_BYTES)
+
+
+def plan_memory(shape: ModelShape, job: JobSettings) -> MemoryPlan:
+    """Every stage the job runs, in order, each with the runtime added."""
+    plan = MemoryPlan(shape, job)
+    if job.estimation is not None:
+        if job.estimation.needs:
+            plan.stages.append(estimation_peak(shape, job))
+            plan.stages.append(scoring_peak(shape, job))
+        if job.estimation.learned_fusion:
+            plan.stages.append(fusion_peak(shape, job))
+        if job.reconstruction is not None:
+            plan.stages.append(reconstruction_peak(shape, job))
+    if job.recovery is not None:
+        plan.stages.append(recovery_peak(shape, job))
+    if job.perplexity is not None:
+        plan.stages.append(perplexity_peak(shape, job))
+    for stage in plan.stages:
+        stage.parts.append(runtime_part(job))
+    return plan

@@ -1,0 +1,161 @@
+"""The memory plan: its arithmetic against the tensors the code really allocates, how it scales with
+the keys that matter, the script's last line, and a job refused before any weight is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hywia_lightning.estimation import Estimator
+from hywia_lightning.input_errors import InputError
+from hywia_lightning.memory_plan import (EstimationSettings, JobSettings, ReconstructionSettings, RecoverySettings,
+                                         accumulator_bytes, estimation_peak, plan_memory, recovery_peak)
+from hywia_lightning.model_shapes import ModelShape, resolve_shape
+from hywia_lightning.pipeline import target_layers
+from hywia_lightning.reconstruction import dense_grams
+from hywia_lightning.unit_groups import prunable_linears
+
+from .conftest import REPO, tiny_config, tiny_llama
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+NEEDS = frozenset({"gradients", "squared_gradients", "input_moments"})
+
+
+def tiny_shape(**overrides) -> ModelShape:
+    return ModelShape.from_config(tiny_config(**overrides).to_dict())
+
+
+def part(stage, name: str) -> int:
+    return next(p.bytes for p in stage.parts if p.name == name)
+
+
+def estimation_job(shape: ModelShape, **changes) -> JobSettings:
+    settings = EstimationSettings(needs=NEEDS, layers=tuple(range(1, shape.num_hidden_layers)))
+    return JobSettings(estimation=replace(settings, **changes))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_are_the_models(tied):
+    model = tiny_llama(tie_word_embeddings=tied)
+    assert tiny_shape(tie_word_embeddings=tied).parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_accumulators_are_the_bytes_estimation_allocates(dtype):
+    model, shape = tiny_llama(), tiny_shape()
+    linears = prunable_linears(target_layers(model, 1, None), "query_heads")
+    estimator = Estimator(model, linears, NEEDS, 2, getattr(torch, dtype))
+    estimator.accumulate(torch.randint(0, 300, (2, 16)))
+    held = sum(t.numel() * t.element_size() for sums in (estimator.grad_sum, estimator.sq_grad_sum,
+                                                         estimator.input_sum, estimator.input_sq_sum)
+               for t in sums.values())
+    assert accumulator_bytes(shape, estimation_job(shape, accumulate_dtype=dtype).estimation) == held
+
+
+def test_bfloat16_halves_the_accumulators_and_needs_decide_them():
+    shape = resolve_shape("meta-llama/Llama-2-7b-hf")[0]
+    f32 = accumulator_bytes(shape, estimation_job(shape).estimation)
+    bf16 = accumulator_bytes(shape, estimation_job(shape, accumulate_dtype="bfloat16").estimation)
+    assert bf16 * 2 == f32
+    only_g = accumulator_bytes(shape, estimation_job(shape, needs=frozenset({"gradients"})).estimation)
+    assert abs(only_g / f32 - 0.5) < 1e-3  # g alone: half of g and g²
+    forward_only = plan_memory(shape, estimation_job(shape, needs=frozenset({"input_moments"})))
+    assert "activations" in [p.name for p in forward_only.stages[0].parts]
+    assert part(forward_only.stages[0], "accumulators") < 1e-3 * f32  # input moments are O(width)
+
+
+def test_activations_grow_with_the_estimation_batch():
+    shape = resolve_shape("meta-llama/Llama-2-7b-hf")[0]
+    one = estimation_peak(shape, estimation_job(shape, batch_size=1))
+    four = estimation_peak(shape, estimation_job(shape, batch_size=4))
+    assert part(four, "activations") == 4 * part(one, "activations")
+    assert part(four, "logits") == 4 * part(one, "logits")
+    assert part(four, "accumulators") == part(one, "accumulators")
+
+
+def test_fsdp_recovery_shards_over_devices_and_nodes_and_ddp_does_not():
+    shape = resolve_shape("meta-llama/Llama-2-70b-hf")[0]
+    fsdp = RecoverySettings(batch_size=64, fsdp=True, activation_checkpointing=True)
+    one, eight, sixteen = (recovery_peak(shape, JobSettings(dtype="bfloat16", devices=d, num_nodes=n, recovery=fsdp))
+                           for d, n in ((1, 1), (8, 1), (8, 2)))
+    assert part(one, "weights") == 8 * part(eight, "weights") == 16 * part(sixteen, "weights")
+    assert sixteen.bytes < eight.bytes < one.bytes
+    ddp = replace(fsdp, fsdp=False)
+    assert part(recovery_peak(shape, JobSettings(dtype="bfloat16", devices=8, recovery=ddp)), "weights") == part(one, "weights")
+
+
+def test_gram_matrices_are_the_bytes_reconstruction_allocates():
+    model, shape = tiny_llama(), tiny_shape()
+    layers = target_layers(model, 1, None)
+    projections = {(s.layer, k): getattr(s.attention if k == "o" else s.mlp, f"{k}_proj" if k == "o" else "down_proj")
+                   for s in layers for k in ("o", "down")}
+    grams, sums, _ = dense_grams(model, projections, torch.randint(0, 300, (1, 8)))
+    held = sum(t.numel() * t.element_size() for d in (grams, sums) for t in d.values())
+    job = replace(estimation_job(shape), reconstruction=ReconstructionSettings())
+    stage = next(s for s in plan_memory(shape, job).stages if s.stage == "reconstruction")
+    assert part(stage, "Gram matrices (float64, all layers)") == held
+
+
+def test_shapes_resolve_offline():
+    for name in ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-70b-hf",
+                 "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-70B", "mistralai/Mistral-7B-v0.1",
+                 "Qwen/Qwen2.5-7B", "bundled:SmolLM2-135M-Instruct"):
+        assert resolve_shape(name) is not None, name
+    billions = {name: resolve_shape(name)[0].parameters() / 1e9 for name in
+                ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-70b-hf", "meta-llama/Meta-Llama-3-8B", "Qwen/Qwen2.5-7B")}
+    assert abs(billions["meta-llama/Llama-2-7b-hf"] - 6.74) < 0.01 and abs(billions["meta-llama/Llama-2-70b-hf"] - 68.98) < 0.05
+    assert abs(billions["meta-llama/Meta-Llama-3-8B"] - 8.03) < 0.01 and abs(billions["Qwen/Qwen2.5-7B"] - 7.62) < 0.01
+    assert resolve_shape("bundled:SmolLM2-135M-Instruct")[0].parameters() == 134_515_008
+    assert resolve_shape("someone/unknown-model") is None
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "memory_plan.py"), *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_script_prints_stages_and_ends_in_json(tiny_model_dir):
+    done = run_script("--config", "configs/prune_smollm2.yaml", "--model.init_args.model_name_or_path", str(tiny_model_dir),
+                      "--pruning.init_args.layer_start", "0", "--device-gib", "1000")
+    assert done.returncode == 0, done.stderr
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["fits"] is True and last["peak_gib"] > 0
+    assert set(last["stages"]) == {"estimation", "scoring", "reconstruction", "perplexity"}
+    big = run_script("--config", "configs/prune_smollm2.yaml", "--model.init_args.model_name_or_path",
+                     "meta-llama/Llama-2-70b-hf", "--device-gib", "80")
+    last = json.loads(big.stdout.strip().splitlines()[-1])
+    assert big.returncode == 1 and last["fits"] is False and last["peak_gib"] > 130  # 70B float32 weights: 257 GiB
+
+
+def test_a_job_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_model_dir):
+    weightless = tmp_path / "weightless"  # config.json only: loading it would fail with another error
+    weightless.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", weightless / "config.json")
+    command = [sys.executable, "main.py", "fit", "--config", "configs/prune_smollm2.yaml",
+               "--model.init_args.model_name_or_path", str(weightless), "--pruning.init_args.layer_start", "0",
+               "--trainer.default_root_dir", str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=REPO, env={**ENV, "HYWIA_DEVICE_GIB": "0.05"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    for key in ("GiB", "pruning.init_args.accumulate_dtype", "model.init_args.dtype",
+                "pruning.init_args.estimation_batch_size", "trainer.devices", "trainer.num_nodes", "HYWIA_MEMORY_CHECK=0"):
+        assert key in done.stderr, key
+
+
+def test_the_check_runs_in_the_cli_and_can_be_switched_off(monkeypatch, tiny_model_dir):
+    from hywia_lightning.cli import HywiaCLI
+
+    args = ["--config", str(REPO / "configs" / "prune_smollm2.yaml"), "--model.init_args.model_name_or_path",
+            str(tiny_model_dir), "--pruning.init_args.layer_start", "0"]
+    monkeypatch.setenv("HYWIA_DEVICE_GIB", "0.05")
+    with pytest.raises(InputError, match="accumulate_dtype"):
+        HywiaCLI(args=args, run=False)
+    monkeypatch.setenv("HYWIA_MEMORY_CHECK", "0")
+    assert HywiaCLI(args=args, run=False).model is not None
