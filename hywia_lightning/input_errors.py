@@ -179,9 +179,9 @@ def _explain(found: _Found) -> InputError:
         value = f"{restriction.group(2)} is" if restriction.group(2) else "the value given is"
         leaf = f"{value} not a {restriction.group(1)} (allowed: {restriction.group(3).replace('v', 'a value ', 1)})"
     elif option and found.class_path:
-        names = _arguments(found.class_path)
+        names = [name for name in _arguments(found.class_path) if name != option.group(1)]
         close = difflib.get_close_matches(option.group(1), names, n=1)
-        leaf = f"{found.class_path} has no argument {option.group(1)!r}"
+        leaf = f"{found.class_path} takes no argument {option.group(1)!r}"
         hint = f"did you mean {close[0]!r}?" if close else f"its arguments: {', '.join(names)}"
     elif found.keys[-1:] == ["class_path"] and found.class_path:
         close = _close_class(found.class_path)

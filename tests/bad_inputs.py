@@ -60,7 +60,10 @@ def _foreign_export(folder: Path) -> tuple[str, ...]:
 INPUT_CASES = [
     Case("target_ratio above 1", ("--pruning.target_ratio", "1.5"), "pruning.init_args.target_ratio"),
     Case("target_ratio negative", ("--pruning.target_ratio", "-0.1"), "pruning.init_args.target_ratio"),
-    Case("unknown granularity", ("--pruning.init_args.granularity", "taylor"), "pruning.init_args.granularity"),
+    Case("unknown granularity", ("--pruning", "callbacks.StructuredPruning", "--pruning.granularity", "taylor"),
+         "pruning.init_args.granularity"),
+    Case("a key the chosen class does not take", ("--pruning.init_args.granularity", "element1"),
+         "pruning.init_args.granularity"),
     Case("unknown fusion scheme", ("--pruning.init_args.fusion.schemes", "[element2, taylor]"), "pruning.init_args.fusion"),
     Case("unknown fusion mode", ("--pruning.init_args.fusion.mode", "learnt"), "pruning.init_args.fusion.init_args.mode"),
     Case("one scheme only", ("--pruning.init_args.fusion.schemes", "[element2]"), "pruning.init_args.fusion.init_args.schemes"),
