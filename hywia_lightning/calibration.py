@@ -103,8 +103,9 @@ class CalibrationData(LightningDataModule):
                collective: Collective | None = None) -> None:
         """What building the windows needs: the tokenizer of the model being pruned; for
         ``generated`` the dense model, before any stage changes it; under several processes the
-        ranks' ``collective``: rank 0 builds the windows (generates, or reads the cache) and
-        broadcasts them, so every rank has the same windows and only one writes the cache."""
+        ranks' ``collective``: with ``generated`` rank 0 builds the windows (samples them, or reads
+        the cache) and broadcasts them, so every rank has the same windows and only one writes the
+        cache (a text source is cut identically on every rank)."""
         if tokenizer is not self.tokenizer or (self.needs_model and model is not self.model):
             self._windows = None
         self.tokenizer, self.model, self.collective = tokenizer, model, collective
@@ -121,10 +122,11 @@ class CalibrationData(LightningDataModule):
         if self._windows is None:
             if self.tokenizer is None:
                 raise RuntimeError("CalibrationData needs a tokenizer: call attach(tokenizer, model) first")
-            collective = self.collective if self.collective is not None and self.collective.world_size > 1 else None
-            if collective is None:
-                self._windows = self._build()
+            collective = self.collective
+            if collective is None or collective.world_size == 1 or not self.needs_model:
+                self._windows = self._build()  # a text gives every rank the same windows
             else:
+                self._dense_model()  # refused on every rank alike, before any rank waits for rank 0
                 built = (self._build(), self.generated) if collective.rank == 0 else None
                 self._windows, self.generated = collective.broadcast(built)
         return self._windows
@@ -140,7 +142,7 @@ class CalibrationData(LightningDataModule):
         ids = token_ids(self.tokenizer, read_text(source, "calibration.source", self.text_field, self.split))
         return token_windows(ids, count, self.seq_len, self.seed, name)
 
-    def _generated(self, count: int) -> Tensor:
+    def _dense_model(self) -> PreTrainedModel:
         model = self.model
         if model is None:
             raise RuntimeError(f"calibration.source={GENERATED!r} samples from the dense model: call attach(tokenizer, model) first")
@@ -149,6 +151,10 @@ class CalibrationData(LightningDataModule):
                 f"calibration.source={GENERATED!r} samples from the dense model, but this model is already pruned "
                 "(its config has per-layer widths): build the windows before pruning, or calibrate on a text"
             )
+        return model
+
+    def _generated(self, count: int) -> Tensor:
+        model = self._dense_model()
         key = generation_key(model.name_or_path, count, self.seq_len, self.seed, self.generation)
         windows, self.generated = cached_generation(
             key, lambda: sample_windows(model, self.tokenizer, count, self.seq_len, self.seed, self.generation),

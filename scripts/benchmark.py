@@ -133,6 +133,7 @@ CALIBRATION_ROWS = {
     "hywia_default_cal_pydocs": "`builtin:python-docs/train` (the previous offline default)",
     "hywia_default_cal_generated": "`generated`: 32 samples of 128 tokens from the dense model",
     "hywia_default_cal_mix": "`[generated, builtin:python-docs/train]`: 16 windows of each",
+    "hywia_default_cal_generated128": "**`generated`, 128 windows: the offline default** (configs/prune_smollm2.yaml)",
     "hywia_default": "WikiText-2 `valid.txt` (the protocol's calibration: the test text's corpus)",
 }
 CALIBRATION_COMMAND = "python scripts/benchmark.py --rows " + " ".join(
@@ -172,8 +173,8 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         "Each row changes one component of `hywia_default` (`configs/bench/<row>_<target>.yaml`).\n\n"
         + ablation_table(ordered)
         + "\n## Calibration sources of the default configuration\n\nThe default configuration (`hywia_default`) "
-        "calibrated on each source (32 windows of 128 tokens, seed 0), judged on text none of them was calibrated "
-        "on, except the WikiText-2 row: perplexity on the first 256×128 tokens of WikiText-2 test, PIQA and "
+        "calibrated on each source (32 windows of 128 tokens unless the row says, seed 0), judged on text none of "
+        "them was calibrated on, except the WikiText-2 row (docs/benchmark/calibration.md has more variants): perplexity on the first 256×128 tokens of WikiText-2 test, PIQA and "
         f"ARC-Easy acc (n=500). Produced by `{CALIBRATION_COMMAND}`.\n\n"
         + calibration_table(ordered)
     )
