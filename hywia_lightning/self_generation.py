@@ -9,19 +9,24 @@ window cut from a text file starts in the middle of it).
 Why these choices (:class:`Generation`'s defaults):
 
 - Sampling from the model's own distribution is the idea of data-free calibration in
-  quantization and pruning: LLM-QAT (Liu et al., 2023) fine-tunes on text the model generates
-  from a random first token, and "self-calibration" (Williams et al., 2024) and Ji et al. (2024,
-  "Beware of calibration data for pruning large language models") report that text a model
-  generates itself calibrates about as well as real web text, because it is by construction the
-  distribution the model has learned, general text rather than one narrow corpus.
+  quantization and pruning: LLM-QAT (Liu et al., 2023, arXiv 2305.17888) trains on text the model
+  generates from a random first token; "Self-calibration for Language Model Quantization and
+  Pruning" (Williams, Chrysostomou and Aletras, NAACL 2025, arXiv 2410.17170) calibrates on text the
+  model generates with no external data and finds it competitive with real web text; "Beware of
+  Calibration Data for Pruning Large Language Models" (Ji et al., ICLR 2025, arXiv 2410.17711)
+  finds that calibration text close to the pre-training data matters more than its quality, and
+  self-generates it (from prefixes of real text, with a perplexity filter, which an offline default
+  cannot have). Samples of the model are, by construction, the distribution it learned: general
+  text rather than one narrow corpus.
 - Temperature 1 with nucleus (top-p 0.95) sampling (Holtzman et al., 2020, "The curious case of
   neural text degeneration"): greedy or low-temperature decoding of a small model falls into
   repetition, which gives the refit and the importance statistics a few repeated activation
   patterns; pure sampling at temperature 1 sometimes draws from the unreliable tail of the
   vocabulary and derails a sample. The nucleus keeps the model's distribution and cuts the tail.
-  The nucleus is searched among the ``top_k`` most likely tokens (a partial sort: a full sort of
-  a 49k vocabulary per token costs more than the forward pass on a CPU); 256 is far more than a
-  0.95 nucleus usually holds.
+  It is searched among the ``top_k`` most likely tokens (a partial sort: a full sort of the bundled
+  model's 49k vocabulary took 40% of a decoding step's time on a CPU), so it never holds more than
+  256 tokens. Measured on the bundled model (docs/benchmark/calibration.md): temperature 0.7
+  calibrated worse than 1; the number of windows mattered far more than the settings.
 - Starting from the beginning-of-sequence token lets the model pick the topic, so the samples cover
   what it knows rather than what a prompt suggests; every window is an independent sample.
 - Special tokens (end of text, chat markers) are never sampled: a real calibration window is plain
