@@ -96,8 +96,12 @@ class CalibrationData(LightningDataModule):
 
     def check(self, key: str = "calibration.source") -> None:
         for source in self.sources:
-            if source != GENERATED:
+            if source == GENERATED:
+                continue
+            try:
                 check_source(source, key)
+            except (FileNotFoundError, ValueError) as error:
+                raise type(error)(f"{error}; for calibration also {GENERATED!r} (text the dense model samples itself)") from None
 
     def attach(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None,
                collective: Collective | None = None) -> None:

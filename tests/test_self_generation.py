@@ -105,6 +105,11 @@ def test_bad_settings_are_refused_by_the_cli_naming_the_key(key, value, tiny_mod
     assert f'Parser key "{key}"' in error and "does not conform to restriction" in error
 
 
+def test_a_misspelled_source_names_generated_as_an_option():
+    with pytest.raises(FileNotFoundError, match="data.source='generatd': no such file.*also 'generated'"):
+        CalibrationData("generatd", 4, 8).check("data.source")
+
+
 def test_generation_settings_need_the_generated_source():
     with pytest.raises(ValueError, match="generation=.*no 'generated'"):
         CalibrationData("builtin:python-docs/train", 4, 8, generation=Generation())
