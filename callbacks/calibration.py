@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from lightning import Trainer
+from lightning import LightningModule, Trainer
 
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checks import check_context
+from hywia_lightning.pipeline import Collective
 
 
 def calibration_for(stage: str, own: CalibrationData | None, trainer: Trainer) -> CalibrationData:
@@ -18,12 +19,23 @@ def calibration_for(stage: str, own: CalibrationData | None, trainer: Trainer) -
     return data
 
 
-def checked_calibration(stage: str, own: CalibrationData | None, trainer: Trainer, tokenizer) -> CalibrationData:
-    """The windows, built now so that a missing or too short source fails before any forward pass."""
+def trainer_collective(trainer: Trainer) -> Collective | None:
+    """How the ranks of ``trainer`` sum tensors and share rank 0's objects; ``None`` for one process."""
+    if trainer.world_size == 1:
+        return None
+    strategy = trainer.strategy
+    return Collective(trainer.global_rank, trainer.world_size, lambda t: strategy.reduce(t, reduce_op="sum"),
+                      lambda obj: strategy.broadcast(obj, src=0))
+
+
+def checked_calibration(stage: str, own: CalibrationData | None, trainer: Trainer, pl_module: LightningModule) -> CalibrationData:
+    """The windows, built now (in the preflight, before any stage changes the model) so that a
+    missing or too short source fails before any forward pass, and ``generated`` samples the dense
+    model. Every rank takes rank 0's windows."""
     data = calibration_for(stage, own, trainer)
     data.check(f"{stage}.calibration.source" if data is own else "data.source")
-    check_context(data.seq_len, trainer.lightning_module.model.config,
+    check_context(data.seq_len, pl_module.model.config,
                   f"{stage}.calibration.seq_len" if data is own else "data.seq_len")
-    data.attach_tokenizer(tokenizer)
+    data.attach(pl_module.tokenizer, pl_module.model, trainer_collective(trainer))
     data.windows()
     return data

@@ -32,7 +32,7 @@ from hywia_lightning.slicing import add_saved_output_biases, apply_plan
 from hywia_lightning.structures import LayerStructures
 from hywia_lightning.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
 
-from .calibration import calibration_for, checked_calibration
+from .calibration import calibration_for, checked_calibration, trainer_collective
 from .preflight import Preflight, run_preflight
 from .pruning_hooks import PruningHooks
 
@@ -108,7 +108,7 @@ class StructuredPruning(Preflight, Callback):
         self.allocation.widths(layers, count_parameters(pl_module.model), self.scope, flat)  # is the target reachable?
         if self.granularity.needs:
             data = checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
-                                       pl_module.tokenizer)
+                                       pl_module)
             if hasattr(self.granularity, "check"):
                 self.granularity.check(data.num_windows)
 
@@ -145,11 +145,7 @@ class StructuredPruning(Preflight, Callback):
 
     @staticmethod
     def collective(trainer: Trainer) -> Collective | None:
-        if trainer.world_size == 1:
-            return None
-        strategy = trainer.strategy
-        return Collective(trainer.global_rank, trainer.world_size, lambda t: strategy.reduce(t, reduce_op="sum"),
-                          lambda obj: strategy.broadcast(obj, src=0))
+        return trainer_collective(trainer)
 
     def record(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures], params_before: int,
                calibrated: bool) -> None:

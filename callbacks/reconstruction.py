@@ -49,9 +49,12 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not any(isinstance(c, StructuredPruning) for c in trainer.callbacks):
+        pruning = [c for c in trainer.callbacks if isinstance(c, StructuredPruning)]
+        if not pruning:
             raise ValueError("LeastSquaresReconstruction refits pruned layers: add callbacks.StructuredPruning to trainer.callbacks")
-        checked_calibration("LeastSquaresReconstruction", self.calibration, trainer, pl_module.tokenizer)
+        if all(c.plan is not None for c in pruning):
+            return  # resumed from a checkpoint: the refit weights are in it, no window is needed
+        checked_calibration("LeastSquaresReconstruction", self.calibration, trainer, pl_module)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         run_preflight(trainer, pl_module)

@@ -9,7 +9,6 @@ weights and config, so a rewritten folder is measured again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .models import default_cache_dir
+from .models import keyed_cache_file
 from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,7 @@ def baseline_key(model_name_or_path: str, dtype: str, kind: str, settings: dict[
 
 
 def baseline_path(key: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return root / "baselines" / f"{key['kind']}-{digest}.json"
+    return keyed_cache_file("baselines", key["kind"], key, ".json", cache_dir)
 
 
 def cached_baseline(

@@ -8,7 +8,9 @@ an ordinary Hugging Face checkpoint in a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -29,6 +31,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def default_cache_dir() -> Path:
     """Where converted models are cached: ``$HYWIA_CACHE`` or ``~/.cache/hywia_lightning``."""
     return Path(os.environ.get("HYWIA_CACHE", Path.home() / ".cache" / "hywia_lightning"))
+
+
+def keyed_cache_file(folder: str, prefix: str, key: dict, suffix: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache>/<folder>/<prefix>-<sha256 of key><suffix>``: a cached result named by everything it depends on."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return root / folder / f"{prefix}-{digest}{suffix}"
 
 
 def resolve_model_path(model_name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from .files import write_json_atomic, write_text_atomic
 from .report_markdown import render_markdown
+from .text_sources import corpus_of
 
 
 def peak_memory() -> dict[str, float]:
@@ -21,6 +22,23 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available():
         peaks["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return peaks
+
+
+def evaluation_warnings(sections: dict[str, Any]) -> list[str]:
+    """What a reader must know before trusting the numbers: a perplexity measured on the corpus the
+    model was calibrated on flatters it (the refit and the scores fit that text)."""
+    calibration = (sections.get("pruning") or {}).get("calibration") or {}
+    evaluated = (sections.get("perplexity") or {}).get("source")
+    if not calibration or not evaluated:
+        return []
+    sources = calibration["source"] if isinstance(calibration["source"], list) else [calibration["source"]]
+    same = [s for s in sources if s == evaluated or corpus_of(s) == corpus_of(evaluated)]
+    if not same:
+        return []
+    what = "the same text" if evaluated in same else f"the same corpus ({corpus_of(evaluated)})"
+    return [f"in-domain perplexity: the evaluation text `{evaluated}` is {what} as the calibration source "
+            f"`{same[0]}`; the pruning and the refit fit that text, so this perplexity flatters the model: "
+            "evaluate on another corpus to judge it on general text"]
 
 
 class RunReport:
@@ -37,6 +55,9 @@ class RunReport:
         else:
             self.sections[section] = values
         self.sections["memory"] = peak_memory()
+        warnings = evaluation_warnings(self.sections)
+        if warnings or "warnings" in self.sections:
+            self.sections["warnings"] = warnings
         self.flush()
 
     @contextmanager

@@ -68,8 +68,7 @@ def _summary(s: dict) -> list[str]:
         )
         calibration = pruning.get("calibration")
         if calibration:
-            lines.append(f"- calibration: {calibration['num_windows']} windows of {calibration['seq_len']} tokens "
-                         f"from `{calibration['source']}` (seed {calibration['seed']})")
+            lines.append(_calibration(calibration))
     elif "params" in model:
         lines.append(f"- parameters: {_int(model['params'])}")
     recon = s.get("reconstruction")
@@ -88,6 +87,24 @@ def _export_kind(export: dict | None) -> str:
            else "loads with `trust_remote_code=True` (its own modeling code)")
     gguf = f"; `{export['gguf']['file']}` ({export['gguf']['dtype']}) for llama.cpp" if export.get("gguf") else ""
     return f", {export['kind']} `{export['architecture']}`: {how}, because {export['reason']}{gguf}"
+
+
+def _calibration(c: dict) -> str:
+    sources = c["source"] if isinstance(c["source"], list) else [c["source"]]
+    line = (f"- calibration: {c['num_windows']} windows of {c['seq_len']} tokens from "
+            + " + ".join(f"`{s}`" for s in sources) + (" (shared evenly)" if len(sources) > 1 else "")
+            + f", seed {c['seed']}")
+    g = c.get("generation")
+    if g:
+        how = ("read from the cache" if g.get("cached") else f"generated in {_num(g.get('seconds'), 1)} s") \
+            if "cached" in g else "not built"
+        line += (f"; `generated`: sampled from the dense model (temperature {g['temperature']}, top-p {g['top_p']}, "
+                 f"among the top {g['top_k']}), {how}")
+    return line
+
+
+def _warnings(s: dict) -> list[str]:
+    return [f"> **Warning:** {w}" for w in s.get("warnings") or []] + ([""] if s.get("warnings") else [])
 
 
 def _evaluation(s: dict) -> list[str]:
@@ -207,7 +224,7 @@ def _plots(s: dict) -> list[str]:
 
 def render_markdown(sections: dict) -> str:
     """The Markdown report of ``sections`` (a :class:`~hywia_lightning.report.RunReport`'s)."""
-    lines = ["# Run report", ""] + _summary(sections) + [""]
+    lines = ["# Run report", ""] + _warnings(sections) + _summary(sections) + [""]
     for part in (_evaluation, _widths, _fusion, _recovery, _costs, _plots):
         lines += part(sections)
     return "\n".join(lines).rstrip() + "\n"

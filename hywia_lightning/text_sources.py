@@ -42,6 +42,18 @@ def check_source(source: str, key: str) -> None:
         raise PermissionError(f"{key}={source!r}: the file is not readable by this user; fix its permissions (chmod u+r)")
 
 
+def corpus_of(source: str) -> str:
+    """The corpus a source belongs to, to tell in-domain evaluation: the splits of the built-in corpus
+    are one corpus, a hub dataset is one corpus whatever its split, and the files of one folder are
+    taken as splits of one corpus (``wikitext-2/valid.txt`` and ``wikitext-2/test.txt``)."""
+    if source.startswith("builtin:"):
+        return source.split("/", 1)[0]
+    if source.startswith("hub:"):
+        return "hub:" + source[len("hub:"):].split(":", 1)[0]
+    path = Path(source).expanduser()
+    return str(path.resolve().parent) if path.suffix in FILE_SUFFIXES else source
+
+
 def read_text(source: str, key: str, text_field: str = "text", split: str = "train") -> str:
     """All documents of ``source`` joined by blank lines (lines of a .txt file count as documents,
     as in the usual WikiText-2 evaluation)."""

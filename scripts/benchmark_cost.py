@@ -90,7 +90,7 @@ def setup(args, rank: int = 0, world_size: int = 1) -> dict:
             p.sum()
     rss_weights = current_rss()
     data = CalibrationData(args.source, args.windows, args.seq_len, seed=0)
-    data.attach_tokenizer(tokenizer)
+    data.attach(tokenizer, model)
     windows = data.windows()[rank::world_size]
     layers = target_layers(model, 4, -2)  # the protocol's layers 4..27
     return {

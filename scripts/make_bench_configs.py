@@ -52,6 +52,15 @@ ABLATIONS = {
 }
 CALIBRATION = "../shared/data/wikitext-2/valid.txt"
 EVALUATION = "../shared/data/wikitext-2/test.txt"
+# The default configuration calibrated on other text (hywia_default_cal_<name>_<target>), judged on
+# the same WikiText-2 test tokens: which calibration source the offline default should use (issue 16).
+# hywia_default itself is the WikiText-2 valid row. name -> the data keys that differ from the protocol's.
+CALIBRATIONS = {
+    "pydocs": {"source": "builtin:python-docs/train"},   # the Python documentation that ships with CPython
+    "generated": {"source": "generated"},                # text the dense model samples (hywia_lightning.self_generation)
+    "generated128": {"source": "generated", "num_windows": 128},  # 4x the tokens: configs/prune_smollm2.yaml's
+    "mix": {"source": ["generated", "builtin:python-docs/train"]},  # half of the windows from each
+}
 # rows that are followed by a short LoRA recovery (<row>_lora_<target>): the best reconstructed row.
 # No instruction data is offline, so LoRA trains on WikiText-2 valid.txt windows (not the test text).
 RECOVERED = {"hywia_default_lora_50": "hywia_default_50"}  # recovery row -> the pruning row it continues
@@ -67,7 +76,8 @@ RECOVERY_STEPS = 200
 FUSION_KEYS = ("schemes", "mode", "weights", "sharpness", "training", "normalization")
 
 
-def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None = None) -> dict:
+def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None = None,
+        calibration: dict | None = None) -> dict:
     stages = {}
     if pruning is not None:
         callback, args = pruning
@@ -88,7 +98,7 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None
         "model": {"class_path": "hywia_lightning.CausalLM",
                   "init_args": {"model_name_or_path": "bundled:SmolLM2-135M-Instruct"}},
         "data": {"class_path": "hywia_lightning.CalibrationData",
-                 "init_args": {"source": CALIBRATION, "num_windows": 32, "seq_len": 128, "seed": 0}},
+                 "init_args": {"source": CALIBRATION, "num_windows": 32, "seq_len": 128, "seed": 0, **(calibration or {})}},
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_steps": 0, "limit_train_batches": 0,
             "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
@@ -130,6 +140,11 @@ def configs() -> dict[str, str]:
     for row, (callback, args, reconstruction) in ABLATIONS.items():
         for target, ratio in TARGETS.items():
             jobs[f"{row}_{target}"] = job(f"{row}_{target}", (callback, {"target_ratio": ratio, **args}), reconstruction)
+    callback, args, reconstruction = ABLATIONS["hywia_default"]
+    for cal, data in CALIBRATIONS.items():
+        for target, ratio in TARGETS.items():
+            name = f"hywia_default_cal_{cal}_{target}"
+            jobs[name] = job(name, (callback, {"target_ratio": ratio, **args}), reconstruction, data)
     for name, row in RECOVERED.items():
         jobs[name] = with_recovery(name, jobs[row])
     header = (

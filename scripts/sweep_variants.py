@@ -132,7 +132,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(args.model)
     data = CalibrationData(args.calibration, num_windows=32, seq_len=128, seed=0)
-    data.attach_tokenizer(tokenizer)
+    data.attach(tokenizer, model)
     windows = data.windows()
     chunks = chunk_tokens(token_ids(tokenizer, read_text(args.evaluation, "evaluation")), 128, args.num_chunks)
     layers = target_layers(model, 4, -2)

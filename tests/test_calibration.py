@@ -26,13 +26,13 @@ def test_jsonl_text_field(tmp_path, tiny_tokenizer):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"content": f"document number {i} " * 20}) for i in range(20)))
     data = CalibrationData(str(path), num_windows=3, seq_len=8, text_field="content")
-    data.attach_tokenizer(tiny_tokenizer)
+    data.attach(tiny_tokenizer)
     assert data.windows().shape == (3, 8)
     assert next(iter(data.train_dataloader()))[0].shape == (1, 8)
 
 
 def test_windows_need_a_tokenizer():
-    with pytest.raises(RuntimeError, match="attach_tokenizer"):
+    with pytest.raises(RuntimeError, match="attach"):
         CalibrationData("builtin:python-docs/train", 2, 8).windows()
 
 

@@ -23,6 +23,21 @@ GLOBAL_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
     "fusion": {"mode": "heuristic", "schemes": ["element1", "element2", "vector2", "fluctuation"]}}}
 
 
+def run_two_processes(config: dict, tmp_path) -> None:
+    """``python main.py fit`` of ``config`` under DDP with 2 CPU processes."""
+    config["trainer"].update(strategy="ddp", devices=2)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "main.py", "fit", "--config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def plan(root) -> dict:
+    return json.loads((root / "export" / "pruning_plan.json").read_text())
+
+
 @pytest.mark.parametrize("pruning, intercept", [(None, False), (LEARNED_HYWIA, False), (GLOBAL_HYWIA, True)],
                          ids=["element1", "hywia_learned", "hywia_global_intercept"])
 def test_two_processes_prune_like_one(pruning, intercept, tiny_model_dir, tmp_path):
@@ -38,16 +53,7 @@ def test_two_processes_prune_like_one(pruning, intercept, tiny_model_dir, tmp_pa
     single = tmp_path / "single"
     run_fit(job(single), single)
 
-    config = job(tmp_path / "ddp")
-    config["trainer"].update(strategy="ddp", devices=2)
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "main.py", "fit", "--config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    plan = lambda root: json.loads((root / "export" / "pruning_plan.json").read_text())
+    run_two_processes(job(tmp_path / "ddp"), tmp_path)
     assert plan(tmp_path / "ddp") == plan(single)
     report = json.loads((tmp_path / "ddp" / "export" / "report.json").read_text())
     assert report["pruning"]["params_after"] < report["pruning"]["params_before"]
@@ -56,3 +62,20 @@ def test_two_processes_prune_like_one(pruning, intercept, tiny_model_dir, tmp_pa
     assert ddp.keys() == one.keys()
     for name in one:  # refit weights differ only by the order of floating-point sums
         torch.testing.assert_close(ddp[name], one[name], atol=1e-4, rtol=1e-4)
+
+
+def test_two_processes_calibrate_on_the_same_generated_windows(tiny_model_dir, tmp_path, monkeypatch):
+    """``source: generated`` under DDP: rank 0 samples the windows (into its own cache) and broadcasts
+    them, so both ranks estimate on one set and the plan equals one process's."""
+    monkeypatch.setenv("HYWIA_CACHE", str(tmp_path / "cache"))  # the dense baselines
+    def job(root):
+        return prune_job(tiny_model_dir, root, data={"source": "generated", "num_windows": 6,
+                                                     "cache_dir": str(root / "generated")})
+
+    single = tmp_path / "single"
+    run_fit(job(single), single)
+    run_two_processes(job(tmp_path / "ddp"), tmp_path)
+    assert plan(tmp_path / "ddp") == plan(single)
+    cached = lambda root: [torch.load(p, weights_only=True)["windows"] for p in (root / "generated").rglob("generated-*.pt")]
+    (ddp_windows,), (single_windows,) = cached(tmp_path / "ddp"), cached(single)  # one file each: rank 0 wrote it
+    assert torch.equal(ddp_windows, single_windows)

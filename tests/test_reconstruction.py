@@ -42,7 +42,7 @@ PLAN = PruningPlan("query_heads", {i: LayerPlan([0, 2], [0, 1], list(range(48)))
 def run_reconstruction(model, mode, tokenizer, damping=1e-9, windows=6):
     callback = LeastSquaresReconstruction(mode=mode, damping=damping,
                                           calibration=CalibrationData("builtin:python-docs/train", windows, 24))
-    callback.calibration.attach_tokenizer(tokenizer)
+    callback.calibration.attach(tokenizer, model)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     module = SimpleNamespace(model=model, report=RunReport(), tokenizer=tokenizer)
     callback.on_before_slicing(trainer, module, PLAN)

@@ -286,3 +286,33 @@ def test_perplexity_reports_progress(caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="hywia_lightning.progress")
     perplexity(tiny_llama(), torch.randint(0, 300, (5, 8)), batch_size=2)
     assert caplog.records[-1].getMessage().startswith("perplexity: chunk 5/5, ")
+
+
+@pytest.mark.parametrize("calibration, evaluation, warned", [
+    ("builtin:python-docs/train", "builtin:python-docs/test", "the same corpus (builtin:python-docs)"),
+    ("../shared/data/wikitext-2/valid.txt", "../shared/data/wikitext-2/test.txt", "the same corpus"),
+    ("../shared/data/wikitext-2/valid.txt", "../shared/data/wikitext-2/valid.txt", "the same text"),
+    (["generated", "builtin:python-docs/train"], "builtin:python-docs/test", "the same corpus"),
+    ("generated", "builtin:python-docs/test", None),
+    ("builtin:python-docs/train", "../shared/data/wikitext-2/test.txt", None),
+])
+def test_in_domain_perplexity_is_warned_about(calibration, evaluation, warned):
+    from hywia_lightning.report import evaluation_warnings
+
+    sections = {"pruning": {"calibration": {"source": calibration, "num_windows": 4, "seq_len": 8, "seed": 0}},
+                "perplexity": {"source": evaluation, "value": 3.0, "tokens": 64}}
+    warnings = evaluation_warnings(sections)
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0] and "flatters" in warnings[0]
+        assert "**Warning:** in-domain perplexity" in render_markdown({"warnings": warnings})
+
+
+def test_a_run_names_its_calibration_source_and_warns_when_it_evaluates_in_domain(tiny_model_dir, tmp_path, cache):
+    run_fit(prune_job(tiny_model_dir, tmp_path), tmp_path)  # calibrated on python-docs/train, evaluated on python-docs/test
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert report["pruning"]["calibration"]["source"] == "builtin:python-docs/train"
+    assert len(report["warnings"]) == 1 and "builtin:python-docs/test" in report["warnings"][0]
+    markdown = (tmp_path / "export" / "report.md").read_text()
+    assert "from `builtin:python-docs/train`" in markdown and "**Warning:** in-domain perplexity" in markdown
