@@ -3,6 +3,8 @@
 import json
 
 import pytest
+
+from hywia_lightning.input_errors import InputError
 import torch
 
 import hywia_lightning.calibration as calibration
@@ -96,13 +98,13 @@ def test_bad_settings_are_refused_naming_the_key(settings, key):
 
 
 @pytest.mark.parametrize("key, value", [("top_p", 2.0), ("temperature", 0), ("top_k", 0), ("batch_size", -1)])
-def test_bad_settings_are_refused_by_the_cli_naming_the_key(key, value, tiny_model_dir, tmp_path, capsys):
+def test_bad_settings_are_refused_by_the_cli_naming_the_key(key, value, tiny_model_dir, tmp_path):
     """Typed settings: LightningCLI refuses them while parsing, before the model is loaded."""
     job = prune_job(tiny_model_dir, tmp_path, data={"source": "generated", "generation": {key: value}})
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError) as error:
         run_fit(job, tmp_path)
-    error = capsys.readouterr().err
-    assert f'Parser key "{key}"' in error and "does not conform to restriction" in error
+    assert error.value.key.startswith("data.init_args.generation") and error.value.key.endswith(key)
+    assert "(allowed: a value " in str(error.value)
 
 
 def test_a_misspelled_source_names_generated_as_an_option():
@@ -154,8 +156,7 @@ def test_under_several_ranks_only_rank_0_builds_the_windows(model, tiny_tokenize
 def test_a_job_calibrates_on_generated_text_and_reports_it(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HYWIA_CACHE", str(tmp_path / "cache"))  # the generated windows and the dense baseline
     job = prune_job(tiny_model_dir, tmp_path, data={"source": "generated"})
-    job["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.LeastSquaresReconstruction",
-                                           "init_args": {"intercept": True}})
+    job["reconstruction"] = {"intercept": True}
     run_fit(job, tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     calibration_section = report["pruning"]["calibration"]
