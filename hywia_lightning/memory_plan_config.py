@@ -195,6 +195,10 @@ def job_plan(config: Namespace) -> JobPlan | None:
     if resolved is None:
         return None
     shape, source = resolved
+    stages = (job.estimation, job.reconstruction, job.perplexity, job.recovery)
+    longest = max((getattr(s, "seq_len", 0) for s in stages if s is not None), default=0)
+    if shape.max_position_embeddings and longest > shape.max_position_embeddings:
+        return None  # windows over the model's context: that stage's own check refuses them, naming its key
     return JobPlan(plan_memory(shape, _with_layers(job, shape, config)), source, model)
 
 
