@@ -7,13 +7,11 @@ from lightning import Callback
 
 
 class CrashAtStep(Callback):
-    """Exit abruptly at ``step`` (on every rank, or only on ``rank``)."""
-
-    def __init__(self, step: int, rank: int | None = None) -> None:
-        self.step, self.rank = step, rank
+    def __init__(self, step: int) -> None:
+        self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+        if trainer.global_step == self.step:
             os._exit(13)  # no cleanup, no final checkpoint: only what was saved before survives
 
 
