@@ -25,7 +25,7 @@ from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state, saved_parameter_names
 from hywia_lightning.estimation import accumulate_dtype_named
 from hywia_lightning.granularities import Granularity, make_granularity
-from hywia_lightning.pipeline import Collective, prune, target_layers
+from hywia_lightning.pipeline import prune, target_layers
 from hywia_lightning.plan import PruningPlan, count_parameters
 from hywia_lightning.scoring import ScoringContext
 from hywia_lightning.slicing import add_saved_output_biases, apply_plan
@@ -125,7 +125,7 @@ class StructuredPruning(Preflight, Callback):
         model = pl_module.model.to(trainer.strategy.root_device)
         windows = self.calibration_data(trainer).windows() if self.granularity.needs else None
         result = prune(model, windows, self.granularity, self.scope, self.allocation, layers, self.accumulate_dtype,
-                       self.estimation_batch_size, self.collective(trainer), self.seed, score=self.score)
+                       self.estimation_batch_size, trainer_collective(trainer), self.seed, score=self.score)
         for name, seconds in result.seconds.items():
             report.record("seconds", {name: round(report.sections["seconds"].get(name, 0.0) + seconds, 3)})
         report.record("importance", result.importance)
@@ -142,10 +142,6 @@ class StructuredPruning(Preflight, Callback):
     def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
         """One score per unit for every group; override to score groups your own way."""
         return self.granularity.score_groups(groups, context)
-
-    @staticmethod
-    def collective(trainer: Trainer) -> Collective | None:
-        return trainer_collective(trainer)
 
     def record(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures], params_before: int,
                calibrated: bool) -> None:

@@ -199,7 +199,8 @@ def parse_job(args: list[str]) -> Namespace:
 def _refuse_second_stage(keyed: list[tuple[str, Any]]) -> None:
     """Two callbacks of one stage (a ``pruning`` group and a pruning callback in ``trainer.callbacks``)
     would prune twice or export twice: refuse, naming both keys."""
-    for group, kind in stage_groups().items():
+    for group in ("pruning", "reconstruction", "export"):
+        kind = stage_groups()[group]
         keys = [key.removesuffix(".init_args") for key, callback in keyed if isinstance(callback, kind)]
-        if group in ("pruning", "reconstruction", "export") and len(keys) > 1:
+        if len(keys) > 1:
             raise ValueError(f"{' and '.join(keys)} are both a {kind.__name__} stage; keep one (usually {group!r})")

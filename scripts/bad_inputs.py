@@ -153,14 +153,14 @@ def ddp_rank_row(root: Path) -> dict:
         os.kill(int(child), signal.SIGKILL)
     output, _ = process.communicate(timeout=600)
     waited = time.perf_counter() - killed_at
+    left = sorted(p.name for p in (root / "checkpoints").iterdir())  # what the kill left, before the resume writes more
     resumed = run_cli([*args, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")], root, ENV)
     report = root / "export" / "report.json"
     steps = json.loads(report.read_text())["recovery"]["steps"] if report.is_file() else None
     return {"case": f"kill -9 rank 1 of 2 (DDP) during recovery, after the step-2 checkpoint ({len(children)} process killed)",
             "command": _command(args), "exit": process.returncode, "seconds": time.perf_counter() - start,
             "last": [line for line in output.splitlines() if line.strip()][-2:],
-            "left": f"rank 0 exited {waited:.1f} s after the kill; checkpoints: "
-                    + ", ".join(sorted(p.name for p in (root / "checkpoints").iterdir())),
+            "left": f"rank 0 exited {waited:.1f} s after the kill; checkpoints: " + ", ".join(left),
             "next": f"--ckpt_path last.ckpt: exit {resumed.returncode}, recovery steps in the report: {steps}"
                     + ("" if resumed.returncode == 0 else "; " + " ".join(resumed.last_lines(3)))}
 
