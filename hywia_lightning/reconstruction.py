@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -161,18 +162,11 @@ def solve_refit(
     )
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the layer of interest has run: the rest of the model is not needed."""
-
-
 def _run_windows(model, windows: Tensor) -> None:
     device = next(model.parameters()).device
     with torch.no_grad():
         for window in windows:
-            try:
-                model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
-            except _StopForward:
-                pass
+            model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
 
 
 def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, dict, int]:
@@ -200,11 +194,11 @@ def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, dict, 
 
 
 def sequential_statistics(
-    model, layer: torch.nn.Module, pruned_block: torch.nn.Module, dense_block: torch.nn.Module,
-    projection: str, windows: Tensor,
+    run: Callable[[], object], pruned_block: torch.nn.Module, dense_block: torch.nn.Module, projection: str,
 ) -> RefitStatistics:
     """Moments for one block (a layer's attention or MLP) whose earlier layers are already pruned
-    and refit: the target is the dense block applied to the same (pruned-path) input."""
+    and refit: the target is the dense block applied to the same (pruned-path) input. ``run``
+    runs the block's layer over every calibration window (a :class:`LayerStream`)."""
     pruned_proj, dense_proj = getattr(pruned_block, projection), getattr(dense_block, projection)
     stats = RefitStatistics(dense_proj.in_features, pruned_proj.in_features, pruned_proj.weight.device)
     target: list[Tensor] = []
@@ -221,18 +215,14 @@ def sequential_statistics(
     def fold_nothing_kept(module, args, output):  # a structure pruned to nothing never calls its projection
         stats.add(target[-1], target.pop()[..., :0])
 
-    def stop(module, args, output):
-        raise _StopForward
-
     handles = [
         pruned_block.register_forward_pre_hook(run_dense, with_kwargs=True),
         dense_proj.register_forward_pre_hook(keep_target),
         pruned_proj.register_forward_pre_hook(fold) if pruned_proj.in_features
         else pruned_block.register_forward_hook(fold_nothing_kept),
-        layer.register_forward_hook(stop),
     ]
     try:
-        _run_windows(model, windows)
+        run()
     finally:
         for handle in handles:
             handle.remove()

@@ -87,7 +87,7 @@ def markdown(results: dict[str, dict]) -> str:
 # the default configuration and one change each (scripts/make_bench_configs.py's ABLATIONS), and the
 # peer measured by its own code on the same tokens (../shared/BENCHMARK.md)
 ABLATION_ROWS = {
-    "hywia_default": "**default**: HyWIA heuristic (element2 + fluctuation), uniform widths, LS refit with intercept",
+    "hywia_default": "**default**: HyWIA heuristic (element2 + fluctuation), uniform widths, sequential LS refit with intercept",
     "hywia_default_fixed": "fusion: fixed equal blend",
     "hywia_default_learned": "fusion: learned fusion attention",
     "hywia_default_pool4": "schemes: element1 + element2 + vector2 + fluctuation",
@@ -99,7 +99,7 @@ ABLATION_ROWS = {
     "wanda_default": "wanda alone",
     "hywia_default_global": "widths: global (FLAP's standardized ranking)",
     "hywia_default_nointercept": "refit without intercept",
-    "hywia_default_sequential": "refit sequential",
+    "hywia_default_independent": "refit independent (every layer on dense inputs)",
     "hywia_default_norecon": "no refit",
 }
 FLAP = {"20": (89.66, 49.3), "50": (504.31, 41.8)}  # PPL, mean PIQA/ARC-Easy acc (../shared/BENCHMARK.md)

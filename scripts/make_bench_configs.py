@@ -33,14 +33,14 @@ RECONSTRUCTION = {"mode": "independent", "damping": 0.01}
 # changes one component of it. hywia_default_<target> is what the default job runs.
 POOL = ["element2", "fluctuation"]
 DEFAULT = {"schemes": POOL, "mode": "heuristic", "sharpness": 4.0, "allocation": "uniform"}
-DEFAULT_RECONSTRUCTION = {"mode": "independent", "damping": 0.01, "intercept": True}
+DEFAULT_RECONSTRUCTION = {"mode": "sequential", "damping": 0.01, "intercept": True}
 GLOBAL = {"class_path": "hywia_lightning.GlobalAllocation", "init_args": {"standardize": "group"}}
 ABLATIONS = {
     "hywia_default": ("HybridPruning", DEFAULT, DEFAULT_RECONSTRUCTION),
     "hywia_default_global": ("HybridPruning", {**DEFAULT, "allocation": GLOBAL}, DEFAULT_RECONSTRUCTION),
     "hywia_default_nointercept": ("HybridPruning", DEFAULT, {**DEFAULT_RECONSTRUCTION, "intercept": False}),
     "hywia_default_norecon": ("HybridPruning", DEFAULT, None),
-    "hywia_default_sequential": ("HybridPruning", DEFAULT, {**DEFAULT_RECONSTRUCTION, "mode": "sequential"}),
+    "hywia_default_independent": ("HybridPruning", DEFAULT, {**DEFAULT_RECONSTRUCTION, "mode": "independent"}),
     "hywia_default_fixed": ("HybridPruning", {**DEFAULT, "mode": "fixed", "weights": {s: 1.0 for s in POOL}},
                             DEFAULT_RECONSTRUCTION),
     "hywia_default_learned": ("HybridPruning", {**{k: v for k, v in DEFAULT.items() if k != "sharpness"},

@@ -138,3 +138,16 @@ def test_peak_memory_does_not_grow_with_the_number_of_windows():
     few, many = growth_mib(4), growth_mib(48)
     # keeping the inputs of 48 windows would cost 48 × 128 × 1536 × 4 B = 36 MiB per layer, 72 MiB in all
     assert many < few + 16, (few, many)
+
+
+def test_the_layer_stream_carries_the_models_own_hidden_states():
+    from hywia_lightning.layer_stream import LayerStream
+
+    model = tiny_llama(num_hidden_layers=3)
+    windows = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(input_ids=windows, output_hidden_states=True).hidden_states
+    stream = LayerStream(model, windows, 1, batch_size=2)
+    assert [len(h) for h, _ in stream.batches] == [2, 2, 1]
+    stream.advance()
+    torch.testing.assert_close(torch.cat([h for h, _ in stream.batches]), hidden[2])
