@@ -112,6 +112,6 @@ def recovery_job(model_dir: Path, root: Path, max_steps: int = 4, **data) -> dic
         },
         "pruning": {"class_path": "callbacks.StructuredPruning", "init_args": {
             "target_ratio": 0.1, "calibration": calibration, "layer_start": 1, "layer_end": -1}},
-        "reconstruction": {"calibration": calibration},
+        "reconstruction": {"calibration": calibration, "intercept": True},  # resume restores the fitted biases
         "export": {"dirname": "export"},
     }
