@@ -37,7 +37,8 @@ class ZeroShotEvaluation(Evaluation):
                 ...; ``lm-eval ls tasks`` lists them). Each of boolq, piqa, hellaswag, winogrande,
                 arc_easy, arc_challenge, openbookqa is read from ``<data_dir>/<task>.jsonl`` when that
                 file exists; every other task is lm-eval's own, its dataset from ``datasets_dir``, the
-                datasets cache or the hub. An unknown name is refused before the model is loaded.
+                datasets cache or the hub. An unknown name, and data that cannot be had, are refused
+                before the model is loaded.
             data_dir: folder with ``<task>.jsonl`` files (``{"id", "context", "choices", "label"}`` a line).
             datasets_dir: folder with local copies of the hub datasets lm-eval's tasks read, at
                 ``<datasets_dir>/<dataset_path>[/<dataset_name>]/`` (e.g. ``baber/piqa/`` with
@@ -57,8 +58,10 @@ class ZeroShotEvaluation(Evaluation):
 
     @staticmethod
     def check_arguments(init_args: dict[str, Any], key: str) -> None:
-        """The task names, from the job's config before any class is built: the CLI loads the model first."""
-        check_tasks(init_args.get("tasks"), f"{key}.tasks")
+        """The task names and their data, from the job's config before any class is built: the CLI
+        loads the model first. (The data is read again by :meth:`check`, from the datasets cache.)"""
+        prepare_tasks(init_args.get("tasks"), init_args.get("data_dir"), init_args.get("datasets_dir"),
+                      lambda name: f"{key}.{name}")
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._prepared = self._unused = self.prepare()  # a bad line or a dataset that cannot be had fails now, not after pruning

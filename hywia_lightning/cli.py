@@ -15,7 +15,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .calibration import CalibrationData
 from .checkpoints import checkpoint_metadata
-from .input_errors import InputError, from_instantiation_error, from_parse_error, is_union_report, show_tracebacks
+from .input_errors import (
+    InputError, from_instantiation_error, from_parse_error, is_union_report, mark_input_error, show_tracebacks,
+)
 from .progress import show_info_logs
 
 log = logging.getLogger(__name__)
@@ -167,7 +169,10 @@ def check_stage_arguments(config: Namespace) -> None:
         except Exception:  # a class that cannot be imported is reported when it is built
             continue
         if check is not None:
-            check(dict(vars(node.init_args)), f"{key}.init_args")
+            try:
+                check(dict(vars(node.init_args)), f"{key}.init_args")
+            except (ValueError, OSError) as error:  # the run's input: one paragraph, as a stage's check gives
+                raise mark_input_error(error, f"{key}.init_args")
 
 
 def check_memory_plan(config: Namespace) -> None:

@@ -140,8 +140,8 @@ def leaf_tasks(objects: list) -> list:
 
 def build_registry_task(name: str, datasets_dir: str | Path | None, key: str, looked: str = "") -> RegistryTask:
     """lm-eval's task, group or tag ``name`` with its data; data that cannot be had is refused,
-    naming the dataset, where it was looked for, and what to do (``looked``: places the caller
-    already looked, for the message)."""
+    naming the dataset, where it was looked for, and what to do (``looked``: where the caller looked
+    for a local JSON-lines file of the task, for the message; empty: the task has none)."""
     with datasets_from(datasets_dir) as loads:
         try:
             loaded = task_manager().load([name])
@@ -182,7 +182,8 @@ def _missing_data(name: str, loads: list[DatasetLoad], datasets_dir, key: str, l
     hint = (f"give datasets_dir a folder with a copy of the dataset in {folder}"
             + (f" (or of its config in {folder / load.name})" if load.name else "")
             + f", e.g. huggingface-cli download --repo-type dataset {load.path} --local-dir {folder}; "
-            "or run once with the hub reachable, which fills the datasets cache")
+            + (f"or put {name}.jsonl (normalized items) into data_dir; " if looked else "")
+            + "or run once with the hub reachable, which fills the datasets cache")
     return InputError(key, f"task {name!r}: lm-eval's dataset {dataset} could not be had; looked in: "
                            f"{'; '.join(places)} ({cause})", hint)
 

@@ -265,7 +265,7 @@ def prepare_tasks(tasks: list[str], data_dir: str | Path | None = None, datasets
             task = local_task(name, read_items(data_dir, name, setting("data_dir")), str(path))
             prepared.append(ZeroShotTask(name, [task], [name], [name], f"local file {path}", file_fingerprint(path)))
             continue
-        looked = f"no file {path}" if name in TASKS and path is not None else ""
+        looked = (f"no file {path}" if path is not None else "no data_dir") if name in TASKS else ""
         built = build_registry_task(name, datasets_dir, setting("datasets_dir"), looked)
         prepared.append(ZeroShotTask(name, built.objects, built.reported, built.leaf_names(),
                                      f"lm-eval's {name}: {describe_loads(built.loads, datasets_dir)}", [load.fingerprint() for load in built.loads]))

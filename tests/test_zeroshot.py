@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import LlamaForCausalLM
 
-from hywia_lightning.input_errors import InputError
+from hywia_lightning.input_errors import InputError, marked
 from hywia_lightning.zeroshot import (
     ZEROSHOT_TASKS, evaluate_zeroshot, local_tasks, prepare_tasks, read_items, run_zeroshot, zeroshot_scores,
 )
@@ -197,13 +197,17 @@ def test_unknown_task(no_forward_pass, tiny_tokenizer, tmp_path):
         ZeroShotEvaluation(["piqa", "piqa"], str(tmp_path))
 
 
-def test_an_unknown_task_is_refused_before_the_model_is_loaded(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def no_model_load(monkeypatch):
     import hywia_lightning.causal_lm
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("the model was loaded before the unknown task was refused")
+        raise AssertionError("the model was loaded before the bad input was reported")
 
     monkeypatch.setattr(hywia_lightning.causal_lm, "load_causal_lm", forbidden)
+
+
+def test_an_unknown_task_is_refused_before_the_model_is_loaded(no_model_load, tiny_model_dir, tmp_path):
     job = prune_job(tiny_model_dir, tmp_path / "run")
     job["zeroshot"] = {"tasks": ["piqa", "hellaswagg"], "data_dir": str(tmp_path)}
     with pytest.raises(InputError, match=r"task 'hellaswagg' is neither") as refused:
@@ -223,6 +227,7 @@ def test_missing_task_data(no_forward_pass, tiny_tokenizer, tmp_path):
     assert f"no folder {tmp_path / 'datasets' / 'allenai' / 'ai2_arc'}[/ARC-Easy]" in message
     assert "the datasets cache (the hub is off" in message
     assert "huggingface-cli download --repo-type dataset allenai/ai2_arc" in refused.value.hint
+    assert "or put arc_easy.jsonl (normalized items) into data_dir" in refused.value.hint
 
 
 @pytest.mark.parametrize("second_line,problem", [
@@ -333,10 +338,24 @@ def test_callback_records_zeroshot_in_the_report(tiny_model_dir, tmp_path, datas
     assert "zeroshot_lm_eval.json" in json.loads((export / ".hywia_export").read_text())["files"]
 
 
-def test_callback_checks_its_data_before_pruning(no_forward_pass, tiny_model_dir, tmp_path):
+def test_the_cli_checks_the_data_before_loading_the_model(no_model_load, tiny_model_dir, tmp_path):
     data = write_items(tmp_path / "data", "piqa", [GOOD])
     with pytest.raises(InputError, match=r"task 'arc_easy': lm-eval's dataset .* no file .*arc_easy.jsonl") as refused:
         run_fit(zeroshot_job(tiny_model_dir, tmp_path / "run", data), tmp_path / "run")
+    assert refused.value.key == "zeroshot.init_args.datasets_dir"
+    (tmp_path / "data" / "piqa.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"id": "p1"}\n')
+    with pytest.raises(ValueError, match=r"piqa.jsonl:2: missing field 'context'") as malformed:
+        run_fit(zeroshot_job(tiny_model_dir, tmp_path / "run", data), tmp_path / "run")
+    assert marked(malformed.value) is not None  # the CLI prints it as one paragraph
+
+
+def test_the_callback_checks_its_data_before_pruning(no_forward_pass, tmp_path):
+    from callbacks.zeroshot import ZeroShotEvaluation
+
+    callback = ZeroShotEvaluation(["piqa", "arc_easy"], str(write_items(tmp_path / "data", "piqa", [GOOD])))
+    callback.config_key = "zeroshot.init_args"
+    with pytest.raises(InputError, match=r"task 'arc_easy': lm-eval's dataset .* no file .*arc_easy.jsonl") as refused:
+        callback.check(None, None)
     assert refused.value.key == "ZeroShotEvaluation.datasets_dir (zeroshot.init_args.datasets_dir)"
 
 
