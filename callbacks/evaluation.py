@@ -4,7 +4,8 @@ dense model's numbers, which are measured once, before pruning, then cached.
 
 A subclass gives its :attr:`~Evaluation.kind` (its report section), :meth:`~Evaluation.check`,
 :meth:`~Evaluation.settings`, :meth:`~Evaluation.evaluate_model`, and how its results become a
-report section and logged metrics (:meth:`~Evaluation.section`, :meth:`~Evaluation.metrics`).
+report section and logged metrics (:meth:`~Evaluation.section`, :meth:`~Evaluation.metrics`), and
+optionally files next to the report (:meth:`~Evaluation.files`).
 
 Where the dense model comes from, in order:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Any
 
 from lightning import LightningModule, Trainer
 
@@ -62,12 +64,19 @@ class Evaluation(StageEnd, PruningHooks):
         """The logged metrics of ``results`` (this model's, or the dense model's), named from ``prefix``."""
         raise NotImplementedError
 
+    def files(self) -> dict[str, Any]:
+        """``{file name: JSON data}`` of the evaluation just run, to be written next to ``report.json``
+        (asked right after this model's evaluation, before the dense model's)."""
+        return {}
+
     def at_stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:
             return
         with pl_module.report.stage(self.kind):
             results = self.evaluate_model(pl_module.model, pl_module.tokenizer)
         pl_module.report.record(self.kind, self.section(results))
+        for name, data in self.files().items():
+            pl_module.report.attach(name, data)
         metrics = self.metrics(self.kind, results)
         dense = self.dense_baseline(trainer, pl_module, stage, results)
         if dense is not None:

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 class Export(Preflight):
     """Write ``<default_root_dir>/<dirname>/``: a Hugging Face folder (stock or with our modeling
     code, the report says which and why), with ``formats: [hf, gguf]`` also ``model.gguf`` for
-    llama.cpp, ``report.json``, ``report.md``, PNG plots of the report, after pruning
-    ``pruning_plan.json``, and after LoRA recovery ``adapter/``. Only global rank 0 writes.
+    llama.cpp, ``report.json``, ``report.md``, PNG plots of the report, the evaluations' own files
+    (``zeroshot_lm_eval.json``), after pruning ``pruning_plan.json``, and after LoRA recovery ``adapter/``. Only global rank 0 writes.
     Everything is staged next to the folder and swapped in complete; the folder replaced must be
     empty or a previous export (preflight refuses anything else)."""
 

@@ -41,7 +41,8 @@ def report_scalars(sections: dict) -> dict[str, float]:
 
 def write_report(trainer: Trainer, pl_module: LightningModule, folder: Path, **model_fields) -> Path:
     """Plots into ``folder`` (and to every logger that takes figures), the report's scalars to every
-    logger, then ``report.json`` and ``report.md``; returns the path of ``report.json``."""
+    logger, then ``report.json``, ``report.md`` and the files the evaluations attached; returns the
+    path of ``report.json``."""
     report = pl_module.report
     written = []
     for name, fig in figures(report.sections).items():

@@ -15,7 +15,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .calibration import CalibrationData
 from .checkpoints import checkpoint_metadata
-from .input_errors import InputError, from_instantiation_error, from_parse_error, is_union_report, show_tracebacks
+from .input_errors import (
+    InputError, from_instantiation_error, from_parse_error, is_union_report, mark_input_error, show_tracebacks,
+)
 from .progress import show_info_logs
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ class HywiaCLI(LightningCLI):
         trainer = self._get(self.config, "trainer")
         if trainer is not None:
             self._paths_in_run_folder(trainer)
+        check_stage_arguments(self.config.get(self.subcommand) if self.subcommand else self.config)
         if self.subcommand in (None, "fit"):
             check_memory_plan(self.config.get(self.subcommand) if self.subcommand else self.config)
 
@@ -150,6 +153,26 @@ class HywiaCLI(LightningCLI):
         _refuse_second_stage(keyed)
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         return self._instantiate_trainer(trainer_config, list(stages.values()))
+
+
+def check_stage_arguments(config: Namespace) -> None:
+    """Refuse what a stage refuses from its arguments alone (its class's ``check_arguments(init_args,
+    key)``, e.g. an unknown zero-shot task), before any class is built: the model, built first,
+    loads its weights in its constructor."""
+    keyed = [(key, config.get(key)) for key in stage_groups()]
+    keyed += [(f"trainer.callbacks[{i}]", c) for i, c in enumerate(_as_list((config.get("trainer") or {}).get("callbacks")))]
+    for key, node in keyed:
+        if not isinstance(node, Namespace) or not node.get("class_path") or node.get("init_args") is None:
+            continue
+        try:
+            check = getattr(import_object(node.class_path), "check_arguments", None)
+        except Exception:  # a class that cannot be imported is reported when it is built
+            continue
+        if check is not None:
+            try:
+                check(dict(vars(node.init_args)), f"{key}.init_args")
+            except (ValueError, OSError) as error:  # the run's input: one paragraph, as a stage's check gives
+                raise mark_input_error(error, f"{key}.init_args")
 
 
 def check_memory_plan(config: Namespace) -> None:

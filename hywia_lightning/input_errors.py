@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 TRACEBACK_VARIABLE = "HYWIA_TRACEBACK"
 INPUT_ERROR_EXIT_CODE = 2
@@ -104,8 +104,8 @@ def from_parse_error(message: str, top_level_keys: list[str]) -> InputError:
         option = unrecognized.group(1)
         name = option.lstrip("-").split("=", 1)[0]
         head = name.split(".", 1)[0]
-        close = difflib.get_close_matches(head, top_level_keys, n=1)
-        hint = f"did you mean {'--' + name.replace(head, close[0], 1)!r}?" if close else f"keys at the top: {', '.join(top_level_keys)}"
+        hint = did_you_mean(head, top_level_keys, spell=lambda close: repr("--" + name.replace(head, close, 1))) or (
+            f"keys at the top: {', '.join(top_level_keys)}")
         return InputError(name, f"{option} is not an option of this command", hint)
     found = _read(message.splitlines())
     return _explain(found)
@@ -180,9 +180,8 @@ def _explain(found: _Found) -> InputError:
         leaf = f"{value} not a {restriction.group(1)} (allowed: {restriction.group(3).replace('v', 'a value ', 1)})"
     elif option and found.class_path:
         names = [name for name in _arguments(found.class_path) if name != option.group(1)]
-        close = difflib.get_close_matches(option.group(1), names, n=1)
         leaf = f"{found.class_path} takes no argument {option.group(1)!r}"
-        hint = f"did you mean {close[0]!r}?" if close else f"its arguments: {', '.join(names)}"
+        hint = did_you_mean(option.group(1), names) or f"its arguments: {', '.join(names)}"
     elif found.keys[-1:] == ["class_path"] and found.class_path:
         close = _close_class(found.class_path)
         leaf = f"{found.class_path!r} cannot be imported ({leaf})"
@@ -190,6 +189,12 @@ def _explain(found: _Found) -> InputError:
     if key and not hint:
         hint = f"change {key} in the YAML, or on the command line --{key.replace('.init_args', '')} VALUE"
     return InputError(key, leaf, hint)
+
+
+def did_you_mean(name: str, names: Iterable[str], n: int = 1, spell: Callable[[str], str] = repr) -> str:
+    """``did you mean 'x'?`` with the ``n`` closest of ``names`` (each written by ``spell``), or ``""``."""
+    close = difflib.get_close_matches(name, list(names), n=n)
+    return f"did you mean {', '.join(map(spell, close))}?" if close else ""
 
 
 def _arguments(class_path: str) -> list[str]:

@@ -43,10 +43,12 @@ def evaluation_warnings(sections: dict[str, Any]) -> list[str]:
 
 class RunReport:
     """Sections of a run's report; once :attr:`path` is set, every record rewrites ``report.json``
-    there and ``report.md`` next to it."""
+    there and ``report.md`` next to it. Attached files (an evaluation's own results) go next to it
+    too, written when attached and wherever the report is written anew."""
 
     def __init__(self) -> None:
         self.sections: dict[str, Any] = {"seconds": {}}
+        self.attached: dict[str, Any] = {}  # file name next to report.json -> JSON data
         self.path: Path | None = None
 
     def record(self, section: str, values: Any) -> None:
@@ -71,13 +73,21 @@ class RunReport:
         spent = seconds + self.sections["seconds"].get(name, 0.0)
         self.record("seconds", {name: round(spent, 3)})
 
+    def attach(self, name: str, data: Any) -> None:
+        """``name`` (a file name) next to ``report.json``, holding ``data`` as JSON."""
+        self.attached[name] = data
+        if self.path is not None:
+            write_json_atomic(self.path.with_name(name), data)
+
     def write_to(self, path: Path) -> None:
         self.path = path
+        for name, data in self.attached.items():
+            write_json_atomic(path.with_name(name), data)
         self.flush()
 
     def moved_to(self, path: Path) -> None:
-        """The report written by :meth:`write_to` now lives at ``path`` (its folder was renamed):
-        later records rewrite it there."""
+        """The report written by :meth:`write_to` now lives at ``path`` (its folder was renamed, the
+        attached files with it): later records rewrite it there."""
         self.path = path
 
     def flush(self) -> None:

@@ -22,6 +22,10 @@ def _int(n: Any) -> str:
     return f"{int(n):,}" if isinstance(n, (int, float)) else "–"
 
 
+# lm-eval metrics that are fractions where higher is better: shown in %, with ↑
+_FRACTIONS = ("acc", "acc_norm", "acc_mutual_info", "exact_match", "f1", "mcc")
+
+
 def _num(x: Any, digits: int = 2) -> str:
     if not isinstance(x, (int, float)) or isinstance(x, bool):
         return "–"
@@ -125,13 +129,17 @@ def _evaluation(s: dict) -> list[str]:
         for task, scores in zeroshot.items():
             if not isinstance(scores, dict):
                 continue
-            for metric in ("acc", "acc_norm"):
-                value = scores.get(metric)
-                if value is None:
+            for metric, value in scores.items():
+                if metric == "items" or metric.split("/")[0].endswith("_stderr") or not isinstance(value, (int, float)):
                     continue
                 dense = dense_scores.get(task, {}).get(metric)
-                delta = f"{100 * (value - dense):+.1f}" if isinstance(dense, (int, float)) else "–"
-                rows.append([f"{task} {metric} % ↑ (n={scores['items']})", _pct(dense), _pct(value), delta])
+                known = isinstance(dense, (int, float))
+                if metric.split("/")[0] in _FRACTIONS:
+                    delta = f"{100 * (value - dense):+.1f}" if known else "–"
+                    rows.append([f"{task} {metric} % ↑ (n={scores['items']})", _pct(dense), _pct(value), delta])
+                else:  # lm-eval's other metrics (perplexities, bleu, ...): as they are, no direction assumed
+                    rows.append([f"{task} {metric} (n={scores['items']})", _num(dense), _num(value),
+                                 f"{value - dense:+.3g}" if known else "–"])
     if not rows:
         return []
     lines = ["## Evaluation", ""] + _table(["metric", "dense", "this model", "change"], rows) + [""]

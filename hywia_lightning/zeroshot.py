@@ -1,12 +1,16 @@
-"""Zero-shot accuracy through the real lm-eval library, offline, on local JSON-lines data.
+"""Zero-shot scores through the real lm-eval library: its own tasks by name, and the paper's seven
+from local JSON-lines data, offline.
 
-The paper reports seven multiple-choice tasks. Each is read from ``<data_dir>/<task>.jsonl``, one
-item a line in one normalized form ``{"id", "context", "choices": [...], "label": int}`` (raw text,
-no prompt applied), and scored by lm-eval 0.4 with that task's **own** standard config: its task
-YAML is loaded from the installed ``lm_eval/tasks`` and only the data source is replaced. Each
-normalized item is turned back into the fields that YAML reads (``goal``/``sol1``/``sol2`` for
-PIQA, ``question``/``choices``/``answerKey`` for ARC, ...), so the prompts, target delimiter and
-scoring are lm-eval's, not a copy of them that could drift. Nothing is downloaded.
+A task is read from ``<data_dir>/<task>.jsonl`` when that file exists and the task is one of the
+seven the paper reports (:data:`TASKS`): one item a line in one normalized form
+``{"id", "context", "choices": [...], "label": int}`` (raw text, no prompt applied), scored by lm-eval
+0.4 with that task's **own** standard config: its task YAML is loaded from the installed
+``lm_eval/tasks`` and only the data source is replaced. Each normalized item is turned back into the
+fields that YAML reads (``goal``/``sol1``/``sol2`` for PIQA, ``question``/``choices``/``answerKey``
+for ARC, ...), so the prompts, target delimiter and scoring are lm-eval's, not a copy of them that
+could drift. Any other name of lm-eval's registry (``mmlu``, ``lambada_openai``, ...) runs as lm-eval
+builds it, its data from a local datasets folder, the datasets cache or the hub
+(:mod:`~hywia_lightning.lm_eval_registry`); the same items score the same either way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from .baseline import file_fingerprint
 from .checks import require_positive
+from .input_errors import InputError
+from .lm_eval_registry import build_registry_task, describe_loads, leaf_tasks, task_manager, unknown_name
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -102,15 +109,17 @@ assert tuple(TASKS) == ZEROSHOT_TASKS
 
 
 def check_tasks(tasks: list[str], key: str = "tasks") -> list[str]:
-    """Fail on an empty list, an unknown or a repeated task name."""
+    """Refuse an empty list, a repeated name, and a name neither local nor lm-eval's (naming the
+    closest); lm-eval's registry is indexed only for a name that is not one of :data:`TASKS`."""
     if isinstance(tasks, str) or not tasks:
-        raise ValueError(f"{key}={tasks!r} must be a non-empty list; allowed: {', '.join(ZEROSHOT_TASKS)}")
-    for name in tasks:
-        if name not in TASKS:
-            raise ValueError(f"{key}: task {name!r} is unknown; allowed: {', '.join(ZEROSHOT_TASKS)}")
+        raise InputError(key, f"{tasks!r} must be a non-empty list of task names",
+                         f"e.g. [{', '.join(ZEROSHOT_TASKS[:3])}], or any of lm-eval's tasks and groups (mmlu, ...)")
     repeated = sorted({name for name in tasks if list(tasks).count(name) > 1})
     if repeated:
-        raise ValueError(f"{key}: {', '.join(repeated)} listed more than once")
+        raise InputError(key, f"{', '.join(repeated)} listed more than once", "list each task once")
+    for name in tasks:
+        if name not in TASKS and name not in task_manager().task_index:
+            raise unknown_name(name, key, ZEROSHOT_TASKS)
     return list(tasks)
 
 
@@ -164,12 +173,6 @@ def _check_item(line: str, spec: TaskSpec, where: str) -> dict:
     return item
 
 
-def check_zeroshot(tasks: list[str], data_dir: str | Path, key: str = "data_dir") -> dict[str, list[dict]]:
-    """Everything that can fail before model work: the task names and every line of their files."""
-    check_tasks(tasks)
-    return {task: read_items(data_dir, task, key) for task in tasks}
-
-
 def standard_config(task: str) -> dict[str, Any]:
     """lm-eval's own config of ``task`` (its installed YAML, ``!function`` entries resolved)."""
     import lm_eval
@@ -178,10 +181,20 @@ def standard_config(task: str) -> dict[str, Any]:
     return load_yaml(Path(lm_eval.__file__).parent / "tasks" / TASKS[task].yaml, resolve_func=True)
 
 
-def _local_dataset(docs: list[dict], **_metadata):
-    import datasets
+class _LocalDataset:
+    """A local task's documents as lm-eval's ``custom_dataset`` (its ``test`` split); lm-eval's results
+    JSON shows the config's callables as text, so this one shows its file, not every document."""
 
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+    def __init__(self, docs: list[dict], source: str) -> None:
+        self.docs, self.source = docs, source
+
+    def __call__(self, **_metadata):
+        import datasets
+
+        return datasets.DatasetDict({"test": datasets.Dataset.from_list(self.docs)})
+
+    def __repr__(self) -> str:
+        return f"<the documents of {self.source}>"
 
 
 def local_task(task: str, items: list[dict], source: str = "local"):
@@ -194,7 +207,7 @@ def local_task(task: str, items: list[dict], source: str = "local"):
         config.pop(structural, None)
     config.update(
         dataset_path=None, dataset_name=None, dataset_kwargs=None,
-        custom_dataset=partial(_local_dataset, [spec.to_doc(item) for item in items]),
+        custom_dataset=_LocalDataset([spec.to_doc(item) for item in items], source),
         training_split=None, validation_split=None, test_split="test", fewshot_split=None, num_fewshot=0,
         metric_list=[{"metric": name, "aggregation": "mean", "higher_is_better": True} for name in spec.metrics],
         metadata={**(config.get("metadata") or {}), "source": source},
@@ -220,8 +233,50 @@ class _DropMessage(logging.Filter):
 
 def local_tasks(tasks: list[str], data_dir: str | Path) -> dict:
     """``{task: ConfigurableTask}`` reading ``<data_dir>/<task>.jsonl`` (validated first)."""
-    items = check_zeroshot(tasks, data_dir)
+    items = {task: read_items(data_dir, task) for task in tasks}
     return {task: local_task(task, items[task], str(task_file(data_dir, task))) for task in tasks}
+
+
+@dataclass
+class ZeroShotTask:
+    """One task of the list, ready for lm-eval: its task objects, the names its scores are reported
+    under (a tag's tasks, else its own name), the lm-eval tasks it runs, where its data came from
+    (for the report) and what that data's identity is (for the baseline cache)."""
+
+    name: str
+    objects: list
+    reported: list[str]
+    leaves: list[str]
+    source: str
+    fingerprint: Any
+
+
+def prepare_tasks(tasks: list[str], data_dir: str | Path | None = None, datasets_dir: str | Path | None = None,
+                  setting: Callable[[str], str] = str) -> list[ZeroShotTask]:
+    """Each task from ``<data_dir>/<task>.jsonl`` where that file exists (the seven of :data:`TASKS`),
+    else lm-eval's registry task with its data from ``datasets_dir``
+    (:mod:`~hywia_lightning.lm_eval_registry`), the datasets cache or the hub. Every input error is
+    raised here, before any model work; ``setting(name)`` is how a message names a setting."""
+    check_tasks(tasks, setting("tasks"))
+    prepared = []
+    for name in tasks:
+        path = task_file(data_dir, name) if data_dir is not None else None
+        if name in TASKS and path is not None and path.is_file():
+            task = local_task(name, read_items(data_dir, name, setting("data_dir")), str(path))
+            prepared.append(ZeroShotTask(name, [task], [name], [name], f"local file {path}", file_fingerprint(path)))
+            continue
+        looked = (f"no file {path}" if path is not None else "no data_dir") if name in TASKS else ""
+        built = build_registry_task(name, datasets_dir, setting("datasets_dir"), looked)
+        prepared.append(ZeroShotTask(name, built.objects, built.reported, built.leaf_names(),
+                                     f"lm-eval's {name}: {describe_loads(built.loads, datasets_dir)}", [load.fingerprint() for load in built.loads]))
+    seen: dict[str, str] = {}
+    for task in prepared:
+        for leaf in task.leaves:
+            if leaf in seen:
+                raise InputError(setting("tasks"), f"lm-eval's task {leaf!r} is in both {seen[leaf]!r} and {task.name!r}",
+                                 "list it once (a group or tag runs all its tasks)")
+            seen[leaf] = task.name
+    return prepared
 
 
 def _progress_lm():
@@ -254,37 +309,66 @@ class _CountingHook:
         self.progress.update()
 
 
-def evaluate_zeroshot(
-    model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,
-) -> dict[str, dict[str, float]]:
-    """Zero-shot ``acc`` / ``acc_norm`` of an in-memory Hugging Face model on the first ``limit``
-    items of each task (``None``: all): ``{task: {"acc", "acc_norm", "items"}}``. WinoGrande has
-    no ``acc_norm`` (``None``; see :data:`TASKS`)."""
-    require_positive(limit=limit, batch_size=batch_size)
-    task_objects = local_tasks(tasks, data_dir)  # every input error is raised here, before the model runs
+# stderr: closed-form for means (acc, acc_norm); this many bootstrap resamples for the metrics
+# lm-eval bootstraps (f1, mcc, perplexity, ...), a 100th of its CLI's default, which takes minutes
+BOOTSTRAP_ITERS = 1000
 
+
+def run_zeroshot(model, tokenizer, tasks: list[ZeroShotTask], limit: int | None = None, batch_size: int = 8) -> dict:
+    """lm-eval's results (``simple_evaluate``'s dict, no samples) of an in-memory Hugging Face model on
+    the first ``limit`` items of each task (``None``: all), zero-shot."""
+    require_positive(limit=limit, batch_size=batch_size)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    objects = [obj for task in tasks for obj in task.objects]
+    for task in leaf_tasks(objects):
+        task.set_config(key="num_fewshot", value=0)  # zero-shot, whatever a registry task's config says
     was_training = model.training
     lm = _progress_lm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        results = simple_evaluate(
-            model=lm, tasks=list(task_objects.values()), task_manager=TaskManager(include_defaults=False),
-            limit=limit, bootstrap_iters=0, log_samples=False,
+        return simple_evaluate(
+            model=lm, tasks=objects, task_manager=TaskManager(include_defaults=False), limit=limit,
+            bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
             # scoring is deterministic; leave the caller's random state alone
             random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
         )
     finally:
         model.train(was_training)
+
+
+def zeroshot_scores(results: dict, tasks: list[ZeroShotTask]) -> dict[str, dict]:
+    """``{task: {metric: value, metric_stderr: value, ..., "items", "source"}}`` from lm-eval's results:
+    the metrics each task's config defines (``acc``, ``acc_norm``, ...; a group's aggregate), a
+    filter other than ``none`` written ``metric/filter``; a stderr lm-eval could not give is ``None``."""
     scores = {}
     for task in tasks:
-        metrics = results["results"][task]
-        scores[task] = {
-            "acc": float(metrics["acc,none"]),
-            "acc_norm": float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
-            "items": int(results["n-samples"][task]["effective"]),
-        }
-        log.info("zero-shot %s (%d items): %s", task, scores[task]["items"], scores[task])
+        for name in task.reported:
+            metrics = {}
+            for key, value in results["results"][name].items():
+                metric, comma, filter_name = key.partition(",")
+                if comma:
+                    metrics[metric if filter_name == "none" else f"{metric}/{filter_name}"] = (
+                        float(value) if isinstance(value, (int, float)) else None)
+            scores[name] = {**metrics, "items": _items(results, name), "source": task.source}
+            log.info("zero-shot %s (%d items): %s", name, scores[name]["items"],
+                     {k: v for k, v in metrics.items() if not k.endswith("_stderr")})
     return scores
 
+
+def _items(results: dict, name: str) -> int:
+    """The items scored of a task, or of all the tasks of a group."""
+    if name in results["n-samples"]:
+        return int(results["n-samples"][name]["effective"])
+    return sum(_items(results, child) for child in results.get("group_subtasks", {}).get(name, []))
+
+
+def evaluate_zeroshot(
+    model, tokenizer, tasks: list[str], data_dir: str | Path | None = None, limit: int | None = None,
+    batch_size: int = 8, datasets_dir: str | Path | None = None,
+) -> dict[str, dict]:
+    """Zero-shot scores (:func:`zeroshot_scores`) of an in-memory Hugging Face model on the first
+    ``limit`` items of each task (see :func:`prepare_tasks` for where each task's data comes from)."""
+    require_positive(limit=limit, batch_size=batch_size)
+    prepared = prepare_tasks(tasks, data_dir, datasets_dir)  # every input error is raised here, before the model runs
+    return zeroshot_scores(run_zeroshot(model, tokenizer, prepared, limit, batch_size), prepared)

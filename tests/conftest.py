@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# nothing may need the hub, as in CI (.ci/run): lm-eval's registry tasks read only local folders.
+# Set before datasets and huggingface_hub are imported, which read these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
