@@ -87,12 +87,12 @@ def markdown(results: dict[str, dict]) -> str:
 # the default configuration and one change each (scripts/make_bench_configs.py's ABLATIONS), and the
 # peer measured by its own code on the same tokens (../shared/BENCHMARK.md)
 ABLATION_ROWS = {
-    "hywia_default": "**default**: HyWIA heuristic (element2 + fluctuation), uniform widths, sequential LS refit with intercept",
-    "hywia_default_fixed": "fusion: fixed equal blend",
-    "hywia_default_learned": "fusion: learned fusion attention",
-    "hywia_default_pool4": "schemes: element1 + element2 + vector2 + fluctuation",
+    "hywia_default": "**default**: fluctuation, uniform widths, sequential LS refit with intercept",
+    "hywia_default_heuristic": "HyWIA heuristic fusion (element2 front, fluctuation back)",
+    "hywia_default_fixed": "HyWIA fixed equal blend (element2 + fluctuation)",
+    "hywia_default_learned": "HyWIA learned fusion attention (element2 + fluctuation)",
+    "hywia_default_pool4": "HyWIA heuristic over element1 + element2 + vector2 + fluctuation",
     "element2_default": "element2 alone",
-    "fluctuation_default": "fluctuation alone",
     "element1_default": "element1 alone",
     "vector_default": "vector alone",
     "vector2_default": "vector2 alone",
