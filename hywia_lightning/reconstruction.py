@@ -21,9 +21,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .layer_stream import StopForward, stop_forward
 
 log = logging.getLogger(__name__)
 
@@ -161,23 +164,19 @@ def solve_refit(
     )
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the layer of interest has run: the rest of the model is not needed."""
-
-
 def _run_windows(model, windows: Tensor) -> None:
     device = next(model.parameters()).device
     with torch.no_grad():
         for window in windows:
             try:
                 model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
 
 
-def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, dict, int]:
-    """``X Xᵀ`` and ``Σ X`` (float64) of the input of every projection (keyed as given) over ``windows``,
-    in one pass, and the token count."""
+def dense_grams(projections: dict, run: Callable[[], object]) -> tuple[dict, dict]:
+    """``X Xᵀ`` and ``Σ X`` (float64) of the input of every projection (keyed as given) while
+    ``run()`` runs them (:meth:`~hywia_lightning.layer_stream.LayerStream.advance`: one layer's)."""
     grams = {name: torch.zeros(p.in_features, p.in_features, dtype=torch.float64, device=p.weight.device)
              for name, p in projections.items()}
     sums = {name: torch.zeros(p.in_features, dtype=torch.float64, device=p.weight.device)
@@ -192,11 +191,11 @@ def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, dict, 
 
     handles = [p.register_forward_pre_hook(hook(name)) for name, p in projections.items()]
     try:
-        _run_windows(model, windows)
+        run()
     finally:
         for handle in handles:
             handle.remove()
-    return grams, sums, windows.numel()
+    return grams, sums
 
 
 def sequential_statistics(
@@ -221,15 +220,12 @@ def sequential_statistics(
     def fold_nothing_kept(module, args, output):  # a structure pruned to nothing never calls its projection
         stats.add(target[-1], target.pop()[..., :0])
 
-    def stop(module, args, output):
-        raise _StopForward
-
     handles = [
         pruned_block.register_forward_pre_hook(run_dense, with_kwargs=True),
         dense_proj.register_forward_pre_hook(keep_target),
         pruned_proj.register_forward_pre_hook(fold) if pruned_proj.in_features
         else pruned_block.register_forward_hook(fold_nothing_kept),
-        layer.register_forward_hook(stop),
+        layer.register_forward_hook(stop_forward),
     ]
     try:
         _run_windows(model, windows)
