@@ -11,14 +11,18 @@ import torch
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, prune, target_layers
 from hywia_lightning.collective import Collective, process_group_collective
+from hywia_lightning.memory_plan import EstimationSettings, accumulator_bytes
+from hywia_lightning.model_shapes import ModelShape
 from hywia_lightning.pipeline import accumulator_shards
 from hywia_lightning.reconstruction_modes import Independent
 
-from .conftest import tiny_llama
+from .conftest import tiny_config, tiny_llama
 from .gloo import run_ranks
 
 # 5 windows, batches of 2: rank 0 runs windows [0, 2], [4]; rank 1 [1, 3] and a zero-weight window
 WINDOWS = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(1))
+SHAPE = ModelShape.from_config(tiny_config().to_dict())
+G_AND_G2 = EstimationSettings(needs=frozenset({"gradients", "squared_gradients"}), layers=(1, 2))
 
 
 def prune_and_refit(collective: Collective | None, out: Path) -> None:
@@ -51,6 +55,7 @@ def test_two_gloo_ranks_shard_the_accumulators_and_prune_like_one(tmp_path):
         got = torch.load(tmp_path / "ranks" / f"rank{rank}.pt", weights_only=True)
         assert json.dumps(got["plan"], sort_keys=True) == json.dumps(one["plan"], sort_keys=True)
         assert got["accumulator_bytes"] == pytest.approx(one["accumulator_bytes"] / 2, rel=0.03)
+        assert got["accumulator_bytes"] == accumulator_bytes(SHAPE, G_AND_G2, shards=2)  # the memory plan's
         for stage in ("sliced", "refit"):
             assert got[stage].keys() == one[stage].keys()
             for name, tensor in one[stage].items():
