@@ -39,11 +39,15 @@ def process_group_collective(
 ) -> Collective:
     """The default ``torch.distributed`` process group's collectives; ``all_reduce`` and
     ``broadcast`` may come from elsewhere (a Lightning strategy's)."""
+    import torch
     import torch.distributed as dist
 
-    def reduce(tensor: Tensor) -> Tensor:
-        dist.all_reduce(tensor)
-        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+    def reduce(tensor: Tensor) -> Tensor:  # NCCL reduces GPU tensors only: a CPU count goes there and back
+        moved = tensor if device is None else tensor.to(device)
+        dist.all_reduce(moved)
+        return moved.to(tensor.device)
 
     def share(obj: Any) -> Any:
         box = [obj]

@@ -11,13 +11,13 @@ import torch
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, prune, target_layers
 from hywia_lightning.collective import Collective, process_group_collective
+from hywia_lightning.local_ranks import run_ranks
 from hywia_lightning.memory_plan import EstimationSettings, accumulator_bytes
 from hywia_lightning.model_shapes import ModelShape
 from hywia_lightning.pipeline import accumulator_shards
 from hywia_lightning.reconstruction_modes import Independent
 
 from .conftest import tiny_config, tiny_llama
-from .gloo import run_ranks
 
 # 5 windows, batches of 2: rank 0 runs windows [0, 2], [4]; rank 1 [1, 3] and a zero-weight window
 WINDOWS = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(1))

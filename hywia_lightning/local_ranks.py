@@ -1,7 +1,11 @@
-"""Run a function on N CPU processes joined by a gloo process group, with no way to hang a test.
+"""Run a function on N processes of this machine joined by a process group (gloo on CPUs, NCCL on GPUs, one
+each), without a Trainer.
 
-Every collective times out (``COLLECTIVE_TIMEOUT``), the processes are joined with a deadline and
-killed past it, and a rank that fails makes the run fail (its traceback is on stderr).
+Why: the sharded accumulators' evidence (tests/test_sharded_estimation.py,
+scripts/benchmark_sharded_estimation.py) runs the library on several ranks of plain
+``torch.distributed``, and a rank that fails must not leave the others waiting forever: every
+collective times out (``COLLECTIVE_TIMEOUT``), the processes are joined with a deadline and killed
+past it, and a rank that fails makes the run fail (its traceback is on stderr).
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(target: Callable, rank: int, world_size: int, port: int, args: tuple) -> None:
+def _rank_main(target: Callable, rank: int, world_size: int, port: int, backend: str, args: tuple) -> None:
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         target(*args)
@@ -35,11 +41,12 @@ def _rank_main(target: Callable, rank: int, world_size: int, port: int, args: tu
         dist.destroy_process_group()
 
 
-def run_ranks(target: Callable, world_size: int, *args, timeout: float = 180) -> None:
-    """``target(*args)`` on every rank (a module-level function: the ranks are spawned processes)."""
+def run_ranks(target: Callable, world_size: int, *args, timeout: float = 180, backend: str = "gloo") -> None:
+    """``target(*args)`` on every rank, one thread each (a module-level function: the ranks are
+    spawned processes, which inherit this environment); ``nccl``: rank r on GPU r."""
     context = multiprocessing.get_context("spawn")
     port = _free_port()
-    processes = [context.Process(target=_rank_main, args=(target, rank, world_size, port, args), daemon=True)
+    processes = [context.Process(target=_rank_main, args=(target, rank, world_size, port, backend, args), daemon=True)
                  for rank in range(world_size)]
     for process in processes:
         process.start()
