@@ -26,6 +26,17 @@ def stop_forward(module: nn.Module, args, output) -> None:
     raise StopForward
 
 
+def run_windows(model: nn.Module, windows: Tensor) -> None:
+    """One forward pass per window, each as far as the hooks let it go (:class:`StopForward`)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for window in windows:
+            try:
+                model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
+            except StopForward:
+                pass
+
+
 class LayerStream:
     """Decoder layers ``first..last`` of ``model`` (dense, frozen) over ``windows``, one at a time."""
 
@@ -35,7 +46,6 @@ class LayerStream:
         self.next = first
         self.arguments: dict[int, tuple[tuple, dict]] = {}  # each layer's arguments besides the hidden states
         self.hidden: list[Tensor] = []
-        device = next(model.parameters()).device
 
         def capture(index: int):
             def hook(module, args, kwargs):
@@ -51,12 +61,7 @@ class LayerStream:
         handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in self.layers.items()]
         handles.append(self.layers[last].register_forward_hook(stop_forward))
         try:
-            with torch.no_grad():
-                for window in windows:
-                    try:
-                        model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
-                    except StopForward:
-                        pass
+            run_windows(model, windows)
         finally:
             for handle in handles:
                 handle.remove()

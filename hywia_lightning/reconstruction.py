@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .layer_stream import StopForward, stop_forward
+from .layer_stream import run_windows, stop_forward
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,6 @@ def solve_refit(
     )
 
 
-def _run_windows(model, windows: Tensor) -> None:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for window in windows:
-            try:
-                model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
-            except StopForward:
-                pass
-
-
 def dense_grams(projections: dict, run: Callable[[], object]) -> tuple[dict, dict]:
     """``X Xᵀ`` and ``Σ X`` (float64) of the input of every projection (keyed as given) while
     ``run()`` runs them (:meth:`~hywia_lightning.layer_stream.LayerStream.advance`: one layer's)."""
@@ -228,7 +218,7 @@ def sequential_statistics(
         layer.register_forward_hook(stop_forward),
     ]
     try:
-        _run_windows(model, windows)
+        run_windows(model, windows)
     finally:
         for handle in handles:
             handle.remove()

@@ -149,6 +149,23 @@ def test_script_prints_stages_and_ends_in_json(tiny_model_dir):
     assert big.returncode == 1 and last["fits"] is False and last["peak_gib"] > 130  # 70B float32 weights: 257 GiB
 
 
+NO_LIGHTNING = r"""
+import contextlib, io, sys
+sys.path.insert(0, "scripts")
+import memory_plan
+with contextlib.redirect_stdout(io.StringIO()):
+    code = memory_plan.main(["--config", "configs/prune_llama70b_fsdp.yaml", "--device-gib", "80"])
+print(code, sorted(m for m in ("lightning", "torchmetrics", "transformers", "scipy") if m in sys.modules))
+"""
+
+
+def test_the_script_imports_no_lightning():
+    """What keeps it at a few seconds: Lightning (with torchmetrics, transformers, scipy) is never imported."""
+    done = subprocess.run([sys.executable, "-c", NO_LIGHTNING], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["1", "[]"], done.stderr[-2000:]
+
+
 def test_a_job_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_model_dir):
     weightless = tmp_path / "weightless"  # config.json only: loading it would fail with another error
     weightless.mkdir()
