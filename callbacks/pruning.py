@@ -145,6 +145,8 @@ class StructuredPruning(Preflight, Callback):
         self.plan = pl_module.pruning_plan = plan
         self._call_hooks("on_after_slicing", trainer, pl_module, plan)
         self.record(trainer, pl_module, layers, params_before, windows is not None)
+        pl_module.report.record("pruning", {"accumulator_bytes_per_rank": result.accumulator_bytes,
+                                            "accumulator_shards": result.accumulator_shards})
 
     def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
         """One score per unit for every group; override to score groups your own way."""

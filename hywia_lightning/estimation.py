@@ -194,7 +194,8 @@ class Estimator:
         if windows == 0:
             raise RuntimeError("importance estimation saw no calibration window")
         self._spent = True
-        stats = Statistics(windows, accumulator_bytes=self.accumulator_bytes)
+        shards = self.grad_sum.sharded.world_size if self.grad_sum.sharded else 1
+        stats = Statistics(windows, accumulator_bytes=self.accumulator_bytes, accumulator_shards=shards)
 
         def take(sums: dict, key, shape: tuple) -> Tensor:
             """This rank's rows (zeros for a rank with no window), summed over all ranks."""

@@ -89,6 +89,7 @@ class PruneResult:
     scorer: dict       # what the scorer says about itself (the HyWIA fusion's weights)
     seconds: dict[str, float]
     accumulator_bytes: int = 0  # g and g² this rank held after estimation (its shards when sharded)
+    accumulator_shards: int = 1  # the ranks they were sharded over
 
 
 def prune(
@@ -121,7 +122,7 @@ def prune(
                               batch_size, collective, shard_accumulators)
     seconds["estimation"] = time.perf_counter() - start
     start = time.perf_counter()
-    accumulator_bytes = statistics.accumulator_bytes if statistics else 0
+    accumulators = (statistics.accumulator_bytes, statistics.accumulator_shards) if statistics else (0, 1)
     groups = unit_groups(layers, scope.attention_unit, model.config.num_hidden_layers, statistics)
     del statistics
     context = ScoringContext(model, layers, scope, windows, lambda s: allocation.widths(layers, total, scope, s), seed)
@@ -134,4 +135,4 @@ def prune(
         plan = PruningPlan.from_dict(collective.broadcast(plan.to_dict()))
     seconds["pruning"] = time.perf_counter() - start
     return PruneResult(plan, widths, scores, importance_summary(scorer.distributions(scores)), scorer.describe(), seconds,
-                       accumulator_bytes)
+                       *accumulators)

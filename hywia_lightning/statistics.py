@@ -64,6 +64,7 @@ class Statistics:
     parameters: dict[nn.Parameter, ParameterStatistics] = field(default_factory=dict)
     inputs: dict[nn.Linear, InputStatistics] = field(default_factory=dict)
     accumulator_bytes: int = 0  # of g and g² on this rank at the end of the pass (its shards when sharded)
+    accumulator_shards: int = 1  # the ranks g and g² are sharded over (1: whole sums)
 
 
 def check_needs(needs: set[str] | frozenset[str], who: str) -> frozenset[str]:
