@@ -54,6 +54,7 @@ class StructuredPruning(Preflight, Callback):
         seed: int = 0,
         accumulate_dtype: Literal["float32", "float64", "bfloat16"] = "float32",
         estimation_batch_size: PositiveInt = 1,
+        shard_accumulators: bool | None = None,
     ) -> None:
         """
         Args:
@@ -76,6 +77,10 @@ class StructuredPruning(Preflight, Callback):
                 about 3 significant digits).
             estimation_batch_size: calibration windows per forward + backward of the estimation;
                 the statistics are the same for any value (per-window gradients are exact).
+            shard_accumulators: under several processes each keeps only its 1/N shard of the
+                ``g``/``g²`` accumulators (reduce-scattered per batch, gathered one unit group at a
+                time for scoring: the same plan); ``None`` shards whenever there are several ranks,
+                ``false`` keeps whole sums on every rank, all-reduced at the end.
         """
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
@@ -83,6 +88,7 @@ class StructuredPruning(Preflight, Callback):
             raise ValueError(f"attention_unit={attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
         self.accumulate_dtype = accumulate_dtype_named(accumulate_dtype)
         self.estimation_batch_size = estimation_batch_size
+        self.shard_accumulators = shard_accumulators
         self.scope = PruningScope(target_ratio, attention_unit, heads_to_keep, round_to)
         self.calibration = calibration
         self.granularity = make_granularity(granularity, seed)
@@ -125,7 +131,8 @@ class StructuredPruning(Preflight, Callback):
         model = pl_module.model.to(trainer.strategy.root_device)
         windows = self.calibration_data(trainer).windows() if self.granularity.needs else None
         result = prune(model, windows, self.granularity, self.scope, self.allocation, layers, self.accumulate_dtype,
-                       self.estimation_batch_size, trainer_collective(trainer), self.seed, score=self.score)
+                       self.estimation_batch_size, trainer_collective(trainer), self.seed, score=self.score,
+                       shard_accumulators=self.shard_accumulators)
         for name, seconds in result.seconds.items():
             report.record("seconds", {name: round(report.sections["seconds"].get(name, 0.0) + seconds, 3)})
         report.record("importance", result.importance)
@@ -138,6 +145,8 @@ class StructuredPruning(Preflight, Callback):
         self.plan = pl_module.pruning_plan = plan
         self._call_hooks("on_after_slicing", trainer, pl_module, plan)
         self.record(trainer, pl_module, layers, params_before, windows is not None)
+        pl_module.report.record("pruning", {"accumulator_bytes_per_rank": result.accumulator_bytes,
+                                            "accumulator_shards": result.accumulator_shards})
 
     def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
         """One score per unit for every group; override to score groups your own way."""

@@ -1,23 +1,35 @@
-"""hywia-lightning: structured pruning of Llama-family LLMs with hybrid-grained importance."""
+"""hywia-lightning: structured pruning of Llama-family LLMs with hybrid-grained importance.
 
-from .calibration import CalibrationData
-from .causal_lm import CausalLM
-from .estimation import Estimator
-from .allocation import GlobalAllocation, PruningScope, UniformAllocation
-from .granularities import (
-    GRANULARITIES, Element1, Element2, Fluctuation, Granularity, Magnitude, Random, Vector, Vector2, Wanda,
-)
-from .hywia import FusionTrainingArgs, HyWIA
-from .lora_recovery import LoRARecovery
-from .models import BUNDLED_MODEL, load_causal_lm
-from .pipeline import prune, target_layers
-from .recovery_data import RecoveryData
-from .self_generation import Generation
-from .slicing import apply_plan
+The names below are imported when first used (PEP 562), so that importing one submodule (the memory
+plan's arithmetic in ``scripts/memory_plan.py``) does not import Lightning, torchmetrics and
+transformers with every other module: several CPU seconds.
+"""
 
-__all__ = [
-    "BUNDLED_MODEL", "CalibrationData", "CausalLM", "Element1", "Element2", "Estimator", "Fluctuation",
-    "FusionTrainingArgs", "GRANULARITIES", "Generation", "GlobalAllocation", "Granularity", "HyWIA", "LoRARecovery", "Magnitude",
-    "PruningScope", "Random", "RecoveryData", "UniformAllocation", "Vector", "Vector2", "Wanda", "apply_plan",
-    "load_causal_lm", "prune", "target_layers",
-]
+from __future__ import annotations
+
+import importlib
+
+_SOURCES = {
+    "CalibrationData": "calibration", "CausalLM": "causal_lm", "Estimator": "estimation",
+    "GlobalAllocation": "allocation", "PruningScope": "allocation", "UniformAllocation": "allocation",
+    "GRANULARITIES": "granularities", "Element1": "granularities", "Element2": "granularities",
+    "Fluctuation": "granularities", "Granularity": "granularities", "Magnitude": "granularities",
+    "Random": "granularities", "Vector": "granularities", "Vector2": "granularities", "Wanda": "granularities",
+    "FusionTrainingArgs": "hywia", "HyWIA": "hywia", "LoRARecovery": "lora_recovery",
+    "BUNDLED_MODEL": "models", "load_causal_lm": "models", "prune": "pipeline", "target_layers": "pipeline",
+    "RecoveryData": "recovery_data", "Generation": "self_generation", "apply_plan": "slicing",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,8 +9,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .collective import Collective
 from .generation_cache import cached_generation, generation_key
-from .pipeline import Collective
 from .self_generation import GENERATED, Generation, sample_windows
 from .text_sources import check_source, read_text, token_ids
 

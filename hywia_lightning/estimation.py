@@ -16,7 +16,10 @@ squares (O(width) memory). When no granularity needs a gradient, estimation is f
 
 Under several processes each rank passes its share of the windows with their global indices; the
 sums (and the per-window rows, zero where another rank owns the window) are summed over ranks, so
-the statistics are those of one process.
+the statistics are those of one process. With ``sharded`` ranks each keeps only its shard of ``g``
+and ``g²`` (:mod:`hywia_lightning.sharded_sums`): a batch's per-window gradients of one parameter
+are summed locally in its hook and reduce-scattered there, so every rank must run as many batches
+(windows of index ``None`` weigh zero: they only keep the ranks' collectives in step).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .collective import Collective
 from .lm_loss import language_model_loss
 from .progress import Progress
+from .sharded_sums import Sums
 from .statistics import GRADIENT_NEEDS, InputStatistics, ParameterStatistics, Statistics, check_needs
 
 # float16 cannot hold g² (≈1e-12 on real models, below its smallest subnormal 6e-8)
@@ -41,19 +46,13 @@ def accumulate_dtype_named(name: str) -> torch.dtype:
     return ACCUMULATE_DTYPES[name]
 
 
-def _add(sums: dict, key, value: Tensor) -> None:
-    if key in sums:
-        sums[key].add_(value)
-    else:
-        sums[key] = value.clone()
-
-
 class Estimator:
     """Accumulates the requested statistics of ``linears`` over calibration windows of a frozen model."""
 
     def __init__(
         self, model: nn.Module, linears: Sequence[nn.Linear], needs: set[str] | frozenset[str],
         num_windows: int, accumulate_dtype: torch.dtype = torch.float32, batch_size: int = 1,
+        sharded: Collective | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1 (calibration windows per forward + backward)")
@@ -64,27 +63,26 @@ class Estimator:
         self.num_windows = num_windows
         self.accumulate_dtype = accumulate_dtype
         self.batch_size = batch_size
-        self.input_sum: dict[nn.Linear, Tensor] = {}
-        self.input_sq_sum: dict[nn.Linear, Tensor] = {}
+        self.input_sum, self.input_sq_sum = Sums(accumulate_dtype), Sums(accumulate_dtype)  # O(width): never sharded
         self.tokens = 0
-        self.grad_sum: dict[nn.Parameter, Tensor] = {}
-        self.sq_grad_sum: dict[nn.Parameter, Tensor] = {}
+        self.grad_sum, self.sq_grad_sum = Sums(accumulate_dtype, sharded), Sums(accumulate_dtype, sharded)
         self.rows: dict[nn.Parameter, Tensor] = {}
         self.cols: dict[nn.Parameter, Tensor] = {}
         self.windows_seen = 0
         self._spent = False
         self._inputs: dict[nn.Linear, Tensor] = {}  # this pass's input of each prunable Linear, until its δ arrives
-        self._window_index: list[int] = []           # global index of each window of the current batch
+        self._window_index: list[int | None] = []    # global index of each window of the current batch
+        self._real: Tensor | None = None              # which of them weigh (None: all)
 
     @property
     def needs_backward(self) -> bool:
         return bool(self.needs & GRADIENT_NEEDS)
 
-    def accumulate(self, windows: Tensor, indices: Sequence[int] | None = None) -> None:
+    def accumulate(self, windows: Tensor, indices: Sequence[int | None] | None = None) -> None:
         """Forward (+ backward) over ``batch_size`` windows at a time (all of one length).
 
         ``indices``: each window's position among all calibration windows (default ``0..N-1``),
-        the row its per-window saliency goes to."""
+        the row its per-window saliency goes to; ``None`` for a zero-weight window."""
         if self._spent:
             raise RuntimeError("accumulate() after statistics(): the sums were already turned into means")
         windows = windows.reshape(len(windows), -1) if len(windows) else windows
@@ -105,13 +103,16 @@ class Estimator:
             for start in range(0, len(windows), self.batch_size):
                 batch = windows[start : start + self.batch_size].to(device)
                 self._window_index = indices[start : start + len(batch)]
+                real = [i is not None for i in self._window_index]
+                self._real = None if all(real) else torch.tensor(real, device=device)
                 if self.needs_backward:
                     # the loss is the mean over equally long windows, so B·loss has window i's own loss as its i-th term
                     (language_model_loss(self.model, batch) * len(batch)).backward()
                 else:
                     with torch.no_grad():
                         self.model(input_ids=batch, use_cache=False)
-                self.windows_seen += len(batch)
+                self.windows_seen += sum(real)
+                self.tokens += sum(real) * batch.shape[1]
                 progress.update(len(batch))
                 self._inputs.clear()
         finally:
@@ -128,12 +129,11 @@ class Estimator:
             if module in self._inputs:  # δᵢᵀxᵢ per call would square partial gradients
                 raise RuntimeError(f"{module} ran twice in one forward; per-window gradients need one call per Linear")
             self._inputs[module] = x  # autograd keeps no copy: the weight is frozen
-        if module is self.linears[0]:
-            self.tokens += x.numel() // x.shape[-1]
         if "input_moments" in self.needs:
-            flat = x.reshape(-1, x.shape[-1]).to(self.accumulate_dtype)
-            _add(self.input_sum, module, flat.sum(0))
-            _add(self.input_sq_sum, module, flat.pow(2).sum(0))
+            real = x if self._real is None else x[self._real]
+            flat = real.reshape(-1, x.shape[-1]).to(self.accumulate_dtype)
+            self.input_sum.add(module, flat.sum(0))
+            self.input_sq_sum.add(module, flat.pow(2).sum(0))
 
     def _after_linear(self, module: nn.Linear, args, output: Tensor) -> Tensor:
         if not output.requires_grad:  # the first prunable Linear: the gradient only needs to reach its output
@@ -142,23 +142,28 @@ class Estimator:
         return output
 
     def _fold_gradient(self, module: nn.Linear, delta: Tensor) -> None:
-        """Fold the per-window gradients ``δᵢᵀ xᵢ`` (and ``Σ_t δᵢ`` for a bias) into the accumulators."""
+        """Fold the per-window gradients ``δᵢᵀ xᵢ`` (and ``Σ_t δᵢ`` for a bias) into the accumulators,
+        then end the batch for this Linear's parameters (sharded: reduce-scatter into the shards)."""
         x = self._inputs.pop(module)
         x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x[None]
         delta = delta.reshape(delta.shape[0], -1, delta.shape[-1]) if delta.dim() > 2 else delta[None]
         for i, window in enumerate(self._window_index):
+            if window is None:
+                continue
             self._fold(module.weight, delta[i].T @ x[i], window)
             if module.bias is not None:
                 self._fold(module.bias, delta[i].sum(0), window)
+        for param in (module.weight, module.bias):
+            for need, sums in (("gradients", self.grad_sum), ("squared_gradients", self.sq_grad_sum)):
+                if param is not None and need in self.needs:
+                    sums.flush(param, param.shape, param.device)
 
     def _fold(self, param: nn.Parameter, grad: Tensor, window: int) -> None:
         grad = grad.to(self.accumulate_dtype)
         if "gradients" in self.needs:
-            _add(self.grad_sum, param, grad)
+            self.grad_sum.add(param, grad)
         if "squared_gradients" in self.needs:
-            if param not in self.sq_grad_sum:
-                self.sq_grad_sum[param] = torch.zeros_like(grad)
-            self.sq_grad_sum[param].addcmul_(grad, grad)  # in place: no temporary of the weight's size
+            self.sq_grad_sum.add(param, grad, squared=True)
         if "window_saliency" in self.needs:
             taylor = param.detach().to(self.accumulate_dtype) * grad
             if param not in self.rows:
@@ -171,10 +176,16 @@ class Estimator:
             else:
                 self.rows[param][window] += taylor
 
+    @property
+    def accumulator_bytes(self) -> int:
+        """Bytes of ``g`` and ``g²`` this rank holds now (its shards when sharded)."""
+        return self.grad_sum.nbytes + self.sq_grad_sum.nbytes
+
     def statistics(self, all_reduce: Callable[[Tensor], Tensor] | None = None) -> Statistics:
         """Means per parameter and per input feature, summed over all processes by ``all_reduce``
-        when given. The sums become the means in place (no second copy of the accumulators at the
-        peak), so this is called once, after the last :meth:`accumulate`."""
+        when given (sharded ``g``/``g²`` stay this rank's :class:`~hywia_lightning.sharded_sums.Shard`).
+        The sums become the means in place (no second copy of the accumulators at the peak), so this
+        is called once, after the last :meth:`accumulate`."""
         if self._spent:
             raise RuntimeError("statistics() was already called: the sums were turned into means in place")
         reduce = all_reduce or (lambda t: t)
@@ -183,20 +194,20 @@ class Estimator:
         if windows == 0:
             raise RuntimeError("importance estimation saw no calibration window")
         self._spent = True
-        stats = Statistics(windows)
+        shards = self.grad_sum.sharded.world_size if self.grad_sum.sharded else 1
+        stats = Statistics(windows, accumulator_bytes=self.accumulator_bytes, accumulator_shards=shards)
 
         def take(sums: dict, key, shape: tuple) -> Tensor:
-            """This rank's sum (zeros for a rank with no window), summed over all ranks."""
-            device = key.weight.device if isinstance(key, nn.Linear) else key.device
-            local = sums.pop(key) if key in sums else torch.zeros(shape, dtype=self.accumulate_dtype, device=device)
+            """This rank's rows (zeros for a rank with no window), summed over all ranks."""
+            local = sums.pop(key) if key in sums else torch.zeros(shape, dtype=self.accumulate_dtype, device=key.device)
             return reduce(local)
 
         for p in self.params:
             entry = ParameterStatistics()
             if "gradients" in self.needs:
-                entry.grad = take(self.grad_sum, p, p.shape).div_(windows)
+                entry.grad = self.grad_sum.mean(p, p.shape, p.device, windows, reduce)
             if "squared_gradients" in self.needs:
-                entry.sq_grad = take(self.sq_grad_sum, p, p.shape).div_(windows)
+                entry.sq_grad = self.sq_grad_sum.mean(p, p.shape, p.device, windows, reduce)
             if "window_saliency" in self.needs:
                 entry.row_saliency = take(self.rows, p, (self.num_windows, p.shape[0]))
                 if p.dim() == 2:
@@ -204,7 +215,8 @@ class Estimator:
             stats.parameters[p] = entry
         if "input_moments" in self.needs:
             for m in self.linears:
-                mean = take(self.input_sum, m, (m.in_features,)).div_(max(tokens, 1))
-                sq_mean = take(self.input_sq_sum, m, (m.in_features,)).div_(max(tokens, 1))
+                shape, device, count = torch.Size((m.in_features,)), m.weight.device, max(tokens, 1)
+                mean = self.input_sum.mean(m, shape, device, count, reduce)
+                sq_mean = self.input_sq_sum.mean(m, shape, device, count, reduce)
                 stats.inputs[m] = InputStatistics(tokens, mean, sq_mean)
         return stats

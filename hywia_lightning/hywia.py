@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from jsonargparse.typing import PositiveInt
@@ -28,7 +28,7 @@ from .fusion import FusionAttention, GroupScores, fuse, standardize_across_group
 from .fusion_training import FusionTraining, MaskTarget
 from .granularities import Granularity, check_scores, make_granularity
 from .scoring import ScoringContext
-from .unit_groups import UnitGroup, effective_attention_unit
+from .unit_groups import GroupKey, UnitGroup, effective_attention_unit
 
 FusionMode = Literal["fixed", "heuristic", "learned"]
 FUSION_MODES = ("fixed", "heuristic", "learned")
@@ -116,31 +116,33 @@ class HyWIA(Granularity):
                 f"allowed 1..{num_windows - 1} with {num_windows} calibration windows"
             )
 
-    def scheme_scores(self, groups: list[UnitGroup]) -> list[GroupScores]:
-        scored = [
-            GroupScores.build(g.name, g.kind, g.layer, g.num_layers, [check_scores(s(g), g, s) for s in self.schemes])
+    def scheme_scores(self, groups: Sequence[UnitGroup]) -> dict[GroupKey, GroupScores]:
+        """Every scheme's scores of every group, reading each group once (a read may gather its statistics)."""
+        scored = {
+            g.key: GroupScores.build(g.name, g.kind, g.layer, g.num_layers, [check_scores(s(g), g, s) for s in self.schemes])
             for g in groups
-        ]
+        }
         if self.normalization == "kind":
-            standardize_across_groups(scored)
+            standardize_across_groups(list(scored.values()))
         return scored
 
-    def score_groups(self, groups: list[UnitGroup], context: ScoringContext) -> dict:
-        fused_groups = self.scheme_scores(groups)
+    def score_groups(self, groups: Sequence[UnitGroup], context: ScoringContext) -> dict:
+        scored = self.scheme_scores(groups)
+        keys, fused_groups = list(scored), list(scored.values())
         start = time.perf_counter()
         if self.mode == "learned":
-            weights, training = self.learn_weights(groups, fused_groups, context)
+            weights, training = self.learn_weights(keys, fused_groups, context)
         else:
             weights, training = self.rule_weights(fused_groups), None
         self._record = {
             "mode": self.mode,
             "schemes": [s.name for s in self.schemes],
-            "weights": {g.name: [round(float(w), 6) for w in weights[i]] for i, g in enumerate(groups)},
+            "weights": {fg.name: [round(float(w), 6) for w in weights[i]] for i, fg in enumerate(fused_groups)},
             "training": training,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        self._raw = {s.name: {g.name: fg.raw[i] for g, fg in zip(groups, fused_groups)} for i, s in enumerate(self.schemes)}
-        return {g.key: fuse(weights[i], fg.normalized) for i, (g, fg) in enumerate(zip(groups, fused_groups))}
+        self._raw = {s.name: {fg.name: fg.raw[i] for fg in fused_groups} for i, s in enumerate(self.schemes)}
+        return {key: fuse(weights[i], fg.normalized) for i, (key, fg) in enumerate(scored.items())}
 
     def describe(self) -> dict:
         return self._record
@@ -158,17 +160,17 @@ class HyWIA(Granularity):
         return (self.sharpness * (depth[:, None] - 0.5) * signs[None, :]).softmax(-1)
 
     def learn_weights(
-        self, groups: list[UnitGroup], scored: list[GroupScores], context: ScoringContext
+        self, keys: list[GroupKey], scored: list[GroupScores], context: ScoringContext
     ) -> tuple[Tensor, dict]:
         """Train the fusion attention against the widths the allocation gives the uniform blend."""
         uniform = torch.full((len(self.schemes),), 1 / len(self.schemes), dtype=torch.float64)
-        widths = context.widths({g.key: fuse(uniform, s.normalized) for g, s in zip(groups, scored)})
+        widths = context.widths({key: fuse(uniform, s.normalized) for key, s in zip(keys, scored)})
         holdout = self.training.holdout
         train, held_out = context.windows[:-holdout], context.windows[-holdout:]
         torch.manual_seed(self.seed)
         module = FusionTraining(
             context.model, FusionAttention(len(self.schemes), self.training.width), scored,
-            mask_targets(context, groups, widths), self.training.lr, self.training.temperatures,
+            mask_targets(context, keys, widths), self.training.lr, self.training.temperatures,
         )
         initial = module.weights()
         module.fit(train, held_out, self.training.epochs, self.training.patience, self.seed)
@@ -181,14 +183,14 @@ class HyWIA(Granularity):
         }
 
 
-def mask_targets(context: ScoringContext, groups: list[UnitGroup], widths: dict) -> list[MaskTarget]:
+def mask_targets(context: ScoringContext, keys: list[GroupKey], widths: dict) -> list[MaskTarget]:
     """Where each group's soft mask acts, and how many units it keeps."""
     by_layer = {s.layer: s for s in context.layers}
     targets = []
-    for g in groups:
-        s, w = by_layer[g.layer], widths[g.layer]
+    for key in keys:
+        s, w = by_layer[key.layer], widths[key.layer]
         attn = s.attention
-        if g.kind == "mlp":
+        if key.kind == "mlp":
             targets.append(MaskTarget(s.mlp.down_proj, 1, w.num_channels))
         elif effective_attention_unit(attn, context.scope.attention_unit) == "kv_groups":
             targets.append(MaskTarget(attn.o_proj, attn.group_size * attn.head_dim, w.num_kv_heads))

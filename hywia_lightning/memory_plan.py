@@ -6,11 +6,12 @@ stage is the peak. Each stage's peak is a sum of named parts, every one the byte
 code holds at that stage's highest point (the sources are named in each part's comment), plus the
 runtime (the process and its libraries on a CPU, the CUDA context on a GPU).
 
-Per rank: today estimation, scoring, fusion training and reconstruction hold the whole model and
-its statistics on every rank (windows are sharded, not tensors); only LoRA recovery under FSDP
-shards weights, adapters and optimizer states over ``devices × num_nodes``. ``estimation_shards``
-is where a sharded estimation (issue 13, item 1) enters: the parts it would divide are marked
-``sharded`` and divided by it; it is 1 until that exists.
+Per rank: estimation, scoring, fusion training and reconstruction hold the whole model on every
+rank (windows are sharded); with several ranks each keeps only its ``1/estimation_shards`` of the
+``g``/``g²`` accumulators (``shard_accumulators``, :mod:`hywia_lightning.sharded_sums`), and
+scoring gathers one layer's statistics at a time. Reconstruction holds one layer's Gram matrices at
+a time (:mod:`hywia_lightning.layer_stream`). LoRA recovery under FSDP shards weights, adapters and
+optimizer states over ``devices × num_nodes``. Parts divided over the ranks are marked ``sharded``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class EstimationSettings:
 class ReconstructionSettings:
     mode: str = "independent"
     seq_len: int = 128
+    num_windows: int = 32                        # over all ranks (each caches its share's hidden states)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class JobSettings:
     reconstruction: ReconstructionSettings | None = None
     perplexity: EvaluationSettings | None = None
     recovery: RecoverySettings | None = None
-    estimation_shards: int = 1                   # sharded estimation (issue 13 item 1): not built, so 1
+    estimation_shards: int = 1                   # ranks the g/g² accumulators are sharded over (shard_accumulators)
 
     @property
     def world_size(self) -> int:
@@ -174,15 +176,21 @@ def weights(shape: ModelShape, b: int, kept: float = 1.0) -> int:
     return int(shape.parameters() * kept * b)
 
 
-def accumulator_bytes(shape: ModelShape, e: EstimationSettings) -> int:
-    """``g`` and ``g²`` (each the size of every prunable weight), per-window saliency rows and input
-    moments, in ``accumulate_dtype`` (``estimation.Estimator``)."""
+def _copies(e: EstimationSettings) -> int:
+    """How many weight-sized sums estimation keeps: ``g`` and/or ``g²``."""
+    return ("gradients" in e.needs) + ("squared_gradients" in e.needs)
+
+
+def accumulator_bytes(shape: ModelShape, e: EstimationSettings, shards: int = 1) -> int:
+    """``g`` and ``g²`` (each the size of every prunable weight; one rank's ``⌈numel / shards⌉`` of
+    each when sharded), per-window saliency rows and input moments (whole on every rank), in
+    ``accumulate_dtype`` (``estimation.Estimator``, ``sharded_sums.Sums``)."""
     a = DTYPE_BYTES[e.accumulate_dtype]
-    copies = ("gradients" in e.needs) + ("squared_gradients" in e.needs)
+    copies = _copies(e)
     total = 0
     for layer in e.layers:
         for out, inp in _prunable(shape, layer, e.attention_unit).values():
-            total += copies * out * inp * a
+            total += copies * -(-out * inp // shards) * a
             if "window_saliency" in e.needs:
                 total += e.num_windows * (out + inp) * a
             if "input_moments" in e.needs:
@@ -197,8 +205,7 @@ def _largest(shape: ModelShape, e: EstimationSettings) -> int:
 def estimation_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     e, b, shards = job.estimation, DTYPE_BYTES[job.dtype], job.estimation_shards
     a = DTYPE_BYTES[e.accumulate_dtype]
-    parts = [Part("weights", weights(shape, b) // shards, shards > 1),
-             Part("accumulators", accumulator_bytes(shape, e) // shards, shards > 1)]
+    parts = [Part("weights", weights(shape, b)), Part("accumulators", accumulator_bytes(shape, e, shards), shards > 1)]
     if e.needs & {"gradients", "squared_gradients", "window_saliency"}:
         tokens, first = e.batch_size * e.seq_len, min(e.layers)
         hooked = set(e.layers)
@@ -212,24 +219,28 @@ def estimation_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
         # one window's gradient δᵢᵀxᵢ of the largest Linear, its accumulate-dtype copy and the Taylor term
         transient = b + (a if a != b else 0) + (a if "window_saliency" in e.needs else 0)
         parts.append(Part("per-window gradient", _largest(shape, e) * transient))
+        if shards > 1:  # sharded: the batch's local g/g² of one Linear until it is reduce-scattered
+            parts.append(Part("batch sums of one Linear", _copies(e) * _largest(shape, e) * a))
     else:  # forward passes only: one layer's outputs at a time and the logits
         tokens = e.batch_size * e.seq_len
         parts.append(Part("activations", tokens * (b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
                                                     + (b + 4) * shape.vocab_size)))
-    return StagePeak("estimation", parts, "whole model on every rank" if shards == 1 else f"sharded over {shards}")
+    return StagePeak("estimation", parts, "whole model on every rank" + (
+        f", g/g² sharded over {shards}" if shards > 1 else ""))
 
 
 def _unit_major_copies(shape: ModelShape, e: EstimationSettings, b: int) -> int:
-    """What building the unit groups copies (``unit_groups.build_group``): a unit-major view
-    (``[units, -1]``) of a unit that spans several rows (a query head's ``head_dim`` rows) or
-    several columns (``o_proj``'s) cannot be a view of the transposed or broadcast tensor. So
-    ``o_proj``'s weight, ``g`` and ``g²`` are copied, and with input moments each such member's input
-    norms and variances broadcast to its weight's shape, in the model dtype. MLP channels (one row,
-    one column) are views."""
+    """What building one attention group copies (``unit_groups.build_group``; groups are built one
+    at a time, ``unit_groups.UnitGroups``): a unit-major view (``[units, -1]``) of a unit that spans
+    several rows (a query head's ``head_dim`` rows) or several columns (``o_proj``'s) cannot be a
+    view of the transposed or broadcast tensor. So ``o_proj``'s weight, ``g`` and ``g²`` are copied,
+    and with input moments each such member's input norms and variances broadcast to its weight's
+    shape, in the model dtype. MLP channels (one row, one column) are views."""
     a = DTYPE_BYTES[e.accumulate_dtype]
-    copies = ("gradients" in e.needs) + ("squared_gradients" in e.needs)
-    total = 0
+    copies = _copies(e)
+    largest = 0
     for layer in e.layers:
+        total = 0
         units = shape.kv_heads(layer) if e.attention_unit == "kv_groups" else shape.heads(layer)
         for name, (out, inp) in _members(shape, layer, e.attention_unit).items():
             if name in ("gate_proj", "up_proj", "down_proj"):
@@ -241,25 +252,38 @@ def _unit_major_copies(shape: ModelShape, e: EstimationSettings, b: int) -> int:
                 total += out * inp * (b + copies * a)
             if "input_moments" in e.needs:
                 total += 2 * out * inp * b
-    return total
+        largest = max(largest, total)
+    return largest
+
+
+def _gathered_layer(shape: ModelShape, e: EstimationSettings) -> int:
+    """Sharded: the whole ``g``/``g²`` of one layer's members (its MLP group, and the attention group
+    built while the MLP's is still referenced), gathered for scoring (``sharded_sums.whole``)."""
+    a = DTYPE_BYTES[e.accumulate_dtype]
+    return max(_copies(e) * a * sum(o * i for o, i in _members(shape, layer, e.attention_unit).values())
+               for layer in e.layers)
 
 
 def scoring_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     e, b, shards = job.estimation, DTYPE_BYTES[job.dtype], job.estimation_shards
-    parts = [Part("weights", weights(shape, b) // shards, shards > 1),
-             Part("accumulators", accumulator_bytes(shape, e) // shards, shards > 1),
-             Part("unit-major copies", _unit_major_copies(shape, e, b) // shards, shards > 1),
+    parts = [Part("weights", weights(shape, b)),
+             Part("accumulators", accumulator_bytes(shape, e, shards), shards > 1),
+             Part("unit-major copies of one group", _unit_major_copies(shape, e, b)),
              # a scheme's float64 temporaries over the largest member (w, g or F, their product, the sum)
              Part("float64 scoring temporaries", 4 * 8 * _largest(shape, e))]
-    return StagePeak("scoring", parts, "unit groups of every pruned layer at once")
+    if shards > 1:
+        parts.append(Part("one layer's statistics gathered", _gathered_layer(shape, e)))
+    return StagePeak("scoring", parts, "one unit group at a time" + (
+        f", g/g² sharded over {shards}" if shards > 1 else ""))
 
 
 def fusion_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
-    """Learned fusion: scoring's tensors stay alive (the groups) while one window's masked forward +
-    backward runs; the masks keep the inputs of ``o_proj``/``down_proj``."""
+    """Learned fusion: the weights and the accumulators stay alive (the unit groups could be built
+    again) while one window's masked forward + backward runs; the masks keep the inputs of
+    ``o_proj``/``down_proj``."""
     e, b = job.estimation, DTYPE_BYTES[job.dtype]
     scoring = scoring_peak(shape, job)
-    persistent = [p for p in scoring.parts if p.name != "float64 scoring temporaries"]
+    persistent = [p for p in scoring.parts if p.name in ("weights", "accumulators")]
     tokens, first, masked = e.seq_len, min(e.layers), set(e.layers)
     per_token = sum(_layer_activations(shape, layer, b, (shape.heads(layer) * shape.head_dim + shape.intermediate(layer))
                                        if layer in masked else 0)
@@ -268,37 +292,44 @@ def fusion_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
                                                         Part("logits", _logits(shape, tokens))], "one window per step")
 
 
+def _layer_inputs(shape: ModelShape, e: EstimationSettings, layer: int) -> list[int]:
+    """Input widths of the layer's refit projections: ``o_proj`` (heads × head_dim), ``down_proj``."""
+    return ([shape.heads(layer) * shape.head_dim] if e.attention_unit != "none" else []) + [shape.intermediate(layer)]
+
+
 def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
-    """Independent mode holds ``X Xᵀ`` (float64) of every pruned projection's input at once
-    (``reconstruction.dense_grams``): ``o_proj`` (heads × head_dim) and ``down_proj`` (intermediate)
-    of every pruned layer, then solves one at a time. Sequential mode holds a dense copy of the
-    pruned blocks and one structure's moments at a time."""
+    """Independent mode runs the dense layers one at a time over the cached hidden states of the
+    rank's windows (``layer_stream.LayerStream``) and holds ``X Xᵀ`` (float64) of one layer's pruned
+    projections' inputs (``o_proj``, ``down_proj``), solves them and drops them; the refit weights
+    wait for the slicing. Sequential mode streams the pruned model the same way and holds a dense
+    copy of the pruned blocks and one structure's moments at a time."""
     e, r, b = job.estimation, job.reconstruction, DTYPE_BYTES[job.dtype]
-    inputs = []
-    for layer in e.layers:
-        if e.attention_unit != "none":
-            inputs.append(shape.heads(layer) * shape.head_dim)
-        inputs.append(shape.intermediate(layer))
-    n = max(inputs)
+    n = max(m for layer in e.layers for m in _layer_inputs(shape, e, layer))
     out = shape.hidden_size
     tokens = r.seq_len
     parts = [Part("weights", weights(shape, b))]
-    forward = Part("forward of one window", tokens * (b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
-                                                      + b * shape.vocab_size))
+    layer_forward = tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
     # the solve of the widest projection: cross (n×k), k×k system, its factor, eye, and the dense weight in float64;
     # k (kept inputs) is not known before the plan: bounded by n
     solve = Part("largest solve", 8 * (6 * n * n + 3 * out * n))
+    windows = -(-r.num_windows // job.world_size)  # this rank's share
+    hidden = windows * tokens * shape.hidden_size * b
     if r.mode == "sequential":
         dense = sum(sum(o * i for name, (o, i) in shape.layer_linears(layer).items()
                         if e.attention_unit != "none" or name in ("gate_proj", "up_proj", "down_proj"))
                     for layer in e.layers) * b
         parts += [Part("dense copy of the pruned blocks", dense), Part("one structure's moments", 8 * 3 * n * n + 12 * n * n),
-                  forward, solve]
+                  Part("cached hidden states", hidden),
+                  Part("forward of one window through one layer", 2 * layer_forward), solve]
         return StagePeak("reconstruction", parts, "sequential: one structure's moments at a time")
-    grams = sum(8 * (m * m + m) for m in inputs)
-    parts += [Part("Gram matrices (float64, all layers)", grams), Part("float32 product of a window", 12 * n * n), forward,
-              solve]
-    return StagePeak("reconstruction", parts, f"X Xᵀ of {len(inputs)} projections held at once")
+    grams = max(sum(8 * (m * m + m) for m in _layer_inputs(shape, e, layer)) for layer in e.layers)
+    # kept inputs are not known before the plan: the dense widths scaled by the kept share
+    refits = sum(int(out * m * (1 - job.target_ratio)) * b for layer in e.layers for m in _layer_inputs(shape, e, layer))
+    parts += [Part("Gram matrices (float64, one layer)", grams), Part("float32 product of a window", 12 * n * n),
+              Part("cached hidden states", hidden),
+              Part("forward of one window through one layer", layer_forward),
+              Part("refit weights until slicing", refits), solve]
+    return StagePeak("reconstruction", parts, "X Xᵀ of one layer at a time")
 
 
 def perplexity_peak(shape: ModelShape, job: JobSettings) -> StagePeak:

@@ -1,9 +1,11 @@
 """The memory plan of a parsed job: its settings read from the CLI's config, nothing instantiated.
 
 Why: the plan must come before any weight is loaded, so it reads the parsed config (the namespace
-LightningCLI builds before instantiating classes): the keys of each stage, the trainer's devices
-and the model's shape (:mod:`hywia_lightning.model_shapes`, offline). Also the memory of the
-devices the job will run on, for the fit check.
+LightningCLI builds before instantiating classes, or :mod:`hywia_lightning.job_config`'s): the keys
+of each stage, the trainer's devices and the model's shape (:mod:`hywia_lightning.model_shapes`,
+offline). Also the memory of the devices the job will run on, for the fit check. The project's
+classes are told apart by their class paths (:data:`PROJECT_CLASSES`), not imported: importing the
+callbacks imports Lightning (seconds).
 """
 
 from __future__ import annotations
@@ -48,6 +50,39 @@ def _class(spec: Any) -> type | None:
         return None
 
 
+#: the classes a plan asks about (by the class paths configs give them and the ones the CLI's parser
+#: writes), each with the kinds of :data:`KINDS` it is; tests/test_memory_plan.py checks it against the classes
+PROJECT_CLASSES: dict[str, frozenset[str]] = {
+    **dict.fromkeys(("callbacks.StructuredPruning", "callbacks.pruning.StructuredPruning", "callbacks.HybridPruning",
+                     "callbacks.hybrid_pruning.HybridPruning"), frozenset({"StructuredPruning"})),
+    **dict.fromkeys(("callbacks.LeastSquaresReconstruction", "callbacks.reconstruction.LeastSquaresReconstruction"),
+                    frozenset({"LeastSquaresReconstruction"})),
+    **dict.fromkeys(("callbacks.PerplexityEvaluation", "callbacks.perplexity.PerplexityEvaluation"),
+                    frozenset({"PerplexityEvaluation"})),
+    **dict.fromkeys(("hywia_lightning.LoRARecovery", "hywia_lightning.lora_recovery.LoRARecovery"),
+                    frozenset({"LoRARecovery"})),
+    **dict.fromkeys(("hywia_lightning.CausalLM", "hywia_lightning.causal_lm.CausalLM", "callbacks.Export",
+                     "callbacks.export.Export", "callbacks.Report", "callbacks.report.Report",
+                     "callbacks.ZeroShotEvaluation", "callbacks.zeroshot.ZeroShotEvaluation"), frozenset()),
+}
+KINDS = {"StructuredPruning": "callbacks.StructuredPruning", "LeastSquaresReconstruction": "callbacks.LeastSquaresReconstruction",
+         "PerplexityEvaluation": "callbacks.PerplexityEvaluation", "LoRARecovery": "hywia_lightning.LoRARecovery"}
+#: packages that hold none of the project's classes: their class paths are no stage and need no import
+_FOREIGN = ("lightning", "pytorch_lightning", "torch")
+
+
+def _is(spec: Any, kind: str) -> bool:
+    """Whether ``spec``'s class is (a subclass of) the project's ``kind``: by :data:`PROJECT_CLASSES`,
+    else imported (a user's class)."""
+    path = _get(spec, "class_path")
+    if not path or path.split(".")[0] in _FOREIGN:
+        return False
+    if path in PROJECT_CLASSES:
+        return kind in PROJECT_CLASSES[path]
+    cls = _class(spec)
+    return cls is not None and issubclass(cls, import_object(KINDS[kind]))
+
+
 def declared_needs(spec: Any) -> tuple[frozenset[str], bool]:
     """The statistics a granularity (a registered name or a ``class_path``) declares, and whether it
     trains a fusion (HyWIA ``learned``), from the class attributes: nothing is instantiated."""
@@ -73,16 +108,11 @@ def declared_needs(spec: Any) -> tuple[frozenset[str], bool]:
 
 def _stage(config: Namespace, group: str, kind: str) -> Namespace | None:
     """A stage's ``init_args``: its named group, or a callback of that kind in ``trainer.callbacks``."""
-    import callbacks
-
-    cls = getattr(callbacks, kind)
     named = _get(config, group)
     if named is not None:  # a stage group's class_path may be omitted for the stage's own class
-        found = _class(named) if named.get("class_path") else cls
-        return _get(named, "init_args", default=Namespace()) if found and issubclass(found, cls) else None
+        return _get(named, "init_args", default=Namespace()) if not named.get("class_path") or _is(named, kind) else None
     for spec in _get(config, "trainer", "callbacks", default=[]) or []:
-        found = _class(spec) if isinstance(spec, Namespace) else None
-        if found is not None and issubclass(found, cls):
+        if isinstance(spec, Namespace) and _is(spec, kind):
             return _get(spec, "init_args", default=Namespace())
     return None
 
@@ -151,15 +181,13 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
         if refit is not None:
             refit_data = _get(refit.get("calibration"), "init_args", default=refit.get("calibration")) or calibration
             reconstruction = ReconstructionSettings(refit.get("mode") or "independent",
-                                                    int(_get(refit_data, "seq_len", default=128)))
+                                                    int(_get(refit_data, "seq_len", default=128)),
+                                                    int(_get(refit_data, "num_windows", default=32)))
     ppl = _stage(config, "perplexity", "PerplexityEvaluation")
     perplexity = EvaluationSettings(int(ppl.get("batch_size") or 8), int(ppl.get("seq_len") or 128)) if ppl is not None else None
     recovery = None
-    model_class = _class(_get(config, "model"))
-    from .lora_recovery import LoRARecovery
-
     trains = trainer.get("max_steps") != 0 and trainer.get("limit_train_batches") != 0
-    if model_class is not None and issubclass(model_class, LoRARecovery) and trains:
+    if _is(_get(config, "model"), "LoRARecovery") and trains:
         strategy = trainer.get("strategy")
         strategy_name = str(_get(strategy, "class_path", default=strategy) or "")
         fsdp = "fsdp" in strategy_name.lower()
@@ -170,9 +198,11 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
             dropout=float(model.get("dropout") or 0.0), batch_size=int(_get(data, "batch_size", default=8)),
             seq_len=int(_get(data, "seq_len", default=256)), activation_checkpointing=checkpointing, fsdp=fsdp,
         )
-    job = JobSettings(dtype=dtype, devices=_devices(trainer.get("devices"), accelerator),
-                      num_nodes=int(trainer.get("num_nodes") or 1), accelerator=accelerator, target_ratio=target_ratio,
-                      estimation=estimation, reconstruction=reconstruction, perplexity=perplexity, recovery=recovery)
+    devices, num_nodes = _devices(trainer.get("devices"), accelerator), int(trainer.get("num_nodes") or 1)
+    shards = devices * num_nodes if pruning is not None and pruning.get("shard_accumulators") is not False else 1
+    job = JobSettings(dtype=dtype, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+                      target_ratio=target_ratio, estimation=estimation, reconstruction=reconstruction,
+                      perplexity=perplexity, recovery=recovery, estimation_shards=shards)
     return job, str(model.get("model_name_or_path") or ""), model.get("cache_dir")
 
 
@@ -220,6 +250,7 @@ def device_bytes(job: JobSettings) -> tuple[float | None, str]:
 
 #: what to change, the YAML key and the setting, tried in this order when a job does not fit
 REMEDIES = (
+    ("pruning.init_args.shard_accumulators", "true", lambda job: _replace(job, estimation_shards=job.world_size)),
     ("pruning.init_args.accumulate_dtype", "bfloat16", lambda job: _replace_estimation(job, accumulate_dtype="bfloat16")),
     ("model.init_args.dtype", "bfloat16", lambda job: _replace(job, dtype="bfloat16")),
     ("pruning.init_args.estimation_batch_size", "1", lambda job: _replace_estimation(job, batch_size=1)),
@@ -263,7 +294,9 @@ def refusal(job_plan: JobPlan, limit: float, source: str) -> "InputError":
     problem = (f"the memory plan of {job_plan.model} needs {peak.gib:.1f} GiB per rank at its {peak.stage} stage "
                f"({parts} GiB), more than the {limit / 2**30:.1f} GiB of {source}")
     job = plan.job
-    now = {"pruning.init_args.accumulate_dtype": job.estimation.accumulate_dtype if job.estimation else None,
+    now = {"pruning.init_args.shard_accumulators": (str(job.estimation_shards > 1).lower()
+                                                    if job.estimation and job.world_size > 1 else None),
+           "pruning.init_args.accumulate_dtype": job.estimation.accumulate_dtype if job.estimation else None,
            "model.init_args.dtype": job.dtype,
            "pruning.init_args.estimation_batch_size": job.estimation.batch_size if job.estimation else None}
     lowered = {key: (value, gib) for key, value, gib in remedies(plan)}
@@ -273,8 +306,9 @@ def refusal(job_plan: JobPlan, limit: float, source: str) -> "InputError":
             continue
         change = f", {lowered[key][0]} → {lowered[key][1]:.1f} GiB" if key in lowered else ""
         keys.append(f"{key} (now {current}{change})")
-    keys.append(f"trainer.devices / trainer.num_nodes (now {job.devices} × {job.num_nodes}; they shard only LoRA "
-                "recovery under FSDP today: estimation and reconstruction hold the whole model on every rank)")
+    keys.append(f"trainer.devices / trainer.num_nodes (now {job.devices} × {job.num_nodes}; more ranks shard the g/g² "
+                "accumulators of estimation and, under FSDP, LoRA recovery; the weights stay whole on every rank "
+                "for estimation, scoring and reconstruction)")
     hint = ("the keys that lower it (each change applied on top of the ones before): " + "; ".join(keys) +
             ". The whole plan: python scripts/memory_plan.py --config CONFIG; "
             f"{CHECK_VARIABLE}=0 skips this check, {DEVICE_GIB_VARIABLE}=N sets one device's GiB")

@@ -162,16 +162,9 @@ def solve_refit(
     )
 
 
-def _run_windows(model, windows: Tensor) -> None:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for window in windows:
-            model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
-
-
-def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, dict, int]:
-    """``X Xᵀ`` and ``Σ X`` (float64) of the input of every projection (keyed as given) over ``windows``,
-    in one pass, and the token count."""
+def dense_grams(projections: dict, run: Callable[[], object]) -> tuple[dict, dict]:
+    """``X Xᵀ`` and ``Σ X`` (float64) of the input of every projection (keyed as given) while
+    ``run()`` runs them (:meth:`~hywia_lightning.layer_stream.LayerStream.advance`: one layer's)."""
     grams = {name: torch.zeros(p.in_features, p.in_features, dtype=torch.float64, device=p.weight.device)
              for name, p in projections.items()}
     sums = {name: torch.zeros(p.in_features, dtype=torch.float64, device=p.weight.device)
@@ -186,11 +179,11 @@ def dense_grams(model, projections: dict, windows: Tensor) -> tuple[dict, dict, 
 
     handles = [p.register_forward_pre_hook(hook(name)) for name, p in projections.items()]
     try:
-        _run_windows(model, windows)
+        run()
     finally:
         for handle in handles:
             handle.remove()
-    return grams, sums, windows.numel()
+    return grams, sums
 
 
 def sequential_statistics(

@@ -3,8 +3,10 @@
 Both refit the output projection of every pruned structure (``o_proj`` of attention that lost
 heads, ``down_proj`` of an MLP that lost channels) with :func:`solve_refit`:
 
-- :class:`Independent`: every layer sees the dense model's activations; one forward pass over the
-  windows before slicing, the solutions assigned after it.
+- :class:`Independent`: every layer sees the dense model's activations; before slicing, the dense
+  layers run one at a time over the windows' cached hidden states (:class:`LayerStream`), each
+  layer's ``X Xᵀ`` solved and dropped before the next (one layer's Gram matrices at a time), the
+  solutions assigned after slicing.
 - :class:`Sequential`: layer after layer, each structure (attention, then MLP) is calibrated on the
   inputs produced by the already pruned and refit earlier ones, against the dense structure applied
   to those same inputs; it keeps a copy of the dense pruned-range blocks meanwhile, and the
@@ -23,8 +25,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .plan import PruningPlan
 from .layer_stream import LayerStream
+from .plan import PruningPlan
 from .progress import Progress
 from .reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
 from .slicing import record_layer_widths, unit_indices
@@ -89,15 +91,21 @@ class Independent(ReconstructionMode):
     def before_slicing(self, model, plan, windows, reduce):
         structures = discover_structures(model)
         keys = pruned_structures(plan)
-        projections = {key: output_projection(structures[key.layer], key.kind) for key in keys}
-        grams, sums, tokens = dense_grams(model, projections, windows)
-        tokens = int(reduce(torch.tensor(float(tokens))).item())
+        tokens = int(reduce(torch.tensor(float(windows.numel()))).item())
         self._results = {}
-        progress = Progress("reconstruction: refit", len(projections), unit="projection")
-        for key, proj in progress.iterate(projections.items()):
-            keep = kept_inputs(structures[key.layer], plan, key.kind)
-            stats = RefitStatistics.from_dense_gram(reduce(grams.pop(key)), reduce(sums.pop(key)), keep, tokens)
-            self._results[key] = self.solve(proj, proj.weight[:, keep], stats, key)
+        if not keys:
+            return
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer)
+        progress = Progress("reconstruction: refit", len(keys), unit="projection")
+        while stream.next <= keys[-1].layer:
+            layer = stream.next
+            projections = {key: output_projection(structures[layer], key.kind) for key in keys if key.layer == layer}
+            grams, sums = dense_grams(projections, stream.advance)
+            for key, proj in projections.items():
+                keep = kept_inputs(structures[layer], plan, key.kind)
+                stats = RefitStatistics.from_dense_gram(reduce(grams.pop(key)), reduce(sums.pop(key)), keep, tokens)
+                self._results[key] = self.solve(proj, proj.weight[:, keep], stats, key)
+                progress.update()
 
     def after_slicing(self, model, plan, windows, reduce):
         structures = discover_structures(model)
@@ -118,9 +126,9 @@ class Sequential(ReconstructionMode):
         results = {}
         keys = pruned_structures(plan)
         progress = Progress("reconstruction (sequential)", len(keys), unit="structure")
-        stream = LayerStream(model, windows, keys[0].layer) if keys else None
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer) if keys else None
         for key in keys:
-            while stream.layer < key.layer:
+            while stream.next < key.layer:
                 stream.advance()
             dense = self._dense.pop(key)
             pruned = getattr(decoder_layers(model)[key.layer], MODULE_NAME[key.kind])

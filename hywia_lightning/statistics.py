@@ -7,8 +7,12 @@ and nothing at all for schemes that need none (magnitude, random).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .sharded_sums import Shard
 
 #: ``gradients``: mean gradient ``g`` of every prunable parameter over the calibration windows.
 #: ``squared_gradients``: mean per-window squared gradient (the diagonal empirical Fisher ``F``).
@@ -23,10 +27,12 @@ GRADIENT_NEEDS = frozenset(NEEDS[:3])  # the ones that need a backward pass
 
 @dataclass
 class ParameterStatistics:
-    """Statistics of one prunable parameter; ``None`` where no granularity asked for them."""
+    """Statistics of one prunable parameter; ``None`` where no granularity asked for them. Under
+    sharded accumulators ``grad`` and ``sq_grad`` are this rank's
+    :class:`~hywia_lightning.sharded_sums.Shard` (``sharded_sums.whole`` gathers one)."""
 
-    grad: Tensor | None = None          # shape of the parameter
-    sq_grad: Tensor | None = None       # shape of the parameter
+    grad: "Tensor | Shard | None" = None     # shape of the parameter
+    sq_grad: "Tensor | Shard | None" = None  # shape of the parameter
     row_saliency: Tensor | None = None  # [windows, out]: Σ_in w·g_j per output row
     col_saliency: Tensor | None = None  # [windows, in]: Σ_out w·g_j per input column (weights only)
 
@@ -57,6 +63,8 @@ class Statistics:
     windows: int
     parameters: dict[nn.Parameter, ParameterStatistics] = field(default_factory=dict)
     inputs: dict[nn.Linear, InputStatistics] = field(default_factory=dict)
+    accumulator_bytes: int = 0  # of g and g² on this rank at the end of the pass (its shards when sharded)
+    accumulator_shards: int = 1  # the ranks g and g² are sharded over (1: whole sums)
 
 
 def check_needs(needs: set[str] | frozenset[str], who: str) -> frozenset[str]:

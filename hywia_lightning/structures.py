@@ -9,9 +9,12 @@ Discovery works from module names and the config, so it covers every Llama-style
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:  # importing transformers' PreTrainedModel costs seconds: the memory plan reads no model
+    from transformers import PreTrainedModel
 
 # Decoders whose layers are exactly Llama's (q/k/v/o + gated MLP, optional biases, per-head norms).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

@@ -2,16 +2,22 @@
 
 Every tensor of a group is reshaped to ``[num_units, -1]`` so that row ``u`` holds everything unit
 ``u`` owns across all coupled projections. A scorer then reduces each row to one number.
+
+Groups are built when they are read (:class:`UnitGroups`), so the unit-major copies, and under
+sharded accumulators the statistics gathered whole from every rank's shard, exist for one group at
+a time while it is scored, not for every pruned layer at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from functools import partial
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .sharded_sums import whole
 from .statistics import Statistics
 from .structures import AttentionStructure, LayerStructures, MLPStructure
 
@@ -139,7 +145,7 @@ def build_group(
             values = [getattr(s, field) if s is not None else None for s in per_param]
             if any(v is None for v in values):
                 return None
-            return tuple(view(v, num_units) for v, (_, view, _) in zip(values, members))
+            return tuple(view(whole(v), num_units) for v, (_, view, _) in zip(values, members))
 
         def input_view(p: nn.Parameter, view, field: str, fill: float) -> Tensor:
             owner = _owner(p, linears)
@@ -164,18 +170,34 @@ def build_group(
         )
 
 
+class UnitGroups(Sequence[UnitGroup]):
+    """The groups of :func:`unit_groups`, each built anew whenever it is read: iterate once to score
+    (under sharded statistics every read gathers the group's statistics, a collective of all ranks)."""
+
+    def __init__(self, builders: list[Callable[[], UnitGroup]]) -> None:
+        self._builders = builders
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [build() for build in self._builders[index]]
+        return self._builders[index]()
+
+
 def unit_groups(
     layers: list[LayerStructures], attention_unit: str, num_layers: int, statistics: Statistics | None = None,
-) -> list[UnitGroup]:
+) -> UnitGroups:
     """Every coupled structure of ``layers`` to score, unit-major: each layer's MLP, then its attention."""
     linears = {id(m.weight): m for m in prunable_linears(layers, attention_unit)}
-    groups = []
+    builders = []
     for s in layers:
-        groups.append(build_group(GroupKey(s.layer, "mlp"), num_layers, s.mlp.num_channels, mlp_members(s.mlp),
-                                  statistics, linears))
+        builders.append(partial(build_group, GroupKey(s.layer, "mlp"), num_layers, s.mlp.num_channels,
+                                mlp_members(s.mlp), statistics, linears))
         if attention_unit != "none":
             attn = s.attention
             units = attn.num_kv_heads if effective_attention_unit(attn, attention_unit) == "kv_groups" else attn.num_heads
-            groups.append(build_group(GroupKey(s.layer, "attention"), num_layers, units,
-                                      attention_members(attn, attention_unit), statistics, linears))
-    return groups
+            builders.append(partial(build_group, GroupKey(s.layer, "attention"), num_layers, units,
+                                    attention_members(attn, attention_unit), statistics, linears))
+    return UnitGroups(builders)

@@ -9,6 +9,11 @@
 # The pruned widths are those the pruning callback gives for 50% of the parameters (layers 4..27 of
 # SmolLM2's 30, as the benchmark protocol; 4..29 of Llama-7B's 32, as LLM-Pruner), at round_to 1, 8,
 # 64 and 128. About 2 minutes on an H200.
+#
+# On a machine with 2 or more GPUs it also runs the sharded g/g² accumulators on 2 ranks over NCCL
+# against 1 rank (scripts/benchmark_sharded_estimation.py: the bundled model, 16 windows; it needs
+# this project's requirements, Lightning included) and writes OUT_DIR/sharded_estimation_gpu.{json,md};
+# with one GPU it says it skipped (NCCL cannot put two ranks on one GPU). Not run yet on any GPU.
 set -uo pipefail
 status=0
 OUT="${1:-gpu_results}"
@@ -25,4 +30,12 @@ timeout 100 "$PYTHON" scripts/benchmark_speed.py --random-weights smollm2-135m -
 timeout 120 "$PYTHON" scripts/benchmark_speed.py --random-weights llama-7b --device cuda --dtype bfloat16 \
     --layers 4:30 --round-to 1,8,64,128 --batch-size 8 --seq-len 512 --gen-batch-size 8 --prompt-len 32 \
     --new-tokens 32 --repeats 5 --out-dir "$OUT" --name speed_gpu_llama7b || status=1
+
+# sharded accumulators: the same plan on 2 ranks as on 1, half the g/g² bytes per rank (under a minute)
+if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    timeout 240 "$PYTHON" scripts/benchmark_sharded_estimation.py --device cuda --windows 16 --out-dir "$OUT" \
+        --name sharded_estimation_gpu || status=1
+else
+    echo "sharded estimation on GPUs skipped: it needs 2 GPUs (NCCL cannot put two ranks on one)"
+fi
 exit $status

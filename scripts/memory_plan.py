@@ -2,8 +2,10 @@
 
     python scripts/memory_plan.py --config configs/prune_llama.yaml [--pruning.init_args.accumulate_dtype bfloat16] [--device-gib 80]
 
-The job is parsed with the project's CLI parser (``--config`` files and overrides as for
-``main.py fit``; nothing is instantiated, no weight is read), the model's shape comes from its
+The job's ``--config`` files and overrides are read as ``main.py fit`` reads them, without its parser
+(hywia_lightning/job_config.py: importing the parser's Lightning costs more than the 10 s this
+should take; nothing is instantiated, no weight is read, keys are not validated: ``main.py fit``
+parses them and checks the same plan before loading), the model's shape comes from its
 ``config.json``, the bundled model's shipped shape, the Hugging Face cache or the shapes shipped for
 common hub models (hywia_lightning/model_shapes.py), never from the network. It prints a table per
 stage and, as its last line, one JSON object: ``peak_gib`` (the largest per-rank peak over the
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,13 +52,12 @@ def main(argv: list[str]) -> int:
     if "-h" in job_args or "--help" in job_args:
         print(__doc__)
         return 0
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-    from hywia_lightning.cli import parse_job
     from hywia_lightning.input_errors import InputError
+    from hywia_lightning.job_config import read_job
     from hywia_lightning.memory_plan_config import device_bytes, job_plan
 
     try:
-        config = parse_job(job_args)
+        config = read_job(job_args)
     except InputError as error:
         print(error, file=sys.stderr)
         print(json.dumps({"peak_gib": None, "fits": None, "error": str(error).splitlines()[0]}))

@@ -4,8 +4,9 @@ The job is configs/prune_llama.yaml's (HyWIA Element² + fluctuation over layers
 of 128 tokens, independent reconstruction, perplexity) followed by LoRA recovery with LLM-Pruner's
 recipe (r 8 on every projection, 256 tokens, global batch 64) under DecoderLayerFSDP with
 activation checkpointing; weights and accumulators in bfloat16 unless a row says otherwise.
-Per-rank GiB, the GPU runtime (1 GiB) included. "Sharded estimation" is the arithmetic of issue 13
-item 1 (weights and accumulators divided over the ranks), which is not built.
+Per-rank GiB, the GPU runtime (1 GiB) included. On several GPUs the g/g² accumulators are sharded
+over the ranks (``shard_accumulators``, the default); the last column is the same job with
+``shard_accumulators: false``. The weights stay whole on every rank until recovery.
 
     python scripts/memory_plan_table.py
 """
@@ -27,7 +28,7 @@ MODELS = {"Llama-2-7B": "meta-llama/Llama-2-7b-hf", "Llama-2-13B": "meta-llama/L
 GPUS = {1: (1, 1), 2: (2, 1), 8: (8, 1), 16: (8, 2)}
 
 
-def job(layers: int, dtype: str, devices: int, nodes: int, shards: int = 1) -> JobSettings:
+def job(layers: int, dtype: str, devices: int, nodes: int, shards: int) -> JobSettings:
     estimation = EstimationSettings(needs=frozenset({"squared_gradients", "input_moments"}), layers=tuple(range(4, layers - 2)),
                                     accumulate_dtype=dtype, num_windows=64, seq_len=128)
     return JobSettings(dtype=dtype, devices=devices, num_nodes=nodes, accelerator="gpu", target_ratio=0.2,
@@ -44,18 +45,18 @@ def gib(plan, stage: str) -> str:
 
 def rows() -> list[str]:
     lines = ["| model | weights, accumulators | GPUs | estimation | scoring | reconstruction | LoRA recovery (FSDP) | "
-             "peak per rank | fits 80 GB? | with sharded estimation (item 1, not built): estimation / scoring |",
+             "peak per rank | fits 80 GB? | shard_accumulators false: estimation / scoring |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for label, name in MODELS.items():
         shape = resolve_shape(name)[0]
         for dtype in (["float32", "bfloat16"] if label == "Llama-2-7B" else ["bfloat16"]):
             for gpus, (devices, nodes) in GPUS.items():
-                plan = plan_memory(shape, job(shape.num_hidden_layers, dtype, devices, nodes))
-                sharded = plan_memory(shape, replace(plan.job, estimation_shards=devices * nodes))
+                plan = plan_memory(shape, job(shape.num_hidden_layers, dtype, devices, nodes, devices * nodes))
+                whole = plan_memory(shape, replace(plan.job, estimation_shards=1))
                 fits = "yes" if plan.peak.bytes <= 80e9 else f"no ({plan.peak.stage})"
                 lines.append(f"| {label} | {dtype} | {gpus} | {gib(plan, 'estimation')} | {gib(plan, 'scoring')} | "
                              f"{gib(plan, 'reconstruction')} | {gib(plan, 'recovery')} | {plan.peak_gib:.1f} | {fits} | "
-                             f"{gib(sharded, 'estimation')} / {gib(sharded, 'scoring')} |")
+                             f"{gib(whole, 'estimation')} / {gib(whole, 'scoring')} |")
     return lines
 
 

@@ -57,6 +57,9 @@ def test_two_processes_prune_like_one(pruning, intercept, tiny_model_dir, tmp_pa
     assert plan(tmp_path / "ddp") == plan(single)
     report = json.loads((tmp_path / "ddp" / "export" / "report.json").read_text())
     assert report["pruning"]["params_after"] < report["pruning"]["params_before"]
+    one_process = json.loads((single / "export" / "report.json").read_text())["pruning"]
+    assert report["pruning"]["accumulator_shards"] == 2 and one_process["accumulator_shards"] == 1
+    assert report["pruning"]["accumulator_bytes_per_rank"] * 2 == one_process["accumulator_bytes_per_rank"] > 0
     weights = lambda root: load_file(root / "export" / "model.safetensors")
     ddp, one = weights(tmp_path / "ddp"), weights(single)
     assert ddp.keys() == one.keys()

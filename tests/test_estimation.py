@@ -118,7 +118,7 @@ def test_accumulators_use_the_configured_dtype(name):
     linears = prunable_linears(layers, "query_heads")
     estimator = Estimator(model, linears, frozenset(NEEDS), len(WINDOWS), accumulate_dtype_named(name))
     estimator.accumulate(WINDOWS)
-    assert {t.dtype for t in estimator.grad_sum.values()} == {ACCUMULATE_DTYPES[name]}
+    assert {t.dtype for t in estimator.grad_sum.held.values()} == {ACCUMULATE_DTYPES[name]}
     stats = estimator.statistics()
     weight = layers[0].mlp.up_proj.weight
     entry = stats.parameters[weight]

@@ -15,6 +15,7 @@ import torch
 
 from hywia_lightning.estimation import Estimator
 from hywia_lightning.input_errors import InputError
+from hywia_lightning.layer_stream import LayerStream
 from hywia_lightning.memory_plan import (EstimationSettings, JobSettings, ReconstructionSettings, RecoverySettings,
                                          accumulator_bytes, estimation_peak, plan_memory, recovery_peak)
 from hywia_lightning.model_shapes import ModelShape, resolve_shape
@@ -53,10 +54,22 @@ def test_accumulators_are_the_bytes_estimation_allocates(dtype):
     linears = prunable_linears(target_layers(model, 1, None), "query_heads")
     estimator = Estimator(model, linears, NEEDS, 2, getattr(torch, dtype))
     estimator.accumulate(torch.randint(0, 300, (2, 16)))
-    held = sum(t.numel() * t.element_size() for sums in (estimator.grad_sum, estimator.sq_grad_sum,
-                                                         estimator.input_sum, estimator.input_sq_sum)
-               for t in sums.values())
+    held = sum(sums.nbytes for sums in (estimator.grad_sum, estimator.sq_grad_sum, estimator.input_sum, estimator.input_sq_sum))
     assert accumulator_bytes(shape, estimation_job(shape, accumulate_dtype=dtype).estimation) == held
+
+
+def test_sharded_accumulators_divide_g_and_g2_but_not_the_weights():
+    """Per rank: ⌈numel / N⌉ of every g/g² (tests/test_sharded_estimation.py measures it on 2 ranks);
+    the weights stay whole, and scoring gathers one layer's statistics."""
+    shape = resolve_shape("meta-llama/Llama-2-7b-hf")[0]
+    g_only = estimation_job(shape, needs=frozenset({"gradients", "squared_gradients"}))
+    assert accumulator_bytes(shape, g_only.estimation, 8) * 8 == accumulator_bytes(shape, g_only.estimation)
+    one, eight = (plan_memory(shape, replace(g_only, devices=n, estimation_shards=n)) for n in (1, 8))
+    for stage in ("estimation", "scoring"):
+        a, b = (next(s for s in plan.stages if s.stage == stage) for plan in (one, eight))
+        assert part(a, "weights") == part(b, "weights") and part(b, "accumulators") * 8 == part(a, "accumulators")
+    scoring = next(s for s in eight.stages if s.stage == "scoring")
+    assert part(scoring, "one layer's statistics gathered") < part(scoring, "accumulators")
 
 
 def test_bfloat16_halves_the_accumulators_and_needs_decide_them():
@@ -92,15 +105,17 @@ def test_fsdp_recovery_shards_over_devices_and_nodes_and_ddp_does_not():
 
 
 def test_gram_matrices_are_the_bytes_reconstruction_allocates():
-    model, shape = tiny_llama(), tiny_shape()
+    """One layer's at a time: the largest layer's o_proj and down_proj X Xᵀ and Σ X."""
+    model, shape = tiny_llama(), tiny_shape(layer_intermediate_size=[96, 96, 128, 96])
+    model.model.layers[2].mlp = type(model.model.layers[2].mlp)(tiny_config(intermediate_size=128))
     layers = target_layers(model, 1, None)
-    projections = {(s.layer, k): getattr(s.attention if k == "o" else s.mlp, f"{k}_proj" if k == "o" else "down_proj")
-                   for s in layers for k in ("o", "down")}
-    grams, sums, _ = dense_grams(model, projections, torch.randint(0, 300, (1, 8)))
-    held = sum(t.numel() * t.element_size() for d in (grams, sums) for t in d.values())
+    stream, held = LayerStream(model, torch.randint(0, 300, (1, 8)), 1, 3), []
+    for s in layers:
+        grams, sums = dense_grams({"o": s.attention.o_proj, "down": s.mlp.down_proj}, stream.advance)
+        held.append(sum(t.numel() * t.element_size() for d in (grams, sums) for t in d.values()))
     job = replace(estimation_job(shape), reconstruction=ReconstructionSettings())
     stage = next(s for s in plan_memory(shape, job).stages if s.stage == "reconstruction")
-    assert part(stage, "Gram matrices (float64, all layers)") == held
+    assert part(stage, "Gram matrices (float64, one layer)") == max(held) > min(held)
 
 
 def test_shapes_resolve_offline():
@@ -134,6 +149,23 @@ def test_script_prints_stages_and_ends_in_json(tiny_model_dir):
     assert big.returncode == 1 and last["fits"] is False and last["peak_gib"] > 130  # 70B float32 weights: 257 GiB
 
 
+NO_LIGHTNING = r"""
+import contextlib, io, sys
+sys.path.insert(0, "scripts")
+import memory_plan
+with contextlib.redirect_stdout(io.StringIO()):
+    code = memory_plan.main(["--config", "configs/prune_llama70b_fsdp.yaml", "--device-gib", "80"])
+print(code, sorted(m for m in ("lightning", "torchmetrics", "transformers", "scipy") if m in sys.modules))
+"""
+
+
+def test_the_script_imports_no_lightning():
+    """What keeps it at a few seconds: Lightning (with torchmetrics, transformers, scipy) is never imported."""
+    done = subprocess.run([sys.executable, "-c", NO_LIGHTNING], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["1", "[]"], done.stderr[-2000:]
+
+
 def test_a_job_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_model_dir):
     weightless = tmp_path / "weightless"  # config.json only: loading it would fail with another error
     weightless.mkdir()
@@ -159,3 +191,35 @@ def test_the_check_runs_in_the_cli_and_can_be_switched_off(monkeypatch, tiny_mod
         HywiaCLI(args=args, run=False)
     monkeypatch.setenv("HYWIA_MEMORY_CHECK", "0")
     assert HywiaCLI(args=args, run=False).model is not None
+
+
+OVERLAYS = ("recover_smollm2_ddp", "recover_smollm2_fsdp")  # given on top of configs/recover_smollm2.yaml
+JOBS = [["--config", f"configs/{path.name}"] for path in sorted((REPO / "configs").glob("*.yaml")) if path.stem not in OVERLAYS]
+JOBS += [["--config", "configs/recover_smollm2.yaml", "--config", f"configs/{name}.yaml"] for name in OVERLAYS]
+JOBS += [["--config", "configs/prune_smollm2.yaml", "--pruning.accumulate_dtype", "bfloat16", "--trainer.devices=2",
+          "--pruning.init_args.shard_accumulators", "false", "--reconstruction.mode", "sequential"],
+         ["--config", "configs/prune_llama70b_fsdp.yaml", "--trainer.num_nodes", "2", "--pruning.init_args.layer_end", "null"]]
+
+
+@pytest.mark.parametrize("args", JOBS, ids=lambda args: " ".join(a.removeprefix("configs/") for a in args[1::2]))
+def test_the_scripts_reader_plans_the_jobs_as_the_clis_parser_does(args, monkeypatch):
+    """scripts/memory_plan.py reads the YAML without the CLI's parser (which imports Lightning): the same plan."""
+    from hywia_lightning.cli import parse_job
+    from hywia_lightning.job_config import read_job
+    from hywia_lightning.memory_plan_config import job_plan
+
+    monkeypatch.chdir(REPO)
+    parsed, read = job_plan(parse_job(args)), job_plan(read_job(args))
+    assert (parsed is None) == (read is None)
+    if parsed is not None:
+        assert read.plan.job == parsed.plan.job and read.plan.to_dict() == parsed.plan.to_dict()
+
+
+def test_the_class_table_is_the_classes():
+    from jsonargparse.typing import import_object
+
+    from hywia_lightning.memory_plan_config import KINDS, PROJECT_CLASSES
+
+    for path, kinds in PROJECT_CLASSES.items():
+        cls = import_object(path)
+        assert {kind for kind, base in KINDS.items() if issubclass(cls, import_object(base))} == kinds, path

@@ -11,8 +11,9 @@ from lightning import Trainer
 
 from callbacks import LeastSquaresReconstruction
 from hywia_lightning.calibration import CalibrationData
+from hywia_lightning.layer_stream import LayerStream
 from hywia_lightning.plan import LayerPlan, PruningPlan
-from hywia_lightning.reconstruction import RefitStatistics, solve_refit
+from hywia_lightning.reconstruction import RefitStatistics, dense_grams, solve_refit
 from hywia_lightning.report import RunReport
 from hywia_lightning.slicing import apply_plan
 
@@ -119,12 +120,14 @@ MEMORY_PROBE = r"""
 import resource, sys, torch
 sys.path.insert(0, sys.argv[2])
 from tests.conftest import tiny_llama
+from hywia_lightning.layer_stream import LayerStream
 from hywia_lightning.reconstruction import dense_grams
 model = tiny_llama(intermediate_size=1536, num_hidden_layers=2)
-projections = {i: layer.mlp.down_proj for i, layer in enumerate(model.model.layers)}
 windows = torch.randint(0, 300, (int(sys.argv[1]), 128), generator=torch.Generator().manual_seed(0))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-dense_grams(model, projections, windows)
+stream = LayerStream(model, windows, 0, 1)
+for layer in model.model.layers:
+    dense_grams({0: layer.mlp.down_proj}, stream.advance)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
 
@@ -136,18 +139,47 @@ def test_peak_memory_does_not_grow_with_the_number_of_windows():
         return float(out.strip().splitlines()[-1])
 
     few, many = growth_mib(4), growth_mib(48)
-    # keeping the inputs of 48 windows would cost 48 × 128 × 1536 × 4 B = 36 MiB per layer, 72 MiB in all
+    # keeping the inputs of 48 windows would cost 48 × 128 × 1536 × 4 B = 36 MiB per layer, 72 MiB in all;
+    # the stream caches each window's hidden state instead (48 × 128 × 64 × 4 B = 1.5 MiB)
     assert many < few + 16, (few, many)
 
 
 def test_the_layer_stream_carries_the_models_own_hidden_states():
-    from hywia_lightning.layer_stream import LayerStream
-
     model = tiny_llama(num_hidden_layers=3)
     windows = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model(input_ids=windows, output_hidden_states=True).hidden_states
-    stream = LayerStream(model, windows, 1, batch_size=2)
-    assert [len(h) for h, _ in stream.batches] == [2, 2, 1]
-    stream.advance()
-    torch.testing.assert_close(torch.cat([h for h, _ in stream.batches]), hidden[2])
+    stream = LayerStream(model, windows, 1, 2)
+    stream.run()
+    assert stream.next == 1  # run() does not move on
+    torch.testing.assert_close(torch.cat(stream.hidden), hidden[1])
+    assert stream.advance() == 1 and stream.next == 2
+    torch.testing.assert_close(torch.cat(stream.hidden), hidden[2])
+
+
+def test_layers_streamed_one_at_a_time_give_the_whole_forward_passs_grams():
+    """Independent reconstruction's Gram matrices, one layer at a time over cached hidden states,
+    equal those of the inputs the projections see in the model's own forward pass."""
+    model = tiny_llama(num_key_value_heads=2)
+    projections = {(i, name): getattr(layer.self_attn if name == "o_proj" else layer.mlp, name)
+                   for i, layer in enumerate(model.model.layers) if i in (1, 2) for name in ("o_proj", "down_proj")}
+    reference = {key: torch.zeros(p.in_features, p.in_features, dtype=torch.float64) for key, p in projections.items()}
+
+    def fold(key):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            reference[key] += (x.T @ x).double()
+        return hook
+
+    hooks = [p.register_forward_pre_hook(fold(key)) for key, p in projections.items()]
+    with torch.no_grad():
+        for window in INPUT:
+            model(input_ids=window[None])
+    for hook in hooks:
+        hook.remove()
+    stream = LayerStream(model, INPUT, 1, 2)
+    for layer in (1, 2):
+        grams, sums = dense_grams({key: p for key, p in projections.items() if key[0] == layer}, stream.advance)
+        for key, gram in grams.items():
+            torch.testing.assert_close(gram, reference[key], rtol=1e-6, atol=0)
+    assert stream.next == 3

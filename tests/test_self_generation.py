@@ -10,7 +10,7 @@ import torch
 import hywia_lightning.calibration as calibration
 from hywia_lightning.calibration import CalibrationData, split_count
 from hywia_lightning.generation_cache import generation_key, generation_path
-from hywia_lightning.pipeline import Collective
+from hywia_lightning.collective import Collective
 from hywia_lightning.self_generation import Generation, sample_windows
 
 from .conftest import tiny_llama

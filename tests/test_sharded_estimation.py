@@ -1,0 +1,72 @@
+"""Sharded accumulators on 2 gloo processes: the plan, the sliced and the refit weights of 1 process,
+with half of its g/g² bytes on each rank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, prune, target_layers
+from hywia_lightning.collective import Collective, process_group_collective
+from hywia_lightning.local_ranks import run_ranks
+from hywia_lightning.memory_plan import EstimationSettings, accumulator_bytes
+from hywia_lightning.model_shapes import ModelShape
+from hywia_lightning.pipeline import accumulator_shards
+from hywia_lightning.reconstruction_modes import Independent
+
+from .conftest import tiny_config, tiny_llama
+
+# 5 windows, batches of 2: rank 0 runs windows [0, 2], [4]; rank 1 [1, 3] and a zero-weight window
+WINDOWS = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(1))
+SHAPE = ModelShape.from_config(tiny_config().to_dict())
+G_AND_G2 = EstimationSettings(needs=frozenset({"gradients", "squared_gradients"}), layers=(1, 2))
+
+
+def prune_and_refit(collective: Collective | None, out: Path) -> None:
+    """Every statistic (g, g², per-window rows, input moments), a global allocation, an intercept refit."""
+    rank, world = (collective.rank, collective.world_size) if collective else (0, 1)
+    model = tiny_llama()
+    scorer = HyWIA(["element1", "element2", "vector2", "fluctuation"], normalization="kind")
+    result = prune(model, WINDOWS, scorer, PruningScope(0.25), GlobalAllocation(), target_layers(model, 1, -1),
+                   batch_size=2, collective=collective)
+    refit, windows = Independent(intercept=True), WINDOWS[rank::world]
+    reduce = collective.all_reduce if collective else (lambda t: t)
+    refit.before_slicing(model, result.plan, windows, reduce)
+    apply_plan(model, result.plan)
+    sliced = {name: t.clone() for name, t in model.state_dict().items()}
+    refit.after_slicing(model, result.plan, windows, reduce)
+    torch.save({"plan": result.plan.to_dict(), "accumulator_bytes": result.accumulator_bytes, "sliced": sliced,
+                "refit": model.state_dict()}, out / f"rank{rank}.pt")
+
+
+def sharded_rank(out: Path) -> None:
+    prune_and_refit(process_group_collective(), out)
+
+
+def test_two_gloo_ranks_shard_the_accumulators_and_prune_like_one(tmp_path):
+    prune_and_refit(None, tmp_path)
+    one = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    (tmp_path / "ranks").mkdir()
+    run_ranks(sharded_rank, 2, tmp_path / "ranks", timeout=150)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "ranks" / f"rank{rank}.pt", weights_only=True)
+        assert json.dumps(got["plan"], sort_keys=True) == json.dumps(one["plan"], sort_keys=True)
+        assert got["accumulator_bytes"] == pytest.approx(one["accumulator_bytes"] / 2, rel=0.03)
+        assert got["accumulator_bytes"] == accumulator_bytes(SHAPE, G_AND_G2, shards=2)  # the memory plan's
+        for stage in ("sliced", "refit"):
+            assert got[stage].keys() == one[stage].keys()
+            for name, tensor in one[stage].items():
+                torch.testing.assert_close(got[stage][name], tensor, atol=1e-4, rtol=1e-4)
+
+
+def test_sharding_follows_the_setting_and_what_the_collective_can():
+    plain = Collective(0, 2, lambda t: t, lambda obj: obj)
+    able = Collective(0, 2, lambda t: t, lambda obj: obj, lambda o, i: None, lambda o, i: None)
+    assert accumulator_shards(able, None) is able and accumulator_shards(able, True) is able
+    assert accumulator_shards(able, False) is None and accumulator_shards(plain, None) is None
+    assert accumulator_shards(None, True) is None  # one process: whole sums are its only shard
+    with pytest.raises(ValueError, match="shard_accumulators=True needs a reduce-scatter"):
+        accumulator_shards(plain, True)
