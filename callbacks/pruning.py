@@ -25,7 +25,7 @@ from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state, saved_parameter_names
 from hywia_lightning.estimation import accumulate_dtype_named
 from hywia_lightning.granularities import Granularity, make_granularity
-from hywia_lightning.pipeline import prune, target_layers
+from hywia_lightning.pipeline import accumulator_shards, prune, target_layers
 from hywia_lightning.plan import PruningPlan, count_parameters
 from hywia_lightning.scoring import ScoringContext
 from hywia_lightning.slicing import add_saved_output_biases, apply_plan
@@ -113,6 +113,7 @@ class StructuredPruning(Preflight, Callback):
         flat = {g.key: torch.zeros(g.num_units) for g in unit_groups(layers, self.scope.attention_unit, len(layers))}
         self.allocation.widths(layers, count_parameters(pl_module.model), self.scope, flat)  # is the target reachable?
         if self.granularity.needs:
+            accumulator_shards(trainer_collective(trainer), self.shard_accumulators)  # ranks that cannot shard: refused
             data = checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
                                        pl_module)
             if hasattr(self.granularity, "check"):
