@@ -1,5 +1,6 @@
 """Every shipped config parses and instantiates (with a tiny model standing in for the real one)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,18 @@ def config_command(path: Path) -> tuple[str, list[str]]:
     return words[3], configs
 
 
+def local_zeroshot_data(tasks: list[str], folder: Path) -> Path:
+    """Two normalized items per task: zero-shot data is read before the model is built, and a
+    checkout may have no ../shared/data beside it."""
+    folder.mkdir(exist_ok=True)
+    for task in tasks:
+        item = {"id": "0", "context": "Which one?", "choices": ["this", "that"], "label": 0}
+        (folder / f"{task}.jsonl").write_text("\n".join(json.dumps({**item, "id": str(i)}) for i in range(2)) + "\n")
+    return folder
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
-def test_config_starts_with_its_command_and_instantiates(path: Path, tiny_model_dir):
+def test_config_starts_with_its_command_and_instantiates(path: Path, tiny_model_dir, tmp_path):
     _, configs = config_command(path)
     merged: dict = {}
     for config in configs:
@@ -46,6 +57,8 @@ def test_config_starts_with_its_command_and_instantiates(path: Path, tiny_model_
     on_gpu = merged["trainer"].get("accelerator") in ("gpu", "cuda")
     args = [arg for config in configs for arg in ("--config", str(REPO / config))]
     args += ["--model.init_args.model_name_or_path", str(tiny_model_dir)] + (CPU_OVERRIDES if on_gpu else [])
+    if merged.get("zeroshot") and not (REPO / merged["zeroshot"]["data_dir"]).is_dir():
+        args += ["--zeroshot.data_dir", str(local_zeroshot_data(merged["zeroshot"]["tasks"], tmp_path / "zeroshot"))]
     cli = HywiaCLI(args=args, run=False)
     assert cli.model.model.config.num_hidden_layers == 4
     expected = [c["class_path"] for c in merged["trainer"].get("callbacks", []) if c["class_path"].startswith("callbacks.")]
