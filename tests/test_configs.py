@@ -1,6 +1,5 @@
 """Every shipped config parses and instantiates (with a tiny model standing in for the real one)."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from callbacks import StructuredPruning
 from hywia_lightning.cli import HywiaCLI, stage_groups
 
 from .conftest import REPO
+from .test_zeroshot import HAND_WRITTEN, write_items
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -38,12 +38,10 @@ def config_command(path: Path) -> tuple[str, list[str]]:
 
 
 def local_zeroshot_data(tasks: list[str], folder: Path) -> Path:
-    """Two normalized items per task: zero-shot data is read before the model is built, and a
+    """One hand-written item per task: zero-shot data is read before the model is built, and a
     checkout may have no ../shared/data beside it."""
-    folder.mkdir(exist_ok=True)
     for task in tasks:
-        item = {"id": "0", "context": "Which one?", "choices": ["this", "that"], "label": 0}
-        (folder / f"{task}.jsonl").write_text("\n".join(json.dumps({**item, "id": str(i)}) for i in range(2)) + "\n")
+        write_items(folder, task, [HAND_WRITTEN[task][0]])
     return folder
 
 
