@@ -58,7 +58,9 @@ class Estimator:
             raise ValueError(f"batch_size={batch_size} must be at least 1 (calibration windows per forward + backward)")
         self.model = model
         self.linears = list(linears)
-        self.params = [p for m in self.linears for p in (m.weight, m.bias) if p is not None]
+        # keyed by (Linear, "weight" | "bias"), not by Parameter: FSDP2 swaps an unsharded Parameter into the
+        # module for forward and backward, but the module stays the one the unit groups know
+        self.params = [(m, name) for m in self.linears for name in ("weight", "bias") if getattr(m, name) is not None]
         self.needs = check_needs(needs, "estimation")
         self.num_windows = num_windows
         self.accumulate_dtype = accumulate_dtype
@@ -66,8 +68,8 @@ class Estimator:
         self.input_sum, self.input_sq_sum = Sums(accumulate_dtype), Sums(accumulate_dtype)  # O(width): never sharded
         self.tokens = 0
         self.grad_sum, self.sq_grad_sum = Sums(accumulate_dtype, sharded), Sums(accumulate_dtype, sharded)
-        self.rows: dict[nn.Parameter, Tensor] = {}
-        self.cols: dict[nn.Parameter, Tensor] = {}
+        self.rows: dict[tuple[nn.Linear, str], Tensor] = {}
+        self.cols: dict[tuple[nn.Linear, str], Tensor] = {}
         self.windows_seen = 0
         self._spent = False
         self._inputs: dict[nn.Linear, Tensor] = {}  # this pass's input of each prunable Linear, until its δ arrives
@@ -98,7 +100,7 @@ class Estimator:
         was_training = self.model.training
         self.model.eval()  # no dropout: the statistics are those of the deployed model
         try:
-            device = self.params[0].device
+            device = self.linears[0].weight.device
             progress = Progress("estimation", len(windows), unit="window")
             for start in range(0, len(windows), self.batch_size):
                 batch = windows[start : start + self.batch_size].to(device)
@@ -150,31 +152,33 @@ class Estimator:
         for i, window in enumerate(self._window_index):
             if window is None:
                 continue
-            self._fold(module.weight, delta[i].T @ x[i], window)
+            self._fold((module, "weight"), delta[i].T @ x[i], window)
             if module.bias is not None:
-                self._fold(module.bias, delta[i].sum(0), window)
-        for param in (module.weight, module.bias):
+                self._fold((module, "bias"), delta[i].sum(0), window)
+        for name in ("weight", "bias"):
+            param = getattr(module, name)
             for need, sums in (("gradients", self.grad_sum), ("squared_gradients", self.sq_grad_sum)):
                 if param is not None and need in self.needs:
-                    sums.flush(param, param.shape, param.device)
+                    sums.flush((module, name), param.shape, param.device)
 
-    def _fold(self, param: nn.Parameter, grad: Tensor, window: int) -> None:
+    def _fold(self, key: tuple[nn.Linear, str], grad: Tensor, window: int) -> None:
         grad = grad.to(self.accumulate_dtype)
         if "gradients" in self.needs:
-            self.grad_sum.add(param, grad)
+            self.grad_sum.add(key, grad)
         if "squared_gradients" in self.needs:
-            self.sq_grad_sum.add(param, grad, squared=True)
+            self.sq_grad_sum.add(key, grad, squared=True)
         if "window_saliency" in self.needs:
-            taylor = param.detach().to(self.accumulate_dtype) * grad
-            if param not in self.rows:
-                self.rows[param] = grad.new_zeros(self.num_windows, grad.shape[0])
+            # the whole weight: inside backward FSDP2 has gathered it into the module
+            taylor = getattr(*key).detach().to(self.accumulate_dtype) * grad
+            if key not in self.rows:
+                self.rows[key] = grad.new_zeros(self.num_windows, grad.shape[0])
                 if taylor.dim() == 2:
-                    self.cols[param] = grad.new_zeros(self.num_windows, grad.shape[1])
+                    self.cols[key] = grad.new_zeros(self.num_windows, grad.shape[1])
             if taylor.dim() == 2:
-                self.rows[param][window] += taylor.sum(1)
-                self.cols[param][window] += taylor.sum(0)
+                self.rows[key][window] += taylor.sum(1)
+                self.cols[key][window] += taylor.sum(0)
             else:
-                self.rows[param][window] += taylor
+                self.rows[key][window] += taylor
 
     @property
     def accumulator_bytes(self) -> int:
@@ -197,21 +201,22 @@ class Estimator:
         shards = self.grad_sum.sharded.world_size if self.grad_sum.sharded else 1
         stats = Statistics(windows, accumulator_bytes=self.accumulator_bytes, accumulator_shards=shards)
 
-        def take(sums: dict, key, shape: tuple) -> Tensor:
+        def take(sums: dict, key, shape: tuple, device: torch.device) -> Tensor:
             """This rank's rows (zeros for a rank with no window), summed over all ranks."""
-            local = sums.pop(key) if key in sums else torch.zeros(shape, dtype=self.accumulate_dtype, device=key.device)
+            local = sums.pop(key) if key in sums else torch.zeros(shape, dtype=self.accumulate_dtype, device=device)
             return reduce(local)
 
-        for p in self.params:
+        for key in self.params:
+            p = getattr(*key)  # outside forward and backward: the parameter the unit groups read (FSDP2's sharded one)
             entry = ParameterStatistics()
             if "gradients" in self.needs:
-                entry.grad = self.grad_sum.mean(p, p.shape, p.device, windows, reduce)
+                entry.grad = self.grad_sum.mean(key, p.shape, p.device, windows, reduce)
             if "squared_gradients" in self.needs:
-                entry.sq_grad = self.sq_grad_sum.mean(p, p.shape, p.device, windows, reduce)
+                entry.sq_grad = self.sq_grad_sum.mean(key, p.shape, p.device, windows, reduce)
             if "window_saliency" in self.needs:
-                entry.row_saliency = take(self.rows, p, (self.num_windows, p.shape[0]))
+                entry.row_saliency = take(self.rows, key, (self.num_windows, p.shape[0]), p.device)
                 if p.dim() == 2:
-                    entry.col_saliency = take(self.cols, p, (self.num_windows, p.shape[1]))
+                    entry.col_saliency = take(self.cols, key, (self.num_windows, p.shape[1]), p.device)
             stats.parameters[p] = entry
         if "input_moments" in self.needs:
             for m in self.linears:

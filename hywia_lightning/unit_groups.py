@@ -17,6 +17,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from .sharded_model import full_weight
 from .sharded_sums import whole
 from .statistics import Statistics
 from .structures import AttentionStructure, LayerStructures, MLPStructure
@@ -135,7 +136,8 @@ def build_group(
     linears: dict[int, nn.Linear],
 ) -> UnitGroup:
     with torch.no_grad():
-        weights = tuple(view(p.detach(), num_units) for p, view, _ in members)
+        full = [full_weight(p) for p, _, _ in members]  # FSDP2-sharded weights gathered for this group alone
+        weights = tuple(view(w, num_units) for w, (_, view, _) in zip(full, members))
         output_member = next(i for i, (_, _, is_input) in enumerate(members) if is_input)
         if statistics is None:
             return UnitGroup(key, num_layers, num_units, weights, output_member)
@@ -147,12 +149,12 @@ def build_group(
                 return None
             return tuple(view(whole(v), num_units) for v, (_, view, _) in zip(values, members))
 
-        def input_view(p: nn.Parameter, view, field: str, fill: float) -> Tensor:
+        def input_view(p: nn.Parameter, w: Tensor, view, field: str, fill: float) -> Tensor:
             owner = _owner(p, linears)
             if owner is None or owner not in statistics.inputs:  # a bias multiplies no input
-                return view(torch.full_like(p, fill), num_units)
-            values = getattr(statistics.inputs[owner], field).to(p.dtype)
-            return view(values[None, :].expand(p.shape), num_units)
+                return view(torch.full_like(w, fill), num_units)
+            values = getattr(statistics.inputs[owner], field).to(w.dtype)
+            return view(values[None, :].expand(w.shape), num_units)
 
         saliency = None
         if all(s is not None and s.row_saliency is not None for s in per_param):
@@ -164,8 +166,10 @@ def build_group(
         return UnitGroup(
             key, num_layers, num_units, weights, output_member,
             grads=views("grad"), sq_grads=views("sq_grad"),
-            input_norms=tuple(input_view(p, v, "norm", 1.0) for p, v, _ in members) if has_inputs else None,
-            input_variance=tuple(input_view(p, v, "variance", 0.0) for p, v, _ in members) if has_inputs else None,
+            input_norms=tuple(input_view(p, w, v, "norm", 1.0) for w, (p, v, _) in zip(full, members))
+            if has_inputs else None,
+            input_variance=tuple(input_view(p, w, v, "variance", 0.0) for w, (p, v, _) in zip(full, members))
+            if has_inputs else None,
             window_saliency=saliency,
         )
 

@@ -1,5 +1,6 @@
 """Sharded accumulators on 2 gloo processes: the plan, the sliced and the refit weights of 1 process,
-with half of its g/g² bytes on each rank."""
+with half of its g/g² bytes on each rank; and with the weights sharded too (FSDP2's ``fully_shard``),
+the plan and the exported weights of 1 process with half of its weight bytes on each rank."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, prune, target_layers
 from hywia_lightning.collective import Collective, process_group_collective
+from hywia_lightning.export import export_pretrained
+from hywia_lightning.gathered_slicing import gathered_pruned
 from hywia_lightning.local_ranks import run_ranks
 from hywia_lightning.memory_plan import EstimationSettings, accumulator_bytes
 from hywia_lightning.model_shapes import ModelShape
 from hywia_lightning.pipeline import accumulator_shards
 from hywia_lightning.reconstruction_modes import Independent
+from hywia_lightning.sharded_model import local_bytes, shard_model
+from hywia_lightning.unit_groups import prunable_linears
 
 from .conftest import tiny_config, tiny_llama
 
@@ -60,6 +67,56 @@ def test_two_gloo_ranks_shard_the_accumulators_and_prune_like_one(tmp_path):
             assert got[stage].keys() == one[stage].keys()
             for name, tensor in one[stage].items():
                 torch.testing.assert_close(got[stage][name], tensor, atol=1e-4, rtol=1e-4)
+
+
+def prune_and_export(collective: Collective | None, tokenizer_dir: Path, out: Path) -> None:
+    """Every statistic, a global allocation; under ``collective`` the weights are FSDP2-sharded,
+    gathered per layer for slicing, and rank 0 exports."""
+    rank = collective.rank if collective else 0
+    model = tiny_llama()
+    layers = target_layers(model, 1, -1)
+    if collective is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard_model(model, init_device_mesh("cpu", (collective.world_size,)))
+    weight_bytes = local_bytes(p for m in prunable_linears(layers, "query_heads") for p in m.parameters())
+    scorer = HyWIA(["element1", "element2", "vector2", "fluctuation"], normalization="kind")
+    result = prune(model, WINDOWS, scorer, PruningScope(0.25), GlobalAllocation(), layers, batch_size=2,
+                   collective=collective)
+    if collective is None:
+        apply_plan(model, result.plan)
+    else:
+        model = gathered_pruned(model, result.plan, receive=rank == 0)
+    if model is not None:
+        export_pretrained(model, AutoTokenizer.from_pretrained(tokenizer_dir), out / "export")
+    element1 = scorer.distributions(result.scores)["element1"]  # one scheme's own scores, before the fusion
+    torch.save({"plan": result.plan.to_dict(), "element1": {str(k): v for k, v in element1.items()},
+                "accumulator_bytes": result.accumulator_bytes, "weight_bytes": weight_bytes}, out / f"rank{rank}.pt")
+
+
+def fsdp2_rank(tokenizer_dir: Path, out: Path) -> None:
+    prune_and_export(process_group_collective(), tokenizer_dir, out)
+
+
+def test_fsdp2_sharded_weights_prune_and_export_like_one_process(tmp_path, tiny_model_dir):
+    prune_and_export(None, tiny_model_dir, tmp_path)
+    one = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    (tmp_path / "ranks").mkdir()
+    run_ranks(fsdp2_rank, 2, tiny_model_dir, tmp_path / "ranks", timeout=150)
+    assert all(score.abs().sum() > 0 for score in one["element1"].values())  # gradients reached every group
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "ranks" / f"rank{rank}.pt", weights_only=True)
+        assert json.dumps(got["plan"], sort_keys=True) == json.dumps(one["plan"], sort_keys=True)
+        for key, score in one["element1"].items():
+            torch.testing.assert_close(got["element1"][key], score, atol=1e-6, rtol=1e-4)
+        assert got["weight_bytes"] == one["weight_bytes"] / 2  # FSDP2's shards of the pruned layers
+        assert got["accumulator_bytes"] == one["accumulator_bytes"] / 2
+    exported, reference = (load_file(path / "export" / "model.safetensors") for path in (tmp_path / "ranks", tmp_path))
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name], tensor, atol=1e-4, rtol=1e-4)
+    configs = [json.loads((path / "export" / "config.json").read_text()) for path in (tmp_path / "ranks", tmp_path)]
+    assert configs[0] == configs[1]
 
 
 def test_sharding_follows_the_setting_and_what_the_collective_can():

@@ -1,0 +1,66 @@
+"""Slicing a model whose weights FSDP2 shards: gather one decoder layer at a time, slice it, keep it.
+
+Why: a ``DTensor`` shard cannot be sliced by unit (a unit's rows lie on several ranks), and
+gathering the whole dense model on one rank is what sharding avoided. :func:`gathered_pruned`
+builds a plain copy of the model's class without memory (on the ``meta`` device), then, in the
+order of the state dict, gathers the embeddings and head once and each decoder layer's weights
+(``full_tensor``, a collective of every rank), and on the receiving ranks loads that layer and
+applies its part of the plan before the next is gathered: the peak there is the pruned model plus
+one dense layer. The copy is what :func:`~hywia_lightning.slicing.apply_plan` would have made of
+the whole model, so every later stage (export, reconstruction, evaluation) takes it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from itertools import groupby
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .plan import PruningPlan
+from .sharded_model import full_weight
+from .slicing import apply_plan, record_layer_widths
+from .structures import decoder_layers
+
+
+def _plain_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2 makes the module an instance of ``FSDP<class>``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _layer_of(name: str, prefixes: dict[str, int]) -> int | None:
+    return next((i for prefix, i in prefixes.items() if name.startswith(prefix)), None)
+
+
+def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool) -> PreTrainedModel | None:
+    """A plain copy of ``model`` pruned by ``plan`` on the ranks where ``receive`` (``None`` on the
+    others). Every rank must call it: every weight is gathered, a collective in the same order."""
+    layers = {id(layer): i for i, layer in enumerate(decoder_layers(model))}
+    prefixes = {f"{name}.": layers[id(m)] for name, m in model.named_modules() if id(m) in layers}
+    state = model.state_dict()  # the ranks' shards, keyed in the same order everywhere: nothing gathered yet
+    plain = None
+    if receive:
+        with torch.device("meta"):
+            plain = _plain_class(model)(copy.deepcopy(model.config))
+        for name, buffer in model.named_buffers():  # FSDP2 shards no buffer (rotary frequencies are not in the state)
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
+    for layer, names in groupby(state, key=lambda name: _layer_of(name, prefixes)):
+        part = {name: full_weight(state[name]) for name in names}
+        if plain is None:
+            continue
+        plain.load_state_dict(part, strict=False, assign=True)
+        if layer in plan.layers:
+            apply_plan(plain, PruningPlan(plan.attention_unit, {layer: plan.layers[layer]}))
+    if plain is not None:
+        if plain.config.tie_word_embeddings:
+            plain.tie_weights()  # the head is the embedding: one tensor again, as in the model
+        missing = [n for n, p in [*plain.named_parameters(), *plain.named_buffers()] if p.is_meta]
+        if missing:
+            raise RuntimeError(f"gathering the sharded model left {missing} without values")
+        record_layer_widths(plain)  # every layer's widths in the config, as apply_plan writes them
+    return plain
