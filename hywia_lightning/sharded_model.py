@@ -27,13 +27,14 @@ def is_sharded(tensor: Tensor) -> bool:
 def shard_model(model: nn.Module, mesh) -> nn.Module:
     """``fully_shard`` every decoder layer and then the root over the 1-D device ``mesh``, in place.
 
-    Layers reshard after their forward (only one layer's weights are ever whole); the weights are
-    frozen, since estimation forms per-window gradients in its own hooks."""
+    Every unit reshards after its forward, the root too (by default FSDP2 leaves the root's
+    embeddings and head whole after a forward, until a backward that a forward-only estimation
+    never runs): only one layer's weights are ever whole."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
     return model
 
 

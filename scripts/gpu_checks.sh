@@ -13,7 +13,10 @@
 # On a machine with 2 or more GPUs it also runs the sharded g/g² accumulators on 2 ranks over NCCL
 # against 1 rank (scripts/benchmark_sharded_estimation.py: the bundled model, 16 windows; it needs
 # this project's requirements, Lightning included) and writes OUT_DIR/sharded_estimation_gpu.{json,md};
-# with one GPU it says it skipped (NCCL cannot put two ranks on one GPU). Not run yet on any GPU.
+# with one GPU it says it skipped (NCCL cannot put two ranks on one GPU). Then the same with the
+# weights sharded too (FSDP2's fully_shard per decoder layer, sliced by gathering one layer at a time
+# onto rank 0: --shard-weights), OUT_DIR/fsdp2_estimation_gpu.{json,md}: the same plan, half the
+# weight and g/g² bytes per rank, and rank 0's sliced weights against 1 rank's. Not run yet on any GPU.
 set -uo pipefail
 status=0
 OUT="${1:-gpu_results}"
@@ -35,6 +38,9 @@ timeout 120 "$PYTHON" scripts/benchmark_speed.py --random-weights llama-7b --dev
 if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     timeout 240 "$PYTHON" scripts/benchmark_sharded_estimation.py --device cuda --windows 16 --out-dir "$OUT" \
         --name sharded_estimation_gpu || status=1
+    # FSDP2: the weights sharded as well (under a minute)
+    timeout 120 "$PYTHON" scripts/benchmark_sharded_estimation.py --device cuda --windows 8 --shard-weights \
+        --out-dir "$OUT" --name fsdp2_estimation_gpu || status=1
 else
     echo "sharded estimation on GPUs skipped: it needs 2 GPUs (NCCL cannot put two ranks on one)"
 fi

@@ -79,10 +79,11 @@ def prune_and_export(collective: Collective | None, tokenizer_dir: Path, out: Pa
         from torch.distributed.device_mesh import init_device_mesh
 
         shard_model(model, init_device_mesh("cpu", (collective.world_size,)))
-    weight_bytes = local_bytes(p for m in prunable_linears(layers, "query_heads") for p in m.parameters())
     scorer = HyWIA(["element1", "element2", "vector2", "fluctuation"], normalization="kind")
     result = prune(model, WINDOWS, scorer, PruningScope(0.25), GlobalAllocation(), layers, batch_size=2,
                    collective=collective)
+    weight_bytes = {"pruned layers": local_bytes(p for m in prunable_linears(layers, "query_heads") for p in m.parameters()),
+                    "model": local_bytes(model.parameters())}  # what this rank holds after estimation and scoring
     if collective is None:
         apply_plan(model, result.plan)
     else:
@@ -109,7 +110,7 @@ def test_fsdp2_sharded_weights_prune_and_export_like_one_process(tmp_path, tiny_
         assert json.dumps(got["plan"], sort_keys=True) == json.dumps(one["plan"], sort_keys=True)
         for key, score in one["element1"].items():
             torch.testing.assert_close(got["element1"][key], score, atol=1e-6, rtol=1e-4)
-        assert got["weight_bytes"] == one["weight_bytes"] / 2  # FSDP2's shards of the pruned layers
+        assert got["weight_bytes"] == {part: size / 2 for part, size in one["weight_bytes"].items()}  # FSDP2's shards
         assert got["accumulator_bytes"] == one["accumulator_bytes"] / 2
     exported, reference = (load_file(path / "export" / "model.safetensors") for path in (tmp_path / "ranks", tmp_path))
     assert exported.keys() == reference.keys()
