@@ -11,6 +11,7 @@ import logging
 from typing import Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning import Callback, LightningModule, Trainer
 
 from hywia_lightning.calibration import CalibrationData
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
     def __init__(
         self, mode: Literal["independent", "sequential"] = "independent", damping: float = 0.01,
-        intercept: bool = False, calibration: CalibrationData | None = None,
+        intercept: bool = False, batch_size: PositiveInt = 1, calibration: CalibrationData | None = None,
     ) -> None:
         """
         Args:
@@ -38,6 +39,9 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                 system is not positive definite.
             intercept: also fit a bias of each refit projection (FLAP's bias compensation as a
                 special case); the export carries it.
+            batch_size: calibration windows per call of a layer (the refit is the same for any
+                value; larger runs faster on small models and holds that many windows' activations
+                of one layer).
             calibration: windows for the refit (their count is independent of the estimation's);
                 ``None`` uses the job's ``data``.
         """
@@ -46,7 +50,8 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         if not damping >= 0:
             raise ValueError(f"damping={damping} must be >= 0 (relative to the mean diagonal of X Xᵀ)")
         self.mode, self.damping, self.intercept, self.calibration = mode, damping, intercept, calibration
-        self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept)
+        self.batch_size = batch_size
+        self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept, batch_size)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pruning = [c for c in trainer.callbacks if isinstance(c, StructuredPruning)]

@@ -5,7 +5,9 @@ inputs, a GiB each for a 7B model's ``down_proj``) need then exist for one layer
 ``i`` over every window, take what it needs, drop it, run layer ``i + 1``. What is cached instead is
 each window's hidden state at the current layer (``seq_len × hidden`` a window) and the keyword
 arguments the model hands each decoder layer (rotary embeddings, masks), captured from one probe
-forward pass: they depend on the window length only, and all windows have one length. The
+forward pass: they depend on the batch's shape only (every window has one length, so at most two
+probes: full batches and the remainder). Windows go through a layer ``batch_size`` at a time: a
+small model's layer on one 128-token window is too small a matrix product to keep a core busy. The
 layers' outputs are those of the whole model's forward pass (the same modules on the same inputs).
 Independent reconstruction streams the dense model; sequential reconstruction streams the pruned
 one, so each layer sees what the already refit layers before it produce, at about three forward
@@ -29,51 +31,56 @@ def stop_forward(module: nn.Module, args, output) -> None:
     raise StopForward
 
 
-def run_windows(model: nn.Module, windows: Tensor) -> None:
-    """One forward pass per window, each as far as the hooks let it go (:class:`StopForward`)."""
+def run_windows(model: nn.Module, windows: Tensor, batch_size: int = 1) -> None:
+    """One forward pass per batch of windows, each as far as the hooks let it go (:class:`StopForward`)."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        for window in windows:
+        for batch in windows.reshape(-1, windows.shape[-1]).split(batch_size):
             try:
-                model(input_ids=window.reshape(1, -1).to(device), use_cache=False)
+                model(input_ids=batch.to(device), use_cache=False)
             except StopForward:
                 pass
 
 
 class LayerStream:
-    """Decoder layers ``first..last`` of ``model`` (frozen) over ``windows``, one at a time."""
+    """Decoder layers ``first..last`` of ``model`` (frozen) over ``windows``, one at a time,
+    ``batch_size`` windows per call of a layer."""
 
-    def __init__(self, model: nn.Module, windows: Tensor, first: int, last: int) -> None:
+    def __init__(self, model: nn.Module, windows: Tensor, first: int, last: int, batch_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1 (windows per call of a layer)")
         layers = decoder_layers(model)
         self.layers = {i: layers[i] for i in range(first, last + 1)}
         self.next = first
-        self.arguments: dict[int, tuple[tuple, dict]] = {}  # each layer's arguments besides the hidden states
-        self.hidden: list[Tensor] = []
+        # each layer's arguments besides the hidden states, per batch size
+        self.arguments: dict[tuple[int, int], tuple[tuple, dict]] = {}
+        self.hidden: list[Tensor] = []  # one batch of windows' hidden states each
 
         def capture(index: int):
             def hook(module, args, kwargs):
                 kwargs = dict(kwargs)
                 hidden = args[0] if args else kwargs.pop("hidden_states")
-                self.arguments.setdefault(index, (tuple(args[1:]), kwargs))
+                self.arguments.setdefault((index, len(hidden)), (tuple(args[1:]), kwargs))
                 if index == first:
                     self.hidden.append(hidden)
-                    if last in self.arguments:
-                        raise StopForward  # the probe has run: later windows need only the first input
+                    if (last, len(hidden)) in self.arguments:
+                        raise StopForward  # this batch size was probed: later batches need only the first input
             return hook
 
         handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in self.layers.items()]
         handles.append(self.layers[last].register_forward_hook(stop_forward))
         try:
-            run_windows(model, windows)
+            run_windows(model, windows, batch_size)
         finally:
             for handle in handles:
                 handle.remove()
 
     def _layer_outputs(self):
-        """Each window's output of the next layer, one window at a time."""
-        layer, (args, kwargs) = self.layers[self.next], self.arguments.get(self.next, ((), {}))
+        """Each batch's output of the next layer, one batch at a time."""
+        layer = self.layers[self.next]
         with torch.no_grad():
             for hidden in self.hidden:
+                args, kwargs = self.arguments.get((self.next, len(hidden)), ((), {}))
                 output = layer(hidden, *args, **kwargs)
                 yield output[0] if isinstance(output, tuple) else output
 
@@ -85,7 +92,7 @@ class LayerStream:
     def advance(self) -> int:
         """Run the next layer over every window (its hooks fire) and move on; returns that layer's index."""
         index = self.next
-        for w, output in enumerate(self._layer_outputs()):
-            self.hidden[w] = output  # in place: one window's output at a time beside the cache
+        for b, output in enumerate(self._layer_outputs()):
+            self.hidden[b] = output  # in place: one batch's output at a time beside the cache
         self.next += 1
         return index

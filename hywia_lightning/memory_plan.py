@@ -48,6 +48,7 @@ class ReconstructionSettings:
     mode: str = "independent"
     seq_len: int = 128
     num_windows: int = 32                        # over all ranks (each caches its share's hidden states)
+    batch_size: int = 1                          # windows per call of a layer
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,7 @@ def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     out = shape.hidden_size
     tokens = r.seq_len
     parts = [Part("weights", weights(shape, b))]
-    layer_forward = tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
+    layer_forward = r.batch_size * tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
     # the solve of the widest projection: cross (n×k), k×k system, its factor, eye, and the dense weight in float64;
     # k (kept inputs) is not known before the plan: bounded by n
     solve = Part("largest solve", 8 * (6 * n * n + 3 * out * n))
@@ -320,14 +321,14 @@ def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
                     for layer in e.layers) * b
         parts += [Part("dense copy of the pruned blocks", dense), Part("one structure's moments", 8 * 3 * n * n + 12 * n * n),
                   Part("cached hidden states", hidden),
-                  Part("forward of one window through one layer", 2 * layer_forward), solve]
+                  Part("forward of one batch through one layer", 2 * layer_forward), solve]
         return StagePeak("reconstruction", parts, "sequential: one structure's moments at a time")
     grams = max(sum(8 * (m * m + m) for m in _layer_inputs(shape, e, layer)) for layer in e.layers)
     # kept inputs are not known before the plan: the dense widths scaled by the kept share
     refits = sum(int(out * m * (1 - job.target_ratio)) * b for layer in e.layers for m in _layer_inputs(shape, e, layer))
-    parts += [Part("Gram matrices (float64, one layer)", grams), Part("float32 product of a window", 12 * n * n),
+    parts += [Part("Gram matrices (float64, one layer)", grams), Part("float32 product of a batch", 12 * n * n),
               Part("cached hidden states", hidden),
-              Part("forward of one window through one layer", layer_forward),
+              Part("forward of one batch through one layer", layer_forward),
               Part("refit weights until slicing", refits), solve]
     return StagePeak("reconstruction", parts, "X Xᵀ of one layer at a time")
 

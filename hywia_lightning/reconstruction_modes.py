@@ -72,8 +72,8 @@ def assign(linear: nn.Linear, result: RefitResult) -> None:
 
 
 class ReconstructionMode:
-    def __init__(self, damping: float = 0.01, intercept: bool = False) -> None:
-        self.damping, self.intercept = damping, intercept
+    def __init__(self, damping: float = 0.01, intercept: bool = False, batch_size: int = 1) -> None:
+        self.damping, self.intercept, self.batch_size = damping, intercept, batch_size
 
     def before_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> None:
         """The plan is final and the model still dense."""
@@ -95,7 +95,7 @@ class Independent(ReconstructionMode):
         self._results = {}
         if not keys:
             return
-        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer)
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size)
         progress = Progress("reconstruction: refit", len(keys), unit="projection")
         while stream.next <= keys[-1].layer:
             layer = stream.next
@@ -126,7 +126,7 @@ class Sequential(ReconstructionMode):
         results = {}
         keys = pruned_structures(plan)
         progress = Progress("reconstruction (sequential)", len(keys), unit="structure")
-        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer) if keys else None
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size) if keys else None
         for key in keys:
             while stream.next < key.layer:
                 stream.advance()

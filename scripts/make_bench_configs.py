@@ -27,7 +27,7 @@ ROWS = {
 }
 # rows that also run with least-squares reconstruction (<row>_recon_<target>)
 RECONSTRUCTED = ("element1", "hywia_fixed", "hywia_heuristic", "hywia_learned")
-RECONSTRUCTION = {"mode": "independent", "damping": 0.01}
+RECONSTRUCTION = {"mode": "independent", "damping": 0.01, "batch_size": 16}
 
 # The default configuration (configs/prune_smollm2.yaml's method) and its ablations: each row
 # changes one component of it. hywia_default_<target> is what the default job runs: FLAP's
@@ -36,7 +36,7 @@ RECONSTRUCTION = {"mode": "independent", "damping": 0.01}
 POOL = ["element2", "fluctuation"]
 DEFAULT = {"granularity": "fluctuation", "allocation": "uniform"}
 HEURISTIC = {"schemes": POOL, "mode": "heuristic", "sharpness": 4.0, "allocation": "uniform"}
-DEFAULT_RECONSTRUCTION = {"mode": "sequential", "damping": 0.01, "intercept": True}
+DEFAULT_RECONSTRUCTION = {"mode": "sequential", "damping": 0.01, "intercept": True, "batch_size": 16}
 GLOBAL = {"class_path": "hywia_lightning.GlobalAllocation", "init_args": {"standardize": "group"}}
 ABLATIONS = {
     "hywia_default": ("StructuredPruning", DEFAULT, DEFAULT_RECONSTRUCTION),
@@ -91,7 +91,7 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None
         stages["pruning"] = {
             "class_path": f"callbacks.{callback}",
             "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1,
-                          **copy.deepcopy(args)},
+                          "estimation_batch_size": 8, **copy.deepcopy(args)},
         }
     if reconstruction:
         stages["reconstruction"] = dict(reconstruction)

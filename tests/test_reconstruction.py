@@ -144,12 +144,14 @@ def test_peak_memory_does_not_grow_with_the_number_of_windows():
     assert many < few + 16, (few, many)
 
 
-def test_the_layer_stream_carries_the_models_own_hidden_states():
+@pytest.mark.parametrize("batch_size", [1, 2])  # 2: batches of 2, 2 and 1 window (two probes)
+def test_the_layer_stream_carries_the_models_own_hidden_states(batch_size):
     model = tiny_llama(num_hidden_layers=3)
     windows = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model(input_ids=windows, output_hidden_states=True).hidden_states
-    stream = LayerStream(model, windows, 1, 2)
+    stream = LayerStream(model, windows, 1, 2, batch_size)
+    assert [len(h) for h in stream.hidden] == ([1] * 5 if batch_size == 1 else [2, 2, 1])
     stream.run()
     assert stream.next == 1  # run() does not move on
     torch.testing.assert_close(torch.cat(stream.hidden), hidden[1])
