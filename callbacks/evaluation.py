@@ -18,7 +18,9 @@ Where the dense model comes from, in order:
    the unpruned model the export's ``report.json`` names, is loaded and evaluated, unless cached.
 
 The cache is ``$HYWIA_CACHE/baselines/`` (see :mod:`hywia_lightning.baseline`). Only global rank 0
-evaluates, as the evaluations themselves do.
+evaluates, as the evaluations themselves do; but where the pruning callback sharded the weights
+(``shard_weights``), every forward pass of the dense model is a collective, so in case 1 every rank
+evaluates it (rank 0's cache decides whether) and rank 0 keeps the numbers.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from typing import Any
 
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.baseline import baseline_key, cached_baseline, dense_reference, model_identity, store_baseline
+from hywia_lightning.baseline import (baseline_key, cached_baseline, dense_reference, measure_baseline, model_identity,
+                                      read_baseline, store_baseline)
 from hywia_lightning.models import load_causal_lm
 from hywia_lightning.plan import PruningPlan
+from hywia_lightning.sharded_model import has_sharded_weights
 
 from .pruning_hooks import PruningHooks
 from .stage_end import StageEnd
@@ -98,12 +102,19 @@ class Evaluation(StageEnd, PruningHooks):
 
     # -- case 1: before this run's slicing ------------------------------------------------------
     def on_before_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
-        if not self.baseline or self.baseline_model or not trainer.is_global_zero:
+        sharded = has_sharded_weights(pl_module.model)  # FSDP2: every forward pass is a collective of all ranks
+        if not self.baseline or self.baseline_model or not (trainer.is_global_zero or sharded):
             return
         name, _, cache_dir = self._model_options(pl_module)
-        self._dense = self._timed(pl_module, cached_baseline(
-            self._key(pl_module, name), lambda: self.evaluate_model(pl_module.model, pl_module.tokenizer), cache_dir
-        ))
+        key, evaluate = self._key(pl_module, name), lambda: self.evaluate_model(pl_module.model, pl_module.tokenizer)
+        if not sharded:
+            self._dense = self._timed(pl_module, cached_baseline(key, evaluate, cache_dir))
+            return
+        # rank 0's cache decides; then every rank evaluates (the same chunks), rank 0 stores and keeps it
+        dense = trainer.strategy.broadcast(read_baseline(key, cache_dir) if trainer.is_global_zero else None, src=0)
+        dense = dense or measure_baseline(key, evaluate, cache_dir, store=trainer.is_global_zero)
+        if trainer.is_global_zero:
+            self._dense = self._timed(pl_module, dense)
 
     def _timed(self, pl_module: LightningModule, dense: dict) -> dict:
         """The time a measured (not cached) baseline took goes into the report's stages."""

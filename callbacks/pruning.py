@@ -5,7 +5,10 @@ library does the method (estimation, scoring, allocation, selection); this callb
 runs, hands it this rank's share of the windows and the strategy's collectives, calls the
 :class:`~callbacks.pruning_hooks.PruningHooks` of other callbacks around the slicing, and records
 the report. The plan is saved in checkpoints: a run resumed from one (``--ckpt_path``) rebuilds
-the pruned architecture from the saved plan instead of estimating again.
+the pruned architecture from the saved plan instead of estimating again. With ``shard_weights``
+the model is sharded with FSDP2 over the job's processes for estimation, scoring and the hooks
+before slicing (each forward pass then a collective of every rank), and the slicing gathers a plain
+pruned model on every rank, which replaces the sharded one in the LightningModule.
 
 Override point: :meth:`score` (one score per unit of every group; by default the granularity's).
 """
@@ -24,10 +27,12 @@ from hywia_lightning.allocation import Allocation, PruningScope, make_allocation
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state, saved_parameter_names
 from hywia_lightning.estimation import accumulate_dtype_named
+from hywia_lightning.gathered_slicing import pruned
 from hywia_lightning.granularities import Granularity, make_granularity
 from hywia_lightning.pipeline import accumulator_shards, prune, target_layers
 from hywia_lightning.plan import PruningPlan, count_parameters
 from hywia_lightning.scoring import ScoringContext
+from hywia_lightning.sharded_model import local_bytes, shard_model, world_mesh
 from hywia_lightning.slicing import add_saved_output_biases, apply_plan
 from hywia_lightning.structures import LayerStructures
 from hywia_lightning.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
@@ -55,6 +60,7 @@ class StructuredPruning(Preflight, Callback):
         accumulate_dtype: Literal["float32", "float64", "bfloat16"] = "float32",
         estimation_batch_size: PositiveInt = 1,
         shard_accumulators: bool | None = None,
+        shard_weights: bool = False,
     ) -> None:
         """
         Args:
@@ -81,6 +87,12 @@ class StructuredPruning(Preflight, Callback):
                 ``g``/``g²`` accumulators (reduce-scattered per batch, gathered one unit group at a
                 time for scoring: the same plan); ``None`` shards whenever there are several ranks,
                 ``false`` keeps whole sums on every rank, all-reduced at the end.
+            shard_weights: shard the model's weights over the job's processes with FSDP2 for
+                estimation, scoring and (``independent``) reconstruction, so each rank holds 1/N of
+                them and one gathered decoder layer; slicing gathers one layer at a time and every
+                rank continues with the plain pruned model. Off by default: it needs several
+                processes and costs an all-gather of every layer per pass; turn it on when the
+                whole model does not fit one device (the memory plan says so).
         """
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
@@ -89,6 +101,7 @@ class StructuredPruning(Preflight, Callback):
         self.accumulate_dtype = accumulate_dtype_named(accumulate_dtype)
         self.estimation_batch_size = estimation_batch_size
         self.shard_accumulators = shard_accumulators
+        self.shard_weights = shard_weights
         self.scope = PruningScope(target_ratio, attention_unit, heads_to_keep, round_to)
         self.calibration = calibration
         self.granularity = make_granularity(granularity, seed)
@@ -112,6 +125,9 @@ class StructuredPruning(Preflight, Callback):
         layers = self.target_layers(pl_module)
         flat = {g.key: torch.zeros(g.num_units) for g in unit_groups(layers, self.scope.attention_unit, len(layers))}
         self.allocation.widths(layers, count_parameters(pl_module.model), self.scope, flat)  # is the target reachable?
+        if self.shard_weights and trainer_collective(trainer) is None:
+            raise ValueError("shard_weights=True shards the weights over the job's processes, but this job runs one "
+                             "(set trainer.devices or trainer.num_nodes for several, or shard_weights: false)")
         if self.granularity.needs:
             accumulator_shards(trainer_collective(trainer), self.shard_accumulators)  # ranks that cannot shard: refused
             data = checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
@@ -129,7 +145,8 @@ class StructuredPruning(Preflight, Callback):
         report = pl_module.report
         layers = self.target_layers(pl_module)
         params_before = count_parameters(pl_module.model)
-        model = pl_module.model.to(trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        model = shard_model(pl_module.model, world_mesh(device)) if self.shard_weights else pl_module.model.to(device)
         windows = self.calibration_data(trainer).windows() if self.granularity.needs else None
         result = prune(model, windows, self.granularity, self.scope, self.allocation, layers, self.accumulate_dtype,
                        self.estimation_batch_size, trainer_collective(trainer), self.seed, score=self.score,
@@ -141,13 +158,17 @@ class StructuredPruning(Preflight, Callback):
             report.record("fusion", result.scorer)
         plan = result.plan
         self._call_hooks("on_before_slicing", trainer, pl_module, plan)
+        weight_bytes = local_bytes(model.parameters())  # this rank's, as estimation and scoring held them
         with report.stage("pruning"):
-            apply_plan(pl_module.model, plan)
+            pl_module.model = pruned(model, plan)  # sharded: a plain pruned copy on every rank
+        del model
         self.plan = pl_module.pruning_plan = plan
         self._call_hooks("on_after_slicing", trainer, pl_module, plan)
         self.record(trainer, pl_module, layers, params_before, windows is not None)
         pl_module.report.record("pruning", {"accumulator_bytes_per_rank": result.accumulator_bytes,
-                                            "accumulator_shards": result.accumulator_shards})
+                                            "accumulator_shards": result.accumulator_shards,
+                                            "weight_bytes_per_rank": weight_bytes,
+                                            "weight_shards": trainer.world_size if self.shard_weights else 1})
 
     def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
         """One score per unit for every group; override to score groups your own way."""

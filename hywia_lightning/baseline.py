@@ -61,6 +61,11 @@ def cached_baseline(
 ) -> dict[str, Any]:
     """``{"results", "model", "cached", "cache_file", "seconds"}``: read from the cache, or computed by
     ``compute()`` and stored."""
+    return read_baseline(key, cache_dir) or measure_baseline(key, compute, cache_dir)
+
+
+def read_baseline(key: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The cached baseline of ``key`` (as :func:`cached_baseline` gives it), ``None`` when there is none."""
     path = baseline_path(key, cache_dir)
     if path.is_file():
         try:
@@ -72,10 +77,18 @@ def cached_baseline(
                 log.info("dense %s baseline of %s from the cache %s", key["kind"], key["model"], path)
                 return {"model": key["model"], "results": stored["results"], "cached": True,
                         "cache_file": str(path), "seconds": stored.get("seconds")}
+    return None
+
+
+def measure_baseline(key: dict[str, Any], compute: Callable[[], dict], cache_dir: str | os.PathLike | None = None,
+                     store: bool = True) -> dict[str, Any]:
+    """The baseline of ``key`` computed by ``compute()``, stored in the cache where ``store``."""
+    path = baseline_path(key, cache_dir)
     start = time.perf_counter()
     results = compute()
     seconds = round(time.perf_counter() - start, 3)
-    store_baseline(key, results, seconds, cache_dir)
+    if store:
+        store_baseline(key, results, seconds, cache_dir)
     return {"model": key["model"], "results": results, "cached": False, "cache_file": str(path), "seconds": seconds}
 
 

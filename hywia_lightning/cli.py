@@ -123,6 +123,7 @@ class HywiaCLI(LightningCLI):
         if trainer is not None:
             self._paths_in_run_folder(trainer)
         check_stage_arguments(self.config.get(self.subcommand) if self.subcommand else self.config)
+        check_weight_sharding(self.config.get(self.subcommand) if self.subcommand else self.config)
         if self.subcommand in (None, "fit"):
             check_memory_plan(self.config.get(self.subcommand) if self.subcommand else self.config)
 
@@ -173,6 +174,21 @@ def check_stage_arguments(config: Namespace) -> None:
                 check(dict(vars(node.init_args)), f"{key}.init_args")
             except (ValueError, OSError) as error:  # the run's input: one paragraph, as a stage's check gives
                 raise mark_input_error(error, f"{key}.init_args")
+
+
+def check_weight_sharding(config: Namespace) -> None:
+    """Refuse ``shard_weights`` in a job of one process before the model, which loads its weights
+    when built, exists (the pruning stage's own check refuses it again where no process group is)."""
+    from .memory_plan_config import job_settings
+
+    try:
+        job = job_settings(config)[0]
+    except Exception:  # a job the plan cannot read: the stage's check decides
+        return
+    if job.shard_weights and job.world_size == 1:
+        raise InputError("pruning.init_args.shard_weights", "shard_weights=true shards the weights over the job's "
+                         "processes, but trainer.devices × trainer.num_nodes is 1",
+                         "run several processes (trainer.devices, trainer.num_nodes), or set shard_weights: false")
 
 
 def check_memory_plan(config: Namespace) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .plan import PruningPlan
-from .sharded_model import full_weight
+from .sharded_model import full_weight, has_sharded_weights
 from .slicing import apply_plan, record_layer_widths
 from .structures import decoder_layers
 
@@ -64,3 +64,13 @@ def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool) ->
             raise RuntimeError(f"gathering the sharded model left {missing} without values")
         record_layer_widths(plain)  # every layer's widths in the config, as apply_plan writes them
     return plain
+
+
+def pruned(model: PreTrainedModel, plan: PruningPlan) -> PreTrainedModel:
+    """``model`` pruned by ``plan``: sliced in place, or, where FSDP2 shards its weights, a plain
+    pruned copy gathered on every rank (:func:`gathered_pruned`; every rank must call it), so that
+    every later stage takes a plain model."""
+    if has_sharded_weights(model):
+        return gathered_pruned(model, plan, receive=True)
+    apply_plan(model, plan)
+    return model

@@ -12,6 +12,11 @@ layers' outputs are those of the whole model's forward pass (the same modules on
 Independent reconstruction streams the dense model; sequential reconstruction streams the pruned
 one, so each layer sees what the already refit layers before it produce, at about three forward
 passes of the pruned range in all instead of one forward pass per layer.
+
+Where FSDP2 shards the weights, every call of a layer is a collective: every rank must make the
+same calls with the same batch sizes. ``pad_to`` appends copies of the first window up to that
+many windows (every rank the same count); :attr:`LayerStream.valid` says how many leading windows
+of the batch being run are real, so that a statistic leaves the padding out.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .sharded_model import has_sharded_weights, reshard
 from .structures import decoder_layers
 
 
@@ -46,9 +52,14 @@ class LayerStream:
     """Decoder layers ``first..last`` of ``model`` (frozen) over ``windows``, one at a time,
     ``batch_size`` windows per call of a layer."""
 
-    def __init__(self, model: nn.Module, windows: Tensor, first: int, last: int, batch_size: int = 1) -> None:
+    def __init__(self, model: nn.Module, windows: Tensor, first: int, last: int, batch_size: int = 1,
+                 pad_to: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1 (windows per call of a layer)")
+        windows = windows.reshape(-1, windows.shape[-1])
+        self.real, self.batch_size, self.valid = len(windows), batch_size, batch_size
+        if pad_to is not None and pad_to > len(windows):
+            windows = torch.cat([windows, windows[:1].expand(pad_to - len(windows), -1)])
         layers = decoder_layers(model)
         self.layers = {i: layers[i] for i in range(first, last + 1)}
         self.next = first
@@ -74,12 +85,15 @@ class LayerStream:
         finally:
             for handle in handles:
                 handle.remove()
+        if has_sharded_weights(model):
+            reshard(model)  # the forward passes stopped inside FSDP2 units, which stay gathered otherwise
 
     def _layer_outputs(self):
         """Each batch's output of the next layer, one batch at a time."""
         layer = self.layers[self.next]
         with torch.no_grad():
-            for hidden in self.hidden:
+            for b, hidden in enumerate(self.hidden):
+                self.valid = min(max(self.real - b * self.batch_size, 0), len(hidden))
                 args, kwargs = self.arguments.get((self.next, len(hidden)), ((), {}))
                 output = layer(hidden, *args, **kwargs)
                 yield output[0] if isinstance(output, tuple) else output

@@ -7,9 +7,12 @@ code holds at that stage's highest point (the sources are named in each part's c
 runtime (the process and its libraries on a CPU, the CUDA context on a GPU).
 
 Per rank: estimation, scoring, fusion training and reconstruction hold the whole model on every
-rank (windows are sharded); with several ranks each keeps only its ``1/estimation_shards`` of the
-``g``/``g²`` accumulators (``shard_accumulators``, :mod:`hywia_lightning.sharded_sums`), and
-scoring gathers one layer's statistics at a time. Reconstruction holds one layer's Gram matrices at
+rank (windows are sharded), unless ``shard_weights`` shards it with FSDP2: then each rank holds
+``1/weight_shards`` of the weights, the gathered root (embeddings, head) and one or two gathered
+decoder layers, and a ``slicing`` stage gathers the plain pruned model on every rank, one dense
+layer at a time (:mod:`hywia_lightning.gathered_slicing`). With several ranks each keeps only its
+``1/estimation_shards`` of the ``g``/``g²`` accumulators (``shard_accumulators``,
+:mod:`hywia_lightning.sharded_sums`), and scoring gathers one layer's statistics at a time. Reconstruction holds one layer's Gram matrices at
 a time (:mod:`hywia_lightning.layer_stream`). LoRA recovery under FSDP shards weights, adapters and
 optimizer states over ``devices × num_nodes``. Parts divided over the ranks are marked ``sharded``.
 """
@@ -86,10 +89,16 @@ class JobSettings:
     perplexity: EvaluationSettings | None = None
     recovery: RecoverySettings | None = None
     estimation_shards: int = 1                   # ranks the g/g² accumulators are sharded over (shard_accumulators)
+    shard_weights: bool = False                  # pruning.shard_weights: FSDP2 shards the weights before slicing
 
     @property
     def world_size(self) -> int:
         return self.devices * self.num_nodes
+
+    @property
+    def weight_shards(self) -> int:
+        """The ranks the weights of estimation, scoring and independent reconstruction are sharded over."""
+        return self.world_size if self.shard_weights else 1
 
 
 @dataclass
@@ -177,6 +186,25 @@ def weights(shape: ModelShape, b: int, kept: float = 1.0) -> int:
     return int(shape.parameters() * kept * b)
 
 
+def _largest_layer(shape: ModelShape) -> int:
+    return max(shape.layer_parameters(i) for i in range(shape.num_hidden_layers))
+
+
+def dense_weights(shape: ModelShape, job: JobSettings, gathered_layers: int = 1, root: bool = True) -> list[Part]:
+    """The dense model as a stage before slicing holds it: whole, or (``shard_weights``) this rank's
+    ``1/N`` shard, with ``root`` the root unit gathered whole during a pass (embeddings, final
+    norm, head: ``sharded_model.shard_model``) and ``gathered_layers`` decoder layers (a backward's
+    prefetch gathers the next layer while one runs)."""
+    b, n = DTYPE_BYTES[job.dtype], job.weight_shards
+    if n == 1:
+        return [Part("weights", weights(shape, b))]
+    parts = [Part("weights", -(-weights(shape, b) // n), True)]
+    if root:
+        outside = shape.parameters() - sum(shape.layer_parameters(i) for i in range(shape.num_hidden_layers))
+        parts.append(Part("root gathered (embeddings, head)", outside * b))
+    return parts + [Part(f"decoder layers gathered ({gathered_layers})", gathered_layers * _largest_layer(shape) * b)]
+
+
 def _copies(e: EstimationSettings) -> int:
     """How many weight-sized sums estimation keeps: ``g`` and/or ``g²``."""
     return ("gradients" in e.needs) + ("squared_gradients" in e.needs)
@@ -206,8 +234,10 @@ def _largest(shape: ModelShape, e: EstimationSettings) -> int:
 def estimation_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     e, b, shards = job.estimation, DTYPE_BYTES[job.dtype], job.estimation_shards
     a = DTYPE_BYTES[e.accumulate_dtype]
-    parts = [Part("weights", weights(shape, b)), Part("accumulators", accumulator_bytes(shape, e, shards), shards > 1)]
-    if e.needs & {"gradients", "squared_gradients", "window_saliency"}:
+    backward = bool(e.needs & {"gradients", "squared_gradients", "window_saliency"})
+    parts = [*dense_weights(shape, job, 2 if backward else 1),
+             Part("accumulators", accumulator_bytes(shape, e, shards), shards > 1)]
+    if backward:
         tokens, first = e.batch_size * e.seq_len, min(e.layers)
         hooked = set(e.layers)
         per_token = 0
@@ -226,8 +256,11 @@ def estimation_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
         tokens = e.batch_size * e.seq_len
         parts.append(Part("activations", tokens * (b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
                                                     + (b + 4) * shape.vocab_size)))
-    return StagePeak("estimation", parts, "whole model on every rank" + (
-        f", g/g² sharded over {shards}" if shards > 1 else ""))
+    return StagePeak("estimation", parts, _held(job) + (f", g/g² sharded over {shards}" if shards > 1 else ""))
+
+
+def _held(job: JobSettings) -> str:
+    return f"weights sharded over {job.weight_shards}" if job.weight_shards > 1 else "whole model on every rank"
 
 
 def _unit_major_copies(shape: ModelShape, e: EstimationSettings, b: int) -> int:
@@ -267,7 +300,7 @@ def _gathered_layer(shape: ModelShape, e: EstimationSettings) -> int:
 
 def scoring_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     e, b, shards = job.estimation, DTYPE_BYTES[job.dtype], job.estimation_shards
-    parts = [Part("weights", weights(shape, b)),
+    parts = [*dense_weights(shape, job, root=False),  # a unit group gathers its members' weights: at most one layer's
              Part("accumulators", accumulator_bytes(shape, e, shards), shards > 1),
              Part("unit-major copies of one group", _unit_major_copies(shape, e, b)),
              # a scheme's float64 temporaries over the largest member (w, g or F, their product, the sum)
@@ -284,7 +317,7 @@ def fusion_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     ``o_proj``/``down_proj``."""
     e, b = job.estimation, DTYPE_BYTES[job.dtype]
     scoring = scoring_peak(shape, job)
-    persistent = [p for p in scoring.parts if p.name in ("weights", "accumulators")]
+    persistent = dense_weights(shape, job, 2) + [p for p in scoring.parts if p.name == "accumulators"]
     tokens, first, masked = e.seq_len, min(e.layers), set(e.layers)
     per_token = sum(_layer_activations(shape, layer, b, (shape.heads(layer) * shape.head_dim + shape.intermediate(layer))
                                        if layer in masked else 0)
@@ -303,23 +336,35 @@ def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     rank's windows (``layer_stream.LayerStream``) and holds ``X Xᵀ`` (float64) of one layer's pruned
     projections' inputs (``o_proj``, ``down_proj``), solves them and drops them; the refit weights
     wait for the slicing. Sequential mode streams the pruned model the same way and holds a dense
-    copy of the pruned blocks and one structure's moments at a time."""
+    copy of the pruned blocks and one structure's moments at a time. With ``shard_weights`` the
+    independent mode runs on the sharded dense model (windows padded to one count per rank) and the
+    sequential mode on the plain pruned model, its dense copies sharded until each structure's turn."""
     e, r, b = job.estimation, job.reconstruction, DTYPE_BYTES[job.dtype]
     n = max(m for layer in e.layers for m in _layer_inputs(shape, e, layer))
     out = shape.hidden_size
     tokens = r.seq_len
-    parts = [Part("weights", weights(shape, b))]
+    sharded = job.weight_shards > 1
+    if sharded and r.mode == "sequential":
+        parts = [Part("pruned weights", weights(shape, b, 1 - job.target_ratio)),
+                 Part("the dense shards until setup ends", -(-weights(shape, b) // job.weight_shards), True)]
+    else:
+        parts = dense_weights(shape, job)
     layer_forward = r.batch_size * tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
     # the solve of the widest projection: cross (n×k), k×k system, its factor, eye, and the dense weight in float64;
     # k (kept inputs) is not known before the plan: bounded by n
     solve = Part("largest solve", 8 * (6 * n * n + 3 * out * n))
-    windows = -(-r.num_windows // job.world_size)  # this rank's share
+    windows = -(-r.num_windows // job.world_size)  # this rank's share (sharded: every rank padded to it)
     hidden = windows * tokens * shape.hidden_size * b
     if r.mode == "sequential":
         dense = sum(sum(o * i for name, (o, i) in shape.layer_linears(layer).items()
                         if e.attention_unit != "none" or name in ("gate_proj", "up_proj", "down_proj"))
                     for layer in e.layers) * b
-        parts += [Part("dense copy of the pruned blocks", dense), Part("one structure's moments", 8 * 3 * n * n + 12 * n * n),
+        if sharded:  # the copies keep their shards; one structure (at most a layer) is gathered at a time
+            parts += [Part("dense copy of the pruned blocks", -(-dense // job.weight_shards), True),
+                      Part("one dense structure gathered", _largest_layer(shape) * b)]
+        else:
+            parts.append(Part("dense copy of the pruned blocks", dense))
+        parts += [Part("one structure's moments", 8 * 3 * n * n + 12 * n * n),
                   Part("cached hidden states", hidden),
                   Part("forward of one batch through one layer", 2 * layer_forward), solve]
         return StagePeak("reconstruction", parts, "sequential: one structure's moments at a time")
@@ -333,17 +378,34 @@ def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     return StagePeak("reconstruction", parts, "X Xᵀ of one layer at a time")
 
 
+def slicing_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """``shard_weights`` only: every rank gathers the plain pruned model one dense layer at a time
+    (``gathered_slicing.gathered_pruned``) beside its shards and the refit weights waiting for it."""
+    b = DTYPE_BYTES[job.dtype]
+    parts = [Part("weights", -(-weights(shape, b) // job.weight_shards), True),
+             Part("pruned model gathered", weights(shape, b, 1 - job.target_ratio)),
+             Part("one dense layer gathered", _largest_layer(shape) * b)]
+    r = job.reconstruction
+    if r is not None and r.mode == "independent":
+        parts.append(next(p for p in reconstruction_peak(shape, job).parts if p.name == "refit weights until slicing"))
+    return StagePeak("slicing", parts, "the plain pruned model on every rank, one dense layer gathered at a time")
+
+
 def perplexity_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
-    """The dense baseline (when not cached) is measured on the dense weights; each batch's logits,
-    their contiguous float32 copy (``perplexity.perplexity``) and torchmetrics' softmax are
+    """The dense baseline (when not cached) is measured on the dense weights (sharded with
+    ``shard_weights``: every rank takes part), the pruned model's on the pruned ones; each batch's
+    logits, their contiguous float32 copy (``perplexity.perplexity``) and torchmetrics' softmax are
     vocabulary-sized."""
     p, b = job.perplexity, DTYPE_BYTES[job.dtype]
     tokens = p.batch_size * p.seq_len
+    dense = dense_weights(shape, job)
+    if job.weight_shards > 1 and sum(x.bytes for x in dense) < weights(shape, b, 1 - job.target_ratio):
+        dense = [Part("pruned weights", weights(shape, b, 1 - job.target_ratio))]
     return StagePeak("perplexity", [
-        Part("weights", weights(shape, b)),
+        *dense,
         Part("logits", tokens * shape.vocab_size * (b + 2 * 4)),
         Part("forward of one batch", tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)),
-    ], "the dense baseline first, on the same weights")
+    ], "the dense baseline first, on the dense weights" + (" (sharded), then the pruned" if job.weight_shards > 1 else ""))
 
 
 def recovery_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
@@ -398,8 +460,12 @@ def plan_memory(shape: ModelShape, job: JobSettings) -> MemoryPlan:
             plan.stages.append(scoring_peak(shape, job))
         if job.estimation.learned_fusion:
             plan.stages.append(fusion_peak(shape, job))
-        if job.reconstruction is not None:
-            plan.stages.append(reconstruction_peak(shape, job))
+        if job.reconstruction is not None and job.reconstruction.mode == "independent":
+            plan.stages.append(reconstruction_peak(shape, job))  # before slicing
+        if job.weight_shards > 1:
+            plan.stages.append(slicing_peak(shape, job))
+        if job.reconstruction is not None and job.reconstruction.mode != "independent":
+            plan.stages.append(reconstruction_peak(shape, job))  # after slicing
     if job.recovery is not None:
         plan.stages.append(recovery_peak(shape, job))
     if job.perplexity is not None:

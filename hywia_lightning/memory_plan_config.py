@@ -203,7 +203,8 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
     shards = devices * num_nodes if pruning is not None and pruning.get("shard_accumulators") is not False else 1
     job = JobSettings(dtype=dtype, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
                       target_ratio=target_ratio, estimation=estimation, reconstruction=reconstruction,
-                      perplexity=perplexity, recovery=recovery, estimation_shards=shards)
+                      perplexity=perplexity, recovery=recovery, estimation_shards=shards,
+                      shard_weights=bool(pruning is not None and pruning.get("shard_weights")))
     return job, str(model.get("model_name_or_path") or ""), model.get("cache_dir")
 
 
@@ -252,6 +253,7 @@ def device_bytes(job: JobSettings) -> tuple[float | None, str]:
 #: what to change, the YAML key and the setting, tried in this order when a job does not fit
 REMEDIES = (
     ("pruning.init_args.shard_accumulators", "true", lambda job: _replace(job, estimation_shards=job.world_size)),
+    ("pruning.init_args.shard_weights", "true", lambda job: _replace(job, shard_weights=job.shard_weights or job.world_size > 1)),
     ("pruning.init_args.accumulate_dtype", "bfloat16", lambda job: _replace_estimation(job, accumulate_dtype="bfloat16")),
     ("model.init_args.dtype", "bfloat16", lambda job: _replace(job, dtype="bfloat16")),
     ("pruning.init_args.estimation_batch_size", "1", lambda job: _replace_estimation(job, batch_size=1)),
@@ -297,6 +299,8 @@ def refusal(job_plan: JobPlan, limit: float, source: str) -> "InputError":
     job = plan.job
     now = {"pruning.init_args.shard_accumulators": (str(job.estimation_shards > 1).lower()
                                                     if job.estimation and job.world_size > 1 else None),
+           "pruning.init_args.shard_weights": (str(job.shard_weights).lower()
+                                               if job.estimation and job.world_size > 1 else None),
            "pruning.init_args.accumulate_dtype": job.estimation.accumulate_dtype if job.estimation else None,
            "model.init_args.dtype": job.dtype,
            "pruning.init_args.estimation_batch_size": job.estimation.batch_size if job.estimation else None}
@@ -308,8 +312,9 @@ def refusal(job_plan: JobPlan, limit: float, source: str) -> "InputError":
         change = f", {lowered[key][0]} → {lowered[key][1]:.1f} GiB" if key in lowered else ""
         keys.append(f"{key} (now {current}{change})")
     keys.append(f"trainer.devices / trainer.num_nodes (now {job.devices} × {job.num_nodes}; more ranks shard the g/g² "
-                "accumulators of estimation and, under FSDP, LoRA recovery; the weights stay whole on every rank "
-                "for estimation, scoring and reconstruction)")
+                "accumulators of estimation, with pruning.init_args.shard_weights the weights of estimation, scoring "
+                "and independent reconstruction, and under FSDP LoRA recovery; the pruned model is whole on every "
+                "rank from slicing to recovery)")
     hint = ("the keys that lower it (each change applied on top of the ones before): " + "; ".join(keys) +
             ". The whole plan: python scripts/memory_plan.py --config CONFIG; "
             f"{CHECK_VARIABLE}=0 skips this check, {DEVICE_GIB_VARIABLE}=N sets one device's GiB")

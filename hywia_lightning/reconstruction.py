@@ -162,9 +162,10 @@ def solve_refit(
     )
 
 
-def dense_grams(projections: dict, run: Callable[[], object]) -> tuple[dict, dict]:
+def dense_grams(projections: dict, run: Callable[[], object], rows: Callable[[], int] | None = None) -> tuple[dict, dict]:
     """``X Xᵀ`` and ``Σ X`` (float64) of the input of every projection (keyed as given) while
-    ``run()`` runs them (:meth:`~hywia_lightning.layer_stream.LayerStream.advance`: one layer's)."""
+    ``run()`` runs them (:meth:`~hywia_lightning.layer_stream.LayerStream.advance`: one layer's);
+    ``rows()``: how many leading windows of the batch being run count (the rest is padding)."""
     grams = {name: torch.zeros(p.in_features, p.in_features, dtype=torch.float64, device=p.weight.device)
              for name, p in projections.items()}
     sums = {name: torch.zeros(p.in_features, dtype=torch.float64, device=p.weight.device)
@@ -172,7 +173,8 @@ def dense_grams(projections: dict, run: Callable[[], object]) -> tuple[dict, dic
 
     def hook(name):
         def accumulate(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            x = args[0] if rows is None else args[0][:rows()]
+            x = x.reshape(-1, x.shape[-1]).float()
             grams[name] += (x.T @ x).double()
             sums[name] += x.sum(0).double()
         return accumulate

@@ -13,6 +13,11 @@ heads, ``down_proj`` of an MLP that lost channels) with :func:`solve_refit`:
   windows' hidden states are carried from layer to layer (:class:`LayerStream`), so it costs
   about three forward passes of the pruned range in all.
 
+With FSDP2-sharded weights (``StructuredPruning.shard_weights``) the dense model is sharded before
+slicing: :class:`Independent` pads every rank's windows to one count (each layer call is a
+collective; the padding is left out of the moments) and gathers each projection's weight for its
+solve; :class:`Sequential`'s dense copies stay sharded until each structure's turn.
+
 A new mode subclasses :class:`ReconstructionMode` and overrides the two hooks.
 """
 
@@ -29,6 +34,7 @@ from .layer_stream import LayerStream
 from .plan import PruningPlan
 from .progress import Progress
 from .reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
+from .sharded_model import full_weight, gather_module, has_sharded_weights
 from .slicing import record_layer_widths, unit_indices
 from .structures import LayerStructures, decoder_layers, discover_structures
 from .unit_groups import GroupKey, MODULE_NAME
@@ -87,6 +93,17 @@ class ReconstructionMode:
         return solve_refit(weight, sliced, stats, self.damping, str(key), intercept=self.intercept)
 
 
+def padded_share(windows: Tensor, reduce: Reduce) -> int:
+    """The window count every rank pads its share to where FSDP2 shards the weights (each layer
+    call a collective): the largest share of the ranks' strided split, ``⌈total / ranks⌉``."""
+    ranks = int(reduce(torch.tensor(1.0)).item())
+    share = -(-int(reduce(torch.tensor(float(len(windows)))).item()) // ranks)
+    if not 0 < len(windows) <= share:
+        raise ValueError(f"reconstruction with sharded weights needs every rank's windows split evenly (at most "
+                         f"{share} and at least 1 per rank); this rank has {len(windows)}")
+    return share
+
+
 class Independent(ReconstructionMode):
     def before_slicing(self, model, plan, windows, reduce):
         structures = discover_structures(model)
@@ -95,16 +112,19 @@ class Independent(ReconstructionMode):
         self._results = {}
         if not keys:
             return
-        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size)
+        sharded = has_sharded_weights(model)
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size,
+                             padded_share(windows, reduce) if sharded else None)
         progress = Progress("reconstruction: refit", len(keys), unit="projection")
         while stream.next <= keys[-1].layer:
             layer = stream.next
             projections = {key: output_projection(structures[layer], key.kind) for key in keys if key.layer == layer}
-            grams, sums = dense_grams(projections, stream.advance)
+            grams, sums = dense_grams(projections, stream.advance, (lambda: stream.valid) if sharded else None)
             for key, proj in projections.items():
                 keep = kept_inputs(structures[layer], plan, key.kind)
                 stats = RefitStatistics.from_dense_gram(reduce(grams.pop(key)), reduce(sums.pop(key)), keep, tokens)
-                self._results[key] = self.solve(proj, proj.weight[:, keep], stats, key)
+                weight = full_weight(proj.weight)  # gathered where sharded: every rank solves, in the same order
+                self._results[key] = self.solve(weight, weight[:, keep], stats, key)
                 progress.update()
 
     def after_slicing(self, model, plan, windows, reduce):
@@ -130,7 +150,7 @@ class Sequential(ReconstructionMode):
         for key in keys:
             while stream.next < key.layer:
                 stream.advance()
-            dense = self._dense.pop(key)
+            dense = gather_module(self._dense.pop(key))  # a copy of a sharded block: gathered for this structure only
             pruned = getattr(decoder_layers(model)[key.layer], MODULE_NAME[key.kind])
             projection = "o_proj" if key.kind == "attention" else "down_proj"
             stats = sequential_statistics(stream.run, pruned, dense, projection)

@@ -24,6 +24,23 @@ def is_sharded(tensor: Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def has_sharded_weights(model: nn.Module) -> bool:
+    """Whether FSDP2 shards ``model``'s weights: then each of its forward passes is a collective
+    that every rank must enter, the same number of times."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def world_mesh(device: torch.device):
+    """A 1-D device mesh of every rank of the default process group, on ``device``'s type (CPU over
+    gloo, CUDA over NCCL), the mesh :func:`shard_model` shards over."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("sharding the weights needs a torch.distributed process group (several processes)")
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
 def shard_model(model: nn.Module, mesh) -> nn.Module:
     """``fully_shard`` every decoder layer and then the root over the 1-D device ``mesh``, in place.
 
@@ -43,6 +60,26 @@ def full_weight(param: Tensor) -> Tensor:
     shards it (a collective), as it is otherwise."""
     with torch.no_grad():
         return param.full_tensor() if is_sharded(param) else param.detach()
+
+
+def reshard(model: nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``model``: a forward cut short (``layer_stream.StopForward``)
+    never reaches the post-forward hooks that reshard the units it entered (the root among them)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def gather_module(module: nn.Module) -> nn.Module:
+    """``module`` with every sharded parameter replaced by its whole plain tensor, in place (a
+    collective per parameter): for a copy of a sharded block to run on plain inputs."""
+    for name, param in list(module.named_parameters()):
+        if is_sharded(param):
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, nn.Parameter(full_weight(param), param.requires_grad))
+    return module
 
 
 def local_bytes(tensors) -> int:

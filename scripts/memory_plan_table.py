@@ -6,7 +6,9 @@ recipe (r 8 on every projection, 256 tokens, global batch 64) under DecoderLayer
 activation checkpointing; weights and accumulators in bfloat16 unless a row says otherwise.
 Per-rank GiB, the GPU runtime (1 GiB) included. On several GPUs the g/g² accumulators are sharded
 over the ranks (``shard_accumulators``, the default); the last column is the same job with
-``shard_accumulators: false``. The weights stay whole on every rank until recovery.
+``shard_accumulators: false``, and the column before it the job with ``shard_weights: true``
+(FSDP2 shards the weights for estimation, scoring and the refit; slicing gathers the pruned model
+on every rank). Without it the weights stay whole on every rank until recovery.
 
     python scripts/memory_plan_table.py
 """
@@ -45,8 +47,9 @@ def gib(plan, stage: str) -> str:
 
 def rows() -> list[str]:
     lines = ["| model | weights, accumulators | GPUs | estimation | scoring | reconstruction | LoRA recovery (FSDP) | "
-             "peak per rank | fits 80 GB? | shard_accumulators false: estimation / scoring |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "peak per rank | fits 80 GB? | shard_weights: estimation / scoring / reconstruction / slicing, peak | "
+             "shard_accumulators false: estimation / scoring |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for label, name in MODELS.items():
         shape = resolve_shape(name)[0]
         for dtype in (["float32", "bfloat16"] if label == "Llama-2-7B" else ["bfloat16"]):
@@ -54,9 +57,13 @@ def rows() -> list[str]:
                 plan = plan_memory(shape, job(shape.num_hidden_layers, dtype, devices, nodes, devices * nodes))
                 whole = plan_memory(shape, replace(plan.job, estimation_shards=1))
                 fits = "yes" if plan.peak.bytes <= 80e9 else f"no ({plan.peak.stage})"
+                sharded = plan_memory(shape, replace(plan.job, shard_weights=True))
+                weights = "–" if gpus == 1 else (
+                    " / ".join(gib(sharded, s) for s in ("estimation", "scoring", "reconstruction", "slicing")) +
+                    f", {sharded.peak_gib:.1f} ({'fits' if sharded.peak.bytes <= 80e9 else sharded.peak.stage})")
                 lines.append(f"| {label} | {dtype} | {gpus} | {gib(plan, 'estimation')} | {gib(plan, 'scoring')} | "
                              f"{gib(plan, 'reconstruction')} | {gib(plan, 'recovery')} | {plan.peak_gib:.1f} | {fits} | "
-                             f"{gib(whole, 'estimation')} / {gib(whole, 'scoring')} |")
+                             f"{weights} | {gib(whole, 'estimation')} / {gib(whole, 'scoring')} |")
     return lines
 
 

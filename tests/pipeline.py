@@ -44,6 +44,17 @@ def run_fit(config: dict, workdir: Path) -> HywiaCLI:
     return HywiaCLI(args=["fit", "--config", str(path)])
 
 
+def run_two_processes(config: dict, tmp_path: Path) -> None:
+    """``python main.py fit`` of ``config`` under DDP with 2 CPU processes."""
+    config["trainer"].update(strategy="ddp", devices=2)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "main.py", "fit", "--config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def run_main(config: dict, workdir: Path, *extra: str, timeout: int = 600, cwd: Path = REPO,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python main.py fit --config <workdir>/job-N.yaml *extra`` in a new process, from ``cwd``;

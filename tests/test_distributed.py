@@ -1,15 +1,11 @@
 """Two CPU processes (DDP, gloo) give the same pruning plan as one."""
 
 import json
-import subprocess
-import sys
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from .conftest import REPO
-from .pipeline import prune_job, run_fit
+from .pipeline import prune_job, run_fit, run_two_processes
 
 
 import pytest
@@ -21,17 +17,6 @@ LEARNED_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
 GLOBAL_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
     "target_ratio": 0.2, "layer_start": 1, "layer_end": -1, "allocation": "global",
     "fusion": {"mode": "heuristic", "schemes": ["element1", "element2", "vector2", "fluctuation"]}}}
-
-
-def run_two_processes(config: dict, tmp_path) -> None:
-    """``python main.py fit`` of ``config`` under DDP with 2 CPU processes."""
-    config["trainer"].update(strategy="ddp", devices=2)
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "main.py", "fit", "--config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def plan(root) -> dict:

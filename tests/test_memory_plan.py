@@ -104,6 +104,23 @@ def test_fsdp_recovery_shards_over_devices_and_nodes_and_ddp_does_not():
     assert part(recovery_peak(shape, JobSettings(dtype="bfloat16", devices=8, recovery=ddp)), "weights") == part(one, "weights")
 
 
+def test_shard_weights_divides_the_dense_weights_and_adds_the_slicing_stage():
+    """Estimation, scoring and the independent refit hold 1/N of the weights plus what FSDP2 gathers;
+    slicing then gathers the whole pruned model on every rank."""
+    shape = resolve_shape("meta-llama/Llama-2-70b-hf")[0]
+    job = replace(estimation_job(shape), dtype="bfloat16", devices=8, target_ratio=0.2,
+                  reconstruction=ReconstructionSettings())
+    whole, sharded = ({s.stage: s for s in plan_memory(shape, replace(job, shard_weights=on)).stages}
+                      for on in (False, True))
+    assert "slicing" not in whole and list(sharded)[:4] == ["estimation", "scoring", "reconstruction", "slicing"]
+    for stage in ("estimation", "scoring", "reconstruction"):
+        assert part(sharded[stage], "weights") == -(-part(whole[stage], "weights") // 8)
+        assert sharded[stage].bytes < whole[stage].bytes
+    assert part(sharded["estimation"], "decoder layers gathered (2)") == 2 * 2 * shape.layer_parameters(0)
+    assert part(sharded["slicing"], "pruned model gathered") == int(shape.parameters() * 0.8 * 2)
+    assert replace(job, shard_weights=True, devices=1).weight_shards == 1  # one process: nothing to shard over
+
+
 def test_gram_matrices_are_the_bytes_reconstruction_allocates():
     """One layer's at a time: the largest layer's o_proj and down_proj X Xᵀ and Σ X."""
     model, shape = tiny_llama(), tiny_shape(layer_intermediate_size=[96, 96, 128, 96])

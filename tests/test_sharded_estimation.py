@@ -1,6 +1,7 @@
 """Sharded accumulators on 2 gloo processes: the plan, the sliced and the refit weights of 1 process,
 with half of its g/g² bytes on each rank; and with the weights sharded too (FSDP2's ``fully_shard``),
-the plan and the exported weights of 1 process with half of its weight bytes on each rank."""
+the plan and the exported weights of 1 process with half of its weight bytes on each rank, through
+the library and through a 2-process job (``pruning.shard_weights``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, p
 from hywia_lightning.collective import Collective, process_group_collective
 from hywia_lightning.export import export_pretrained
 from hywia_lightning.gathered_slicing import gathered_pruned
+from hywia_lightning.input_errors import InputError
 from hywia_lightning.local_ranks import run_ranks
-from hywia_lightning.memory_plan import EstimationSettings, accumulator_bytes
+from hywia_lightning.memory_plan import EstimationSettings, accumulator_bytes, weights
 from hywia_lightning.model_shapes import ModelShape
 from hywia_lightning.pipeline import accumulator_shards
 from hywia_lightning.reconstruction_modes import Independent
@@ -25,6 +27,7 @@ from hywia_lightning.sharded_model import local_bytes, shard_model
 from hywia_lightning.unit_groups import prunable_linears
 
 from .conftest import tiny_config, tiny_llama
+from .pipeline import prune_job, run_fit, run_two_processes
 
 # 5 windows, batches of 2: rank 0 runs windows [0, 2], [4]; rank 1 [1, 3] and a zero-weight window
 WINDOWS = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(1))
@@ -111,6 +114,7 @@ def test_fsdp2_sharded_weights_prune_and_export_like_one_process(tmp_path, tiny_
         for key, score in one["element1"].items():
             torch.testing.assert_close(got["element1"][key], score, atol=1e-6, rtol=1e-4)
         assert got["weight_bytes"] == {part: size / 2 for part, size in one["weight_bytes"].items()}  # FSDP2's shards
+        assert got["weight_bytes"]["model"] == weights(SHAPE, 4) / 2  # the memory plan's sharded weights
         assert got["accumulator_bytes"] == one["accumulator_bytes"] / 2
     exported, reference = (load_file(path / "export" / "model.safetensors") for path in (tmp_path / "ranks", tmp_path))
     assert exported.keys() == reference.keys()
@@ -128,3 +132,41 @@ def test_sharding_follows_the_setting_and_what_the_collective_can():
     assert accumulator_shards(None, True) is None  # one process: whole sums are its only shard
     with pytest.raises(ValueError, match="shard_accumulators=True needs a reduce-scatter"):
         accumulator_shards(plain, True)
+
+
+def test_a_job_with_shard_weights_on_two_processes_prunes_and_exports_like_one(tiny_model_dir, tmp_path, monkeypatch):
+    """``main.py fit`` with ``pruning.shard_weights`` under DDP (2 gloo processes): FSDP2 shards the
+    weights for estimation, scoring, the dense perplexity baseline and the independent refit (5
+    windows: rank 1 pads its share), the slicing gathers the plain pruned model on every rank; the
+    plan, the exported weights and the dense perplexity are 1 process's, each rank held half of
+    the weights."""
+    def job(root, **pruning):
+        config = prune_job(tiny_model_dir, root, data={"num_windows": 5}, estimation_batch_size=2, **pruning)
+        config["reconstruction"] = {"intercept": True, "batch_size": 2}
+        return config
+
+    monkeypatch.setenv("HYWIA_CACHE", str(tmp_path / "cache-one"))  # each run measures its dense baseline
+    run_fit(job(tmp_path / "one"), tmp_path / "one")
+    monkeypatch.setenv("HYWIA_CACHE", str(tmp_path / "cache-two"))
+    run_two_processes(job(tmp_path / "two", shard_weights=True), tmp_path)
+    reports = [json.loads((tmp_path / run / "export" / "report.json").read_text()) for run in ("one", "two")]
+    plans = [json.loads((tmp_path / run / "export" / "pruning_plan.json").read_text()) for run in ("one", "two")]
+    assert plans[1] == plans[0]
+    one, two = (r["pruning"] for r in reports)
+    assert (one["weight_shards"], two["weight_shards"]) == (1, 2)
+    assert two["weight_bytes_per_rank"] * 2 == one["weight_bytes_per_rank"] > 0
+    assert two["accumulator_bytes_per_rank"] * 2 == one["accumulator_bytes_per_rank"]
+    baselines = [r["baseline"]["perplexity"] for r in reports]
+    assert not any(b["cached"] for b in baselines)
+    assert baselines[1]["results"]["value"] == pytest.approx(baselines[0]["results"]["value"], rel=1e-5)
+    exported, reference = (load_file(tmp_path / run / "export" / "model.safetensors") for run in ("two", "one"))
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name], tensor, atol=1e-4, rtol=1e-4)
+
+
+def test_shard_weights_in_a_job_of_one_process_is_refused_before_loading(tmp_path):
+    """Refused while parsing, before the model (which loads its weights when built) exists."""
+    with pytest.raises(InputError, match="shard_weights=true shards the weights") as refused:
+        run_fit(prune_job(tmp_path / "no-model-here", tmp_path, shard_weights=True), tmp_path)
+    assert refused.value.key == "pruning.init_args.shard_weights"
