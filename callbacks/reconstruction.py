@@ -17,6 +17,7 @@ from lightning import Callback, LightningModule, Trainer
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.plan import PruningPlan
 from hywia_lightning.progress import show_info_logs
+from hywia_lightning.reconstruction import PRIORS
 from hywia_lightning.reconstruction_modes import RECONSTRUCTION_MODES
 
 from .calibration import calibration_for, checked_calibration
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
     def __init__(
         self, mode: Literal["independent", "sequential"] = "independent", damping: float = 0.01,
-        intercept: bool = False, batch_size: PositiveInt = 1, calibration: CalibrationData | None = None,
+        intercept: bool = False, prior: Literal["zero", "original"] = "zero", batch_size: PositiveInt = 1,
+        calibration: CalibrationData | None = None,
     ) -> None:
         """
         Args:
@@ -39,6 +41,8 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                 system is not positive definite.
             intercept: also fit a bias of each refit projection (FLAP's bias compensation as a
                 special case); the export carries it.
+            prior: what the damping pulls the refit toward: ``zero`` (ridge) or ``original``, the
+                pruned layer's own weights (a large damping then refits only the bias).
             batch_size: calibration windows per call of a layer (the refit is the same for any
                 value; larger runs faster on small models and holds that many windows' activations
                 of one layer).
@@ -51,7 +55,10 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             raise ValueError(f"damping={damping} must be >= 0 (relative to the mean diagonal of X Xᵀ)")
         self.mode, self.damping, self.intercept, self.calibration = mode, damping, intercept, calibration
         self.batch_size = batch_size
-        self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept, batch_size)
+        if prior not in PRIORS:
+            raise ValueError(f"prior={prior!r} is unknown; allowed: {', '.join(PRIORS)}")
+        self.prior = prior
+        self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept, batch_size, prior)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pruning = [c for c in trainer.callbacks if isinstance(c, StructuredPruning)]
@@ -87,7 +94,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         errors = [(r.error_before, r.error_after) for r in results.values()]
         mean_before, mean_after = (sum(x) / len(errors) for x in zip(*errors)) if errors else (0.0, 0.0)
         pl_module.report.record("reconstruction", {
-            "mode": self.mode, "damping": self.damping, "intercept": self.intercept,
+            "mode": self.mode, "damping": self.damping, "intercept": self.intercept, "prior": self.prior,
             "mean_error_before": mean_before, "mean_error_after": mean_after,
             "layers": {
                 str(key): {"error_before": r.error_before, "error_after": r.error_after, "condition": r.condition,

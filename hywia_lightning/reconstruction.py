@@ -14,6 +14,13 @@ With ``intercept`` the kept features get a constant 1 appended (``[X_p; 1]``, un
 refit also finds a bias: FLAP's bias compensation (the mean contribution of the removed features)
 is the special case of keeping the weights as they are. A structure pruned to nothing keeps only
 that bias.
+
+``prior`` says what the damping pulls the refit toward: ``zero`` (ridge, ``λ||W'||²``) or
+``original``, the pruned layer's own sliced weights ``W_S`` (``λ||W' − W_S||²``, so
+``W' = (W M + λ W_S)(G + λI)⁻¹``). Why: a few thousand calibration tokens against a thousand
+inputs per row let the plain refit fit the calibration text's domain; anchored on the weights the
+model was trained to have, the damping trades that fit against staying the model it was, and a
+large damping leaves the weights and refits only the bias (FLAP's compensation).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+PRIORS = ("zero", "original")  # what the damping pulls the refit toward
 
 
 class RefitStatistics:
@@ -93,12 +101,15 @@ def _relative_error(weight: Tensor, candidate: Tensor, stats: RefitStatistics, t
 
 def solve_refit(
     dense_weight: Tensor, sliced_weight: Tensor, stats: RefitStatistics, damping: float, name: str = "projection",
-    max_retries: int = 6, intercept: bool = False,
+    max_retries: int = 6, intercept: bool = False, prior: str = "zero",
 ) -> RefitResult:
     """Closed-form damped least squares, by Cholesky; when the damped system is not positive
     definite the damping grows tenfold per retry, and a pseudo-inverse is the last resort (logged).
-    With ``intercept`` a bias is fitted too (the sliced weight's own bias counts as zero)."""
+    With ``intercept`` a bias is fitted too (the sliced weight's own bias counts as zero); the
+    damping pulls toward ``prior`` (``zero`` or the ``original`` sliced weight)."""
     start = time.perf_counter()
+    if prior not in PRIORS:
+        raise ValueError(f"prior={prior!r} is unknown; allowed: {', '.join(PRIORS)}")
     if intercept:
         stats = stats.with_intercept()
     if damping < 0:
@@ -113,6 +124,9 @@ def solve_refit(
             )
     w = dense_weight.detach().to(stats.gram.device, torch.float64)
     rhs = w @ stats.cross  # out × k: W M
+    sliced = sliced_weight.detach().to(stats.gram.device, torch.float64)
+    if intercept:
+        sliced = torch.cat([sliced, sliced.new_zeros(len(sliced), 1)], 1)
     k = stats.gram.shape[0]
     if k == 0:  # nothing kept and no intercept: the structure's output is gone
         empty = dense_weight.new_zeros(dense_weight.shape[0], 0)
@@ -123,11 +137,14 @@ def solve_refit(
     if intercept:
         eye[-1, -1] = 0  # the intercept is not shrunk
     fallback, used = None, damping
+    def pulled(damping: float) -> Tensor:  # W M + λ W_S: the damping's pull toward the original weights
+        return rhs + damping * scale * sliced * eye.diagonal() if prior == "original" else rhs
+
     for attempt in range(max_retries + 1):
         system = stats.gram + used * scale * eye
         factor, info = torch.linalg.cholesky_ex(system)
         if info.item() == 0:
-            refit = torch.cholesky_solve(rhs.T, factor).T
+            refit = torch.cholesky_solve(pulled(used).T, factor).T
             pivots = factor.diagonal().abs()  # cheap condition estimate: an eigen-decomposition per layer costs seconds
             condition = (pivots.max() / pivots.min().clamp_min(1e-300)).pow(2).item()
             break
@@ -135,16 +152,13 @@ def solve_refit(
         fallback = f"damping raised to {used:g}"
     else:
         system = stats.gram + used * scale * eye
-        refit = rhs @ torch.linalg.pinv(system, hermitian=True)
+        refit = pulled(used) @ torch.linalg.pinv(system, hermitian=True)
         fallback = f"pseudo-inverse with damping {used:g}"
         eigenvalues = torch.linalg.eigvalsh(system)
         condition = (eigenvalues[-1] / eigenvalues[0].clamp_min(1e-300)).item()
     if fallback:
         log.warning("reconstruction of %s: the damped system was not positive definite; %s", name, fallback)
     target_energy = (w @ stats.target_gram * w).sum()
-    sliced = sliced_weight.detach().to(stats.gram.device, torch.float64)
-    if intercept:
-        sliced = torch.cat([sliced, sliced.new_zeros(len(sliced), 1)], 1)
     error_before = _relative_error(w, sliced, stats, target_energy)
     error_after = _relative_error(w, refit, stats, target_energy)
     bias = None

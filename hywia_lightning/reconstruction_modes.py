@@ -78,8 +78,8 @@ def assign(linear: nn.Linear, result: RefitResult) -> None:
 
 
 class ReconstructionMode:
-    def __init__(self, damping: float = 0.01, intercept: bool = False, batch_size: int = 1) -> None:
-        self.damping, self.intercept, self.batch_size = damping, intercept, batch_size
+    def __init__(self, damping: float = 0.01, intercept: bool = False, batch_size: int = 1, prior: str = "zero") -> None:
+        self.damping, self.intercept, self.batch_size, self.prior = damping, intercept, batch_size, prior
 
     def before_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> None:
         """The plan is final and the model still dense."""
@@ -90,7 +90,7 @@ class ReconstructionMode:
 
     def solve(self, dense: nn.Linear | Tensor, sliced: Tensor, stats: RefitStatistics, key: GroupKey) -> RefitResult:
         weight = dense.weight if isinstance(dense, nn.Linear) else dense
-        return solve_refit(weight, sliced, stats, self.damping, str(key), intercept=self.intercept)
+        return solve_refit(weight, sliced, stats, self.damping, str(key), intercept=self.intercept, prior=self.prior)
 
 
 def padded_share(windows: Tensor, reduce: Reduce) -> int:

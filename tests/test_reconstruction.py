@@ -84,6 +84,28 @@ def test_a_singular_system_falls_back_and_says_so(caplog):
     assert torch.isfinite(result.weight).all() and result.error_after < 1e-3
 
 
+def test_the_original_prior_moves_from_the_plain_refit_to_bias_compensation_as_damping_grows():
+    """Anchored on the sliced weights, a vanishing damping is the plain least squares and a huge one
+    keeps the weights and fits only FLAP's bias: the removed features' mean contribution."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(400, 6, dtype=torch.float64, generator=generator) + torch.arange(6.0, dtype=torch.float64)
+    keep = [0, 2, 3, 5]
+    stats = RefitStatistics(6, 4)
+    stats.add(target, target[:, keep])
+    weight = torch.randn(3, 6, dtype=torch.float64, generator=generator)
+    sliced = weight[:, keep]
+    plain = solve_refit(weight, sliced, stats, 1e-9, intercept=True, prior="zero")
+    small = solve_refit(weight, sliced, stats, 1e-9, intercept=True, prior="original")
+    huge = solve_refit(weight, sliced, stats, 1e9, intercept=True, prior="original")
+    torch.testing.assert_close(small.weight, plain.weight)
+    torch.testing.assert_close(huge.weight, sliced, atol=1e-6, rtol=0)
+    removed = [1, 4]
+    torch.testing.assert_close(huge.bias, weight[:, removed] @ target[:, removed].mean(0), atol=1e-6, rtol=0)
+    assert small.error_after < huge.error_after < huge.error_before
+    with pytest.raises(ValueError, match="prior='one' is unknown; allowed: zero, original"):
+        LeastSquaresReconstruction(prior="one")
+
+
 def test_nan_activations_and_negative_damping_are_refused():
     stats = RefitStatistics(2, 2)
     stats.add(torch.tensor([[1.0, float("nan")]]), torch.tensor([[1.0, 2.0]]))
