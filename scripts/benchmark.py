@@ -87,7 +87,8 @@ def markdown(results: dict[str, dict]) -> str:
 # the default configuration and one change each (scripts/make_bench_configs.py's ABLATIONS), and the
 # peer measured by its own code on the same tokens (../shared/BENCHMARK.md)
 ABLATION_ROWS = {
-    "hywia_default": "**default**: fluctuation, uniform widths, sequential LS refit with intercept",
+    "hywia_default": "**default**: fluctuation, uniform widths, sequential LS refit with intercept, anchored on the pruned weights (damping 0.1)",
+    "hywia_default_ridge": "refit as ridge toward zero (damping 0.01: the previous default)",
     "hywia_default_heuristic": "HyWIA heuristic fusion (element2 front, fluctuation back)",
     "hywia_default_fixed": "HyWIA fixed equal blend (element2 + fluctuation)",
     "hywia_default_learned": "HyWIA learned fusion attention (element2 + fluctuation)",
@@ -102,6 +103,15 @@ ABLATION_ROWS = {
     "hywia_default_independent": "refit independent (every layer on dense inputs)",
     "hywia_default_norecon": "no refit",
 }
+# the same changes with the previous default's ridge refit (hywia_default_ridge)
+RIDGE_ROWS = {
+    "hywia_default_ridge": "**ridge refit** (damping 0.01): fluctuation, uniform widths, sequential, intercept",
+    "hywia_ridge_heuristic": "HyWIA heuristic fusion (element2 front, fluctuation back)",
+    "hywia_ridge_fixed": "HyWIA fixed equal blend (element2 + fluctuation)",
+    "element2_ridge": "element2 alone",
+    "hywia_ridge_nointercept": "refit without intercept",
+    "hywia_ridge_independent": "refit independent (every layer on dense inputs)",
+}
 FLAP = {"20": (89.66, 49.3), "50": (504.31, 41.8)}  # PPL, mean PIQA/ARC-Easy acc (../shared/BENCHMARK.md)
 
 
@@ -112,10 +122,10 @@ def _mean_accuracy(r: dict | None) -> str:
     return f"{100 * sum(scores[t]['acc'] for t in ZEROSHOT_TASKS) / len(ZEROSHOT_TASKS):.1f}"
 
 
-def ablation_table(results: dict[str, dict]) -> str:
+def ablation_table(results: dict[str, dict], rows: dict[str, str] = ABLATION_ROWS) -> str:
     """What each component of the default adds: one row per change, both targets side by side."""
     lines = ["| configuration | PPL 20% | mean acc 20% | PPL 50% | mean acc 50% |", "|---|---:|---:|---:|---:|"]
-    for row, label in ABLATION_ROWS.items():
+    for row, label in rows.items():
         cells = []
         for target in ("20", "50"):
             r = results.get(f"{row}_{target}")
@@ -172,6 +182,8 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         + "\n## Ablations of the default configuration\n\nMean acc = mean of PIQA and ARC-Easy acc (n=500). "
         "Each row changes one component of `hywia_default` (`configs/bench/<row>_<target>.yaml`).\n\n"
         + ablation_table(ordered)
+        + "\nThe same changes with the previous default's ridge refit (toward zero, damping 0.01):\n\n"
+        + ablation_table(ordered, RIDGE_ROWS)
         + "\n## Calibration sources of the default configuration\n\nThe default configuration (`hywia_default`) "
         "calibrated on each source (32 windows of 128 tokens unless the row says, seed 0), judged on text none of "
         "them was calibrated on, except the WikiText-2 row (docs/benchmark/calibration.md has more variants): perplexity on the first 256×128 tokens of WikiText-2 test, PIQA and "

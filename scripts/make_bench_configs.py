@@ -32,27 +32,43 @@ RECONSTRUCTION = {"mode": "independent", "damping": 0.01, "batch_size": 16}
 # The default configuration (configs/prune_smollm2.yaml's method) and its ablations: each row
 # changes one component of it. hywia_default_<target> is what the default job runs: FLAP's
 # fluctuation alone, which measured at least as good as every HyWIA fusion of it with Element²
-# (docs/benchmark/results.md), so the fusions are ablation rows here.
+# (docs/benchmark/results.md), so the fusions are ablation rows here; its refit is anchored on the
+# pruned layers' own weights (prior: original), which beat the ridge refit toward zero.
 POOL = ["element2", "fluctuation"]
 DEFAULT = {"granularity": "fluctuation", "allocation": "uniform"}
 HEURISTIC = {"schemes": POOL, "mode": "heuristic", "sharpness": 4.0, "allocation": "uniform"}
-DEFAULT_RECONSTRUCTION = {"mode": "sequential", "damping": 0.01, "intercept": True, "batch_size": 16}
+DEFAULT_RECONSTRUCTION = {"mode": "sequential", "damping": 0.1, "prior": "original", "intercept": True, "batch_size": 16}
+# the previous default's refit: ridge toward zero with a small damping
+RIDGE = {"mode": "sequential", "damping": 0.01, "intercept": True, "batch_size": 16}
 GLOBAL = {"class_path": "hywia_lightning.GlobalAllocation", "init_args": {"standardize": "group"}}
+
+
+def variants(recon: dict) -> dict:
+    """The default's one-component changes, each with the refit ``recon``."""
+    return {
+        "heuristic": ("HybridPruning", HEURISTIC, recon),
+        "fixed": ("HybridPruning", {**HEURISTIC, "mode": "fixed", "weights": {s: 1.0 for s in POOL}}, recon),
+        "learned": ("HybridPruning", {**{k: v for k, v in HEURISTIC.items() if k != "sharpness"},
+                                      "mode": "learned", **LEARNED}, recon),
+        "pool4": ("HybridPruning", {**HEURISTIC, "schemes": ["element1", "element2", "vector2", "fluctuation"]}, recon),
+        "global": ("StructuredPruning", {**DEFAULT, "allocation": GLOBAL}, recon),
+        "nointercept": ("StructuredPruning", DEFAULT, {**recon, "intercept": False}),
+        "independent": ("StructuredPruning", DEFAULT, {**recon, "mode": "independent"}),
+    }
+
+
+SCHEMES = ("element1", "element2", "vector", "vector2", "wanda")
 ABLATIONS = {
     "hywia_default": ("StructuredPruning", DEFAULT, DEFAULT_RECONSTRUCTION),
-    "hywia_default_heuristic": ("HybridPruning", HEURISTIC, DEFAULT_RECONSTRUCTION),
-    "hywia_default_fixed": ("HybridPruning", {**HEURISTIC, "mode": "fixed", "weights": {s: 1.0 for s in POOL}},
-                            DEFAULT_RECONSTRUCTION),
-    "hywia_default_learned": ("HybridPruning", {**{k: v for k, v in HEURISTIC.items() if k != "sharpness"},
-                                                "mode": "learned", **LEARNED}, DEFAULT_RECONSTRUCTION),
-    "hywia_default_pool4": ("HybridPruning", {**HEURISTIC, "schemes": ["element1", "element2", "vector2", "fluctuation"]},
-                            DEFAULT_RECONSTRUCTION),
-    "hywia_default_global": ("StructuredPruning", {**DEFAULT, "allocation": GLOBAL}, DEFAULT_RECONSTRUCTION),
-    "hywia_default_nointercept": ("StructuredPruning", DEFAULT, {**DEFAULT_RECONSTRUCTION, "intercept": False}),
-    "hywia_default_independent": ("StructuredPruning", DEFAULT, {**DEFAULT_RECONSTRUCTION, "mode": "independent"}),
+    "hywia_default_ridge": ("StructuredPruning", DEFAULT, RIDGE),
+    **{f"hywia_default_{name}": row for name, row in variants(DEFAULT_RECONSTRUCTION).items()},
     "hywia_default_norecon": ("StructuredPruning", DEFAULT, None),
     **{f"{scheme}_default": ("StructuredPruning", {"granularity": scheme, "allocation": "uniform"}, DEFAULT_RECONSTRUCTION)
-       for scheme in ("element1", "element2", "vector", "vector2", "wanda")},
+       for scheme in SCHEMES},
+    # the changes measured with the previous default's ridge refit (hywia_default_ridge)
+    **{f"hywia_ridge_{name}": row for name, row in variants(RIDGE).items()
+       if name in ("heuristic", "fixed", "nointercept", "independent")},
+    "element2_ridge": ("StructuredPruning", {"granularity": "element2", "allocation": "uniform"}, RIDGE),
 }
 CALIBRATION = "../shared/data/wikitext-2/valid.txt"
 EVALUATION = "../shared/data/wikitext-2/test.txt"
