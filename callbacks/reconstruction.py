@@ -17,7 +17,7 @@ from lightning import Callback, LightningModule, Trainer
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.plan import PruningPlan
 from hywia_lightning.progress import show_info_logs
-from hywia_lightning.reconstruction import PRIORS
+from hywia_lightning.reconstruction import check_refit_settings
 from hywia_lightning.reconstruction_modes import RECONSTRUCTION_MODES
 
 from .calibration import calibration_for, checked_calibration
@@ -51,13 +51,9 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         """
         if mode not in RECONSTRUCTION_MODES:
             raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(RECONSTRUCTION_MODES)}")
-        if not damping >= 0:
-            raise ValueError(f"damping={damping} must be >= 0 (relative to the mean diagonal of X Xᵀ)")
+        check_refit_settings(damping, prior)
         self.mode, self.damping, self.intercept, self.calibration = mode, damping, intercept, calibration
-        self.batch_size = batch_size
-        if prior not in PRIORS:
-            raise ValueError(f"prior={prior!r} is unknown; allowed: {', '.join(PRIORS)}")
-        self.prior = prior
+        self.batch_size, self.prior = batch_size, prior
         self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept, batch_size, prior)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -122,10 +122,11 @@ class HywiaCLI(LightningCLI):
         trainer = self._get(self.config, "trainer")
         if trainer is not None:
             self._paths_in_run_folder(trainer)
-        check_stage_arguments(self.config.get(self.subcommand) if self.subcommand else self.config)
-        check_weight_sharding(self.config.get(self.subcommand) if self.subcommand else self.config)
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_stage_arguments(config)
+        check_weight_sharding(config)
         if self.subcommand in (None, "fit"):
-            check_memory_plan(self.config.get(self.subcommand) if self.subcommand else self.config)
+            check_memory_plan(config)
 
     @staticmethod
     def _paths_in_run_folder(trainer: Namespace) -> None:

@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 PRIORS = ("zero", "original")  # what the damping pulls the refit toward
 
 
+def check_refit_settings(damping: float, prior: str) -> None:
+    """Refuse a damping that is not a number >= 0 and an unknown ``prior`` (the callback, before any
+    work, and :func:`solve_refit` share this)."""
+    if not damping >= 0:
+        raise ValueError(f"damping={damping} must be >= 0 (relative to the mean diagonal of X Xᵀ)")
+    if prior not in PRIORS:
+        raise ValueError(f"prior={prior!r} is unknown; allowed: {', '.join(PRIORS)}")
+
+
 class RefitStatistics:
     """Streamed second moments of one projection's target and kept input features."""
 
@@ -108,12 +117,9 @@ def solve_refit(
     With ``intercept`` a bias is fitted too (the sliced weight's own bias counts as zero); the
     damping pulls toward ``prior`` (``zero`` or the ``original`` sliced weight)."""
     start = time.perf_counter()
-    if prior not in PRIORS:
-        raise ValueError(f"prior={prior!r} is unknown; allowed: {', '.join(PRIORS)}")
+    check_refit_settings(damping, prior)
     if intercept:
         stats = stats.with_intercept()
-    if damping < 0:
-        raise ValueError(f"damping={damping} must be >= 0 (relative to the mean diagonal of X Xᵀ)")
     if stats.tokens == 0:
         raise ValueError(f"reconstruction of {name} saw no calibration token")
     for matrix in (stats.gram, stats.cross, stats.target_gram):
@@ -137,6 +143,7 @@ def solve_refit(
     if intercept:
         eye[-1, -1] = 0  # the intercept is not shrunk
     fallback, used = None, damping
+
     def pulled(damping: float) -> Tensor:  # W M + λ W_S: the damping's pull toward the original weights
         return rhs + damping * scale * sliced * eye.diagonal() if prior == "original" else rhs
 

@@ -106,11 +106,9 @@ ABLATION_ROWS = {
 # the same changes with the previous default's ridge refit (hywia_default_ridge)
 RIDGE_ROWS = {
     "hywia_default_ridge": "**ridge refit** (damping 0.01): fluctuation, uniform widths, sequential, intercept",
-    "hywia_ridge_heuristic": "HyWIA heuristic fusion (element2 front, fluctuation back)",
-    "hywia_ridge_fixed": "HyWIA fixed equal blend (element2 + fluctuation)",
-    "element2_ridge": "element2 alone",
-    "hywia_ridge_nointercept": "refit without intercept",
-    "hywia_ridge_independent": "refit independent (every layer on dense inputs)",
+    **{f"hywia_ridge_{change}": ABLATION_ROWS[f"hywia_default_{change}"]
+       for change in ("heuristic", "fixed", "nointercept", "independent")},
+    "element2_ridge": ABLATION_ROWS["element2_default"],
 }
 FLAP = {"20": (89.66, 49.3), "50": (504.31, 41.8)}  # PPL, mean PIQA/ARC-Easy acc (../shared/BENCHMARK.md)
 
