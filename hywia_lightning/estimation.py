@@ -12,7 +12,9 @@ and drops it. Only prunable weights have accumulators. With ``batch_size`` windo
 statistics equal those of one backward per window (up to float summation order).
 
 With ``input_moments`` the same forward passes sum every prunable Linear's input features and their
-squares (O(width) memory). When no granularity needs a gradient, estimation is forward passes only.
+squares (O(width) memory), and with ``output_gram`` also ``x xᵀ`` of each output projection's input
+(O(width²) per layer, whole on every rank). When no granularity needs a gradient, estimation is
+forward passes only.
 
 Under several processes each rank passes its share of the windows with their global indices; the
 sums (and the per-window rows, zero where another rank owns the window) are summed over ranks, so
@@ -52,7 +54,7 @@ class Estimator:
     def __init__(
         self, model: nn.Module, linears: Sequence[nn.Linear], needs: set[str] | frozenset[str],
         num_windows: int, accumulate_dtype: torch.dtype = torch.float32, batch_size: int = 1,
-        sharded: Collective | None = None,
+        sharded: Collective | None = None, output_projections: Sequence[nn.Linear] = (),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1 (calibration windows per forward + backward)")
@@ -62,10 +64,14 @@ class Estimator:
         # module for forward and backward, but the module stays the one the unit groups know
         self.params = [(m, name) for m in self.linears for name in ("weight", "bias") if getattr(m, name) is not None]
         self.needs = check_needs(needs, "estimation")
+        if "output_gram" in self.needs and "input_moments" not in self.needs:
+            raise ValueError("the need output_gram also needs input_moments (its covariance is centred on the means)")
+        self.gram_linears = set(output_projections) if "output_gram" in self.needs else set()
         self.num_windows = num_windows
         self.accumulate_dtype = accumulate_dtype
         self.batch_size = batch_size
         self.input_sum, self.input_sq_sum = Sums(accumulate_dtype), Sums(accumulate_dtype)  # O(width): never sharded
+        self.gram_sum = Sums(accumulate_dtype)  # O(width²) per output projection: never sharded
         self.tokens = 0
         self.grad_sum, self.sq_grad_sum = Sums(accumulate_dtype, sharded), Sums(accumulate_dtype, sharded)
         self.rows: dict[tuple[nn.Linear, str], Tensor] = {}
@@ -136,6 +142,8 @@ class Estimator:
             flat = real.reshape(-1, x.shape[-1]).to(self.accumulate_dtype)
             self.input_sum.add(module, flat.sum(0))
             self.input_sq_sum.add(module, flat.pow(2).sum(0))
+            if module in self.gram_linears:
+                self.gram_sum.add(module, flat.T @ flat)
 
     def _after_linear(self, module: nn.Linear, args, output: Tensor) -> Tensor:
         if not output.requires_grad:  # the first prunable Linear: the gradient only needs to reach its output
@@ -223,5 +231,7 @@ class Estimator:
                 shape, device, count = torch.Size((m.in_features,)), m.weight.device, max(tokens, 1)
                 mean = self.input_sum.mean(m, shape, device, count, reduce)
                 sq_mean = self.input_sq_sum.mean(m, shape, device, count, reduce)
-                stats.inputs[m] = InputStatistics(tokens, mean, sq_mean)
+                gram = (self.gram_sum.mean(m, torch.Size((m.in_features, m.in_features)), device, count, reduce)
+                        if m in self.gram_linears else None)
+                stats.inputs[m] = InputStatistics(tokens, mean, sq_mean, gram)
         return stats

@@ -9,7 +9,8 @@ has every formula next to its name):
 - coarse-grained (the whole unit vector): ``vector`` |Σ w·g|; ``vector2`` mean_j (Σ w·g_j)², the
   per-window group Fisher;
 - activation-aware: ``wanda`` Σ |W|·‖X‖; ``fluctuation`` FLAP's WIFV, Σ_j var(X_j)·‖W_:,j‖² over
-  the output projection's input columns a unit owns;
+  the output projection's input columns a unit owns; ``obs`` the structured Optimal Brain Surgeon
+  cost, what removing a unit costs after the least-squares refit compensates;
 - baselines: ``magnitude``, ``random``.
 
 A new scheme subclasses :class:`Granularity` and implements ``__call__`` (docs/extending.md).
@@ -156,6 +157,64 @@ class Fluctuation(Granularity):
         return (group.weights[i].double().pow(2) * group.input_variance[i].double()).sum(1)
 
 
+class OBS(Granularity):
+    """Structured Optimal Brain Surgeon (as in SlimGPT, Ling et al., 2024): the output error a unit's
+    removal costs when the remaining features and a bias compensate by least squares, which is what
+    the refit does. For one feature ``j`` this is ``‖W_:,j‖² / [Σ⁻¹]_jj``: FLAP's fluctuation with
+    the variance *given the other features* in place of the variance, so a feature the others predict
+    is cheap to remove even when it fluctuates. Correlated features share that credit, so units are
+    removed greedily, ``ceil(units / steps)`` at a time, each step re-pricing the rest after the
+    compensation so far (the exact OBS update of ``W`` and ``Σ⁻¹``). A unit's score is the total
+    error once it is gone: units removed later score higher, in the same units across layers.
+
+    ``damping``: added to ``Σ``'s diagonal, relative to its mean (SparseGPT's 1%), so that ``Σ`` of
+    a few thousand tokens can be inverted."""
+
+    needs = frozenset({"input_moments", "output_gram"})
+    grain = "coarse"
+
+    def __init__(self, damping: float = 0.01, steps: int = 128) -> None:
+        if not damping > 0 or steps < 1:
+            raise ValueError(f"obs needs damping > 0 and steps >= 1; got damping={damping}, steps={steps}")
+        self.damping, self.steps = damping, steps
+
+    def __call__(self, group: UnitGroup) -> Tensor:
+        _require(group, self.name, "output_covariance")
+        units = group.num_units
+        sigma = group.output_covariance.double()
+        n = sigma.shape[0]
+        weight = group.weights[group.output_member].double().reshape(n, -1).clone()  # [in, out]: Wᵀ
+        h_inv = torch.cholesky_inverse(torch.linalg.cholesky(
+            sigma + self.damping * sigma.diagonal().mean().clamp_min(1e-12) * torch.eye(n, dtype=sigma.dtype)))
+        columns = torch.arange(n).view(units, -1)  # unit u's input features
+        alive = torch.ones(units, dtype=torch.bool)
+        scores = torch.empty(units, dtype=torch.float64)
+        error, per_step = 0.0, -(-units // self.steps)
+        while alive.any():
+            candidates = alive.nonzero().flatten()
+            cost = self._removal_costs(weight, h_inv, columns[candidates])
+            order = cost.argsort()[:per_step]
+            removed = candidates[order]
+            scores[removed] = error + cost[order]  # ≤ the joint cost below: scores rise with the removal order
+            drop = columns[removed].flatten()
+            block_inv = torch.linalg.inv(h_inv[drop][:, drop])
+            error += float(((block_inv @ weight[drop]) * weight[drop]).sum())
+            weight -= h_inv[:, drop] @ (block_inv @ weight[drop])  # the OBS update: the rest compensate
+            h_inv.addmm_(h_inv[:, drop] @ block_inv, h_inv[drop, :], alpha=-1)
+            alive[removed] = False
+        return scores
+
+    @staticmethod
+    def _removal_costs(weight: Tensor, h_inv: Tensor, cols: Tensor) -> Tensor:
+        """``tr(W_C ([Σ⁻¹]_CC)⁻¹ W_Cᵀ)`` for each unit's columns ``C`` (a row of ``cols``)."""
+        if cols.shape[1] == 1:  # one feature per unit (MLP channels): no batch of 1×1 inverses
+            c = cols[:, 0]
+            return weight[c].pow(2).sum(1) / h_inv.diagonal()[c]
+        blocks = torch.linalg.inv(h_inv[cols[:, :, None], cols[:, None, :]])  # [c, d, d]
+        w = weight[cols]                                                        # [c, d, out]
+        return ((blocks @ w) * w).sum((1, 2))
+
+
 GRANULARITIES: dict[str, type[Granularity]] = {
     "random": Random,
     "magnitude": Magnitude,
@@ -165,6 +224,7 @@ GRANULARITIES: dict[str, type[Granularity]] = {
     "vector2": Vector2,
     "wanda": Wanda,
     "fluctuation": Fluctuation,
+    "obs": OBS,
 }
 
 

@@ -212,19 +212,29 @@ def _copies(e: EstimationSettings) -> int:
 
 def accumulator_bytes(shape: ModelShape, e: EstimationSettings, shards: int = 1) -> int:
     """``g`` and ``g²`` (each the size of every prunable weight; one rank's ``⌈numel / shards⌉`` of
-    each when sharded), per-window saliency rows and input moments (whole on every rank), in
-    ``accumulate_dtype`` (``estimation.Estimator``, ``sharded_sums.Sums``)."""
+    each when sharded), per-window saliency rows, input moments and the output projections' ``x xᵀ``
+    (whole on every rank), in ``accumulate_dtype`` (``estimation.Estimator``, ``sharded_sums.Sums``)."""
     a = DTYPE_BYTES[e.accumulate_dtype]
     copies = _copies(e)
     total = 0
     for layer in e.layers:
-        for out, inp in _prunable(shape, layer, e.attention_unit).values():
+        for name, (out, inp) in _prunable(shape, layer, e.attention_unit).items():
             total += copies * -(-out * inp // shards) * a
             if "window_saliency" in e.needs:
                 total += e.num_windows * (out + inp) * a
             if "input_moments" in e.needs:
                 total += 2 * inp * a
+            if "output_gram" in e.needs and name in OUTPUT_PROJECTIONS:
+                total += inp * inp * a
     return total
+
+
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj")  # unit_groups.output_projections
+
+
+def _widest_output_input(shape: ModelShape, e: EstimationSettings) -> int:
+    return max(i for layer in e.layers for n, (_, i) in _prunable(shape, layer, e.attention_unit).items()
+               if n in OUTPUT_PROJECTIONS)
 
 
 def _largest(shape: ModelShape, e: EstimationSettings) -> int:
@@ -305,6 +315,9 @@ def scoring_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
              Part("unit-major copies of one group", _unit_major_copies(shape, e, b)),
              # a scheme's float64 temporaries over the largest member (w, g or F, their product, the sum)
              Part("float64 scoring temporaries", 4 * 8 * _largest(shape, e))]
+    if "output_gram" in e.needs:  # obs: Σ, its factor and Σ⁻¹ in float64, and the refit Wᵀ
+        n = _widest_output_input(shape, e)
+        parts.append(Part("float64 covariance and its inverse", 8 * (3 * n * n + shape.hidden_size * n)))
     if shards > 1:
         parts.append(Part("one layer's statistics gathered", _gathered_layer(shape, e)))
     return StagePeak("scoring", parts, "one unit group at a time" + (

@@ -29,7 +29,7 @@ from .plan import LayerWidths, PruningPlan, count_parameters, make_plan
 from .scoring import ScoringContext
 from .statistics import Statistics
 from .structures import LayerStructures, discover_structures
-from .unit_groups import GroupKey, prunable_linears, unit_groups
+from .unit_groups import GroupKey, output_projections, prunable_linears, unit_groups
 
 
 def layer_range(num_layers: int, layer_start: int = 0, layer_end: int | None = None) -> range:
@@ -72,7 +72,7 @@ def estimate(
     rank, world = (collective.rank, collective.world_size) if collective else (0, 1)
     sharded = accumulator_shards(collective, shard_accumulators)
     estimator = Estimator(model, prunable_linears(layers, attention_unit), needs, len(windows), accumulate_dtype,
-                          batch_size, sharded)
+                          batch_size, sharded, output_projections(layers, attention_unit))
     indices: list[int | None] = list(range(rank, len(windows), world))
     if sharded is not None:  # as many batches on every rank: each issues the same reduce-scatters
         indices += [None] * (-(-len(windows) // world) - len(indices))

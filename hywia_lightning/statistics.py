@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -21,7 +22,10 @@ if TYPE_CHECKING:
 #: per-window vector saliency is a sum (the group Fisher needs its square per window).
 #: ``input_moments``: mean and mean square over calibration tokens of every input feature of a
 #: prunable Linear (activation-aware schemes: Wanda's norms, FLAP's fluctuation; a forward pass only).
-NEEDS = ("gradients", "squared_gradients", "window_saliency", "input_moments")
+#: ``output_gram``: with ``input_moments``, the mean of ``x xᵀ`` over calibration tokens of the input
+#: of every output projection (``o_proj``, ``down_proj``): the covariance of the features the units
+#: write back, which a scheme needs to price what a least-squares refit can compensate (``obs``).
+NEEDS = ("gradients", "squared_gradients", "window_saliency", "input_moments", "output_gram")
 GRADIENT_NEEDS = frozenset(NEEDS[:3])  # the ones that need a backward pass
 
 
@@ -44,6 +48,7 @@ class InputStatistics:
     tokens: int
     mean: Tensor     # [in]
     sq_mean: Tensor  # [in]
+    gram: Tensor | None = None  # [in, in]: mean of x xᵀ (output projections under ``output_gram``)
 
     @property
     def norm(self) -> Tensor:
@@ -54,6 +59,13 @@ class InputStatistics:
     def variance(self) -> Tensor:
         """Fluctuation of each feature around its mean over the tokens (FLAP's WIFV numerator)."""
         return (self.sq_mean - self.mean.pow(2)).clamp_min(0) * self.tokens / max(self.tokens - 1, 1)
+
+    @property
+    def covariance(self) -> Tensor | None:
+        """``[in, in]`` covariance of the features around their means (``None`` without a Gram)."""
+        if self.gram is None:
+            return None
+        return (self.gram - torch.outer(self.mean, self.mean)) * self.tokens / max(self.tokens - 1, 1)
 
 
 @dataclass

@@ -51,6 +51,8 @@ class UnitGroup:
     per window, the Taylor term ``w·g_j`` summed over everything the unit owns.
     ``output_member`` indexes the member whose *input* features are the units (``o_proj`` or
     ``down_proj`` columns): what the unit writes back into the residual stream.
+    ``output_covariance`` is ``[in, in]``, the covariance over the calibration tokens of that
+    member's input features (unit ``u`` owns the ``in / num_units`` consecutive ones from ``u·in / num_units``).
     """
 
     key: GroupKey
@@ -63,6 +65,7 @@ class UnitGroup:
     input_norms: tuple[Tensor, ...] | None = None
     input_variance: tuple[Tensor, ...] | None = None
     window_saliency: Tensor | None = None
+    output_covariance: Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -127,6 +130,11 @@ def prunable_linears(layers: list[LayerStructures], attention_unit: str) -> list
     return linears
 
 
+def output_projections(layers: list[LayerStructures], attention_unit: str) -> list[nn.Linear]:
+    """The projections whose input features are the units (what a unit writes back)."""
+    return [proj for s in layers for proj in ([s.attention.o_proj] if attention_unit != "none" else []) + [s.mlp.down_proj]]
+
+
 def _owner(param: nn.Parameter, linears: dict[int, nn.Linear]) -> nn.Linear | None:
     return linears.get(id(param))  # the Linear whose weight this is (None for a bias)
 
@@ -163,6 +171,8 @@ def build_group(
                 for s, (_, _, is_input) in zip(per_param, members)
             )
         has_inputs = bool(statistics.inputs)
+        output_owner = _owner(members[output_member][0], linears)
+        output_inputs = statistics.inputs.get(output_owner) if output_owner is not None else None
         return UnitGroup(
             key, num_layers, num_units, weights, output_member,
             grads=views("grad"), sq_grads=views("sq_grad"),
@@ -171,6 +181,7 @@ def build_group(
             input_variance=tuple(input_view(p, w, v, "variance", 0.0) for w, (p, v, _) in zip(full, members))
             if has_inputs else None,
             window_saliency=saliency,
+            output_covariance=output_inputs.covariance if output_inputs is not None else None,
         )
 
 

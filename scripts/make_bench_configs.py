@@ -57,7 +57,7 @@ def variants(recon: dict) -> dict:
     }
 
 
-SCHEMES = ("element1", "element2", "vector", "vector2", "wanda")
+SCHEMES = ("element1", "element2", "vector", "vector2", "wanda", "obs")
 ABLATIONS = {
     "hywia_default": ("StructuredPruning", DEFAULT, DEFAULT_RECONSTRUCTION),
     "hywia_default_ridge": ("StructuredPruning", DEFAULT, RIDGE),

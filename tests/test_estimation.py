@@ -63,6 +63,26 @@ def test_activation_statistics_alone_need_no_backward():
     torch.testing.assert_close(moments.variance, x.var(0), rtol=1e-3, atol=1e-6)
 
 
+def test_output_gram_is_the_covariance_of_each_output_projections_inputs():
+    model = tiny_llama()
+    layers = discover_structures(model)[1:2]
+    down, o_proj = layers[0].mlp.down_proj, layers[0].attention.o_proj
+    estimator = Estimator(model, prunable_linears(layers, "query_heads"), frozenset({"input_moments", "output_gram"}),
+                          len(WINDOWS), batch_size=2, output_projections=[o_proj, down])
+    inputs = {down: [], o_proj: []}
+    handles = [m.register_forward_pre_hook(lambda m, a: inputs[m].append(a[0].reshape(-1, a[0].shape[-1]).detach()))
+               for m in inputs]
+    estimator.accumulate(WINDOWS)
+    for handle in handles:
+        handle.remove()
+    stats = estimator.statistics()
+    for module, seen in inputs.items():
+        torch.testing.assert_close(stats.inputs[module].covariance, torch.cov(torch.cat(seen).T), rtol=1e-3, atol=1e-6)
+    assert stats.inputs[layers[0].mlp.up_proj].gram is None  # only output projections get an O(width²) sum
+    with pytest.raises(ValueError, match="output_gram also needs input_moments"):
+        Estimator(model, [down], frozenset({"output_gram"}), len(WINDOWS))
+
+
 def test_input_norms_follow_each_weight_elements_input_feature():
     model = tiny_llama()
     layers = discover_structures(model)[1:2]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hywia_lightning.granularities import (
-    Element1, Element2, Fluctuation, Granularity, Magnitude, Random, Vector, Vector2, Wanda, check_scores,
+    OBS, Element1, Element2, Fluctuation, Granularity, Magnitude, Random, Vector, Vector2, Wanda, check_scores,
     make_granularity,
 )
 from hywia_lightning.unit_groups import GroupKey, UnitGroup
@@ -88,3 +88,47 @@ def test_wanda_weighs_each_element_by_its_input_norm():
     assert Wanda()(group(W, input_norms=norms)).tolist() == [27.0, 23.0]
     with pytest.raises(ValueError, match="needs input_norms"):
         Wanda()(group(W))
+
+
+def compensated_error(weight, covariance, keep):
+    """The output error of keeping input features ``keep`` of ``weight`` [out, in] after the best least-squares refit."""
+    total = torch.einsum("oi,ij,oj->", weight, covariance, weight)
+    if not keep:
+        return float(total)
+    cross = weight @ covariance[:, keep]
+    return float(total - torch.einsum("ok,kl,ol->", cross, torch.linalg.inv(covariance[keep][:, keep]), cross))
+
+
+def obs_group(weight, covariance, units):
+    """A group whose output member is ``weight`` [out, in], ``in / units`` input features per unit."""
+    return UnitGroup(GroupKey(0, "mlp"), 1, units, (weight.t().reshape(units, -1),), 0, output_covariance=covariance)
+
+
+@pytest.mark.parametrize("units", [12, 4])  # one feature per unit (MLP channels), three per unit (heads)
+def test_obs_scores_are_the_error_left_after_the_refit_compensates_the_units_removed_so_far(units):
+    torch.manual_seed(0)
+    x = torch.randn(400, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    x[:, 3] = x[:, 7] + 0.01 * torch.randn(400, dtype=torch.float64)  # feature 3 is all but a copy of 7
+    weight, covariance = torch.randn(5, 12, dtype=torch.float64), torch.cov(x.T)
+    scores = OBS(damping=1e-9, steps=units)(obs_group(weight, covariance, units))
+    order = scores.argsort().tolist()  # one unit per greedy step, cheapest first
+    d = 12 // units
+    for m in range(1, units + 1):
+        gone = {f for u in order[:m] for f in range(u * d, (u + 1) * d)}
+        assert scores[order[m - 1]].item() == pytest.approx(
+            compensated_error(weight, covariance, [f for f in range(12) if f not in gone]), rel=1e-3)
+    if units == 12:  # the near copy goes first: its twin compensates it, however much it fluctuates
+        assert order[0] in (3, 7)
+        fluctuation = weight.pow(2).sum(0) * covariance.diagonal()
+        assert fluctuation.argmin().item() not in (3, 7)
+
+
+def test_obs_removes_several_units_per_step_and_refuses_bad_settings():
+    torch.manual_seed(1)
+    x = torch.randn(300, 16, dtype=torch.float64)
+    coarse = OBS(steps=4)(obs_group(torch.randn(4, 16, dtype=torch.float64), torch.cov(x.T), 16))  # 4 features per step
+    assert torch.all(coarse[coarse.argsort()].diff() > 0)  # rising with the removal order, no ties
+    with pytest.raises(ValueError, match="damping > 0 and steps >= 1"):
+        OBS(damping=0.0)
+    with pytest.raises(ValueError, match="needs output_covariance"):
+        OBS()(group(W))
