@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from .compensation import damped
 from .unit_groups import UnitGroup
 
 if TYPE_CHECKING:
@@ -165,7 +166,8 @@ class OBS(Granularity):
     is cheap to remove even when it fluctuates. Correlated features share that credit, so units are
     removed greedily, ``ceil(units / steps)`` at a time, each step re-pricing the rest after the
     compensation so far (the exact OBS update of ``W`` and ``Σ⁻¹``). A unit's score is the total
-    error once it is gone: units removed later score higher, in the same units across layers.
+    error once it is gone (:func:`~hywia_lightning.compensation.compensated_error` of the units
+    left): units removed later score higher, in the same units across layers.
 
     ``damping``: added to ``Σ``'s diagonal, relative to its mean (SparseGPT's 1%), so that ``Σ`` of
     a few thousand tokens can be inverted."""
@@ -181,11 +183,9 @@ class OBS(Granularity):
     def __call__(self, group: UnitGroup) -> Tensor:
         _require(group, self.name, "output_covariance")
         units = group.num_units
-        sigma = group.output_covariance.double()
-        n = sigma.shape[0]
+        n = group.output_covariance.shape[0]
         weight = group.weights[group.output_member].double().reshape(n, -1).clone()  # [in, out]: Wᵀ
-        h_inv = torch.cholesky_inverse(torch.linalg.cholesky(
-            sigma + self.damping * sigma.diagonal().mean().clamp_min(1e-12) * torch.eye(n, dtype=sigma.dtype)))
+        h_inv = torch.cholesky_inverse(torch.linalg.cholesky(damped(group.output_covariance, self.damping)))
         columns = torch.arange(n).view(units, -1)  # unit u's input features
         alive = torch.ones(units, dtype=torch.bool)
         scores = torch.empty(units, dtype=torch.float64)

@@ -8,7 +8,11 @@ Every scheme scores every group; the scores are normalized (standardized logs, s
   ``w_s ∝ exp(sharpness · (depth − ½) · g_s)`` with ``g_s`` = −1 for fine, +1 for coarse, 0 otherwise;
 - ``learned``: the fusion attention, trained on the calibration windows against the widths the
   plan's allocation gives (:mod:`hywia_lightning.fusion_training`); the last ``holdout`` windows
-  stop it early.
+  stop it early;
+- ``compensated``: per group, the blend (on a grid over the simplex, ``grid`` steps per weight)
+  whose kept units, at the widths the allocation gives, leave the least output error after the
+  least-squares refit (:func:`~hywia_lightning.compensation.compensated_error`): the blend is
+  judged by the layer the refit will make of it, at a few Cholesky solves per candidate.
 
 It is a :class:`~hywia_lightning.granularities.Granularity`, so it goes wherever one can
 (``granularity: {class_path: hywia_lightning.HyWIA, ...}``).
@@ -26,13 +30,18 @@ from torch import Tensor
 
 from .fusion import FusionAttention, GroupScores, fuse, standardize_across_groups
 from .fusion_training import FusionTraining, MaskTarget
+from .compensation import compensated_error, damped
 from .granularities import Granularity, check_scores, make_granularity
+from .plan import kept_output_columns
 from .scoring import ScoringContext
 from .unit_groups import GroupKey, UnitGroup, effective_attention_unit
 
-FusionMode = Literal["fixed", "heuristic", "learned"]
-FUSION_MODES = ("fixed", "heuristic", "learned")
+FusionMode = Literal["fixed", "heuristic", "learned", "compensated"]
+FUSION_MODES = ("fixed", "heuristic", "learned", "compensated")
 GRAIN_SIGN = {"fine": -1.0, "coarse": 1.0, None: 0.0}
+# what a mode reads besides its schemes' statistics: the error after the refit needs each output
+# projection's input covariance
+MODE_NEEDS = {"compensated": frozenset({"input_moments", "output_gram"})}
 
 
 @dataclass
@@ -68,6 +77,8 @@ class HyWIA(Granularity):
         training: FusionTrainingArgs | None = None,
         normalization: Literal["group", "kind"] = "group",
         seed: int = 0,
+        grid: PositiveInt = 4,
+        damping: float = 0.01,
     ) -> None:
         """
         Args:
@@ -80,6 +91,9 @@ class HyWIA(Granularity):
                 or across all groups of a structure ``kind`` (fused scores then keep how layers
                 differ, for a global allocation).
             seed: seeds the fusion's initialization and window order (and a ``random`` scheme).
+            grid: ``compensated`` mode: each weight is a multiple of ``1 / grid``.
+            damping: ``compensated`` mode: the refit's damping relative to the mean feature variance
+                (as :class:`~hywia_lightning.granularities.OBS`'s).
         """
         if mode not in FUSION_MODES:
             raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(FUSION_MODES)}")
@@ -96,8 +110,10 @@ class HyWIA(Granularity):
         if normalization not in ("group", "kind"):
             raise ValueError(f"normalization={normalization!r} is unknown; allowed: group, kind")
         self.training, self.normalization = training or FusionTrainingArgs(), normalization
-        self.seed = seed
-        self.needs = frozenset().union(*(s.needs for s in self.schemes))
+        if not damping > 0:
+            raise ValueError(f"damping={damping} must be positive (it keeps the refit's system invertible)")
+        self.seed, self.grid, self.damping = seed, grid, damping
+        self.needs = frozenset().union(*(s.needs for s in self.schemes), MODE_NEEDS.get(mode, ()))
         self._record: dict = {}
         self._raw: dict = {}
 
@@ -132,6 +148,8 @@ class HyWIA(Granularity):
         start = time.perf_counter()
         if self.mode == "learned":
             weights, training = self.learn_weights(keys, fused_groups, context)
+        elif self.mode == "compensated":
+            weights, training = self.compensated_weights(groups, scored, context)
         else:
             weights, training = self.rule_weights(fused_groups), None
         self._record = {
@@ -181,6 +199,48 @@ class HyWIA(Granularity):
             "best_held_out_loss": module.best_val_loss,
             "weights_moved": float((weights - initial.double()).abs().max()),
         }
+
+
+    def compensated_weights(
+        self, groups: Sequence[UnitGroup], scored: dict[GroupKey, GroupScores], context: ScoringContext
+    ) -> tuple[Tensor, dict]:
+        """Per group, the grid blend with the least error after the refit, at the widths the
+        allocation gives the uniform blend (each group is read a second time, for its covariance)."""
+        candidates = simplex_grid(len(self.schemes), self.grid)  # the uniform blend first
+        widths = context.widths({key: fuse(candidates[0], s.normalized) for key, s in scored.items()})
+        by_layer = {s.layer: s for s in context.layers}
+        chosen, errors = {}, {}
+        for group in groups:
+            fg = scored[group.key]
+            if group.output_covariance is None:
+                raise ValueError(f"mode='compensated' needs output_gram statistics, but {group.name} has none")
+            n = group.output_covariance.shape[0]
+            weight_t, h = group.weights[group.output_member].reshape(n, -1), damped(group.output_covariance, self.damping)
+            error_of: dict[tuple[int, ...], float] = {}  # candidates that keep the same units cost one solve
+            costs = []
+            for candidate in candidates:
+                keep = tuple(kept_output_columns(group.key, fuse(candidate, fg.normalized), by_layer[group.layer],
+                                                 widths[group.layer], context.scope.attention_unit))
+                if keep not in error_of:
+                    error_of[keep] = compensated_error(weight_t, h, list(keep))
+                costs.append(error_of[keep])
+            best = min(range(len(candidates)), key=lambda i: (costs[i], i))  # ties: the earlier candidate
+            chosen[group.key] = candidates[best]
+            errors[fg.name] = {"chosen": float(f"{costs[best]:.6g}"), "uniform": float(f"{costs[0]:.6g}")}
+        return torch.stack([chosen[key] for key in scored]), {"refit_error": errors, "candidates": len(candidates)}
+
+
+def simplex_grid(schemes: int, steps: int) -> list[Tensor]:
+    """Every weight vector with entries in ``{0, 1/steps, ..., 1}`` summing to 1, the uniform blend first."""
+    points = [torch.tensor(c, dtype=torch.float64) / steps for c in _compositions(schemes, steps)]
+    uniform = torch.full((schemes,), 1 / schemes, dtype=torch.float64)
+    return [uniform] + [p for p in points if not torch.allclose(p, uniform)]
+
+
+def _compositions(parts: int, total: int) -> list[tuple[int, ...]]:
+    if parts == 1:
+        return [(total,)]
+    return [(first, *rest) for first in range(total, -1, -1) for rest in _compositions(parts - 1, total - first)]
 
 
 def mask_targets(context: ScoringContext, keys: list[GroupKey], widths: dict) -> list[MaskTarget]:

@@ -87,7 +87,7 @@ def declared_needs(spec: Any) -> tuple[frozenset[str], bool]:
     """The statistics a granularity (a registered name or a ``class_path``) declares, and whether it
     trains a fusion (HyWIA ``learned``), from the class attributes: nothing is instantiated."""
     from .granularities import GRANULARITIES, Granularity
-    from .hywia import HyWIA
+    from .hywia import MODE_NEEDS, HyWIA
 
     if isinstance(spec, str):
         cls = GRANULARITIES.get(spec)
@@ -101,7 +101,7 @@ def declared_needs(spec: Any) -> tuple[frozenset[str], bool]:
         defaults = inspect.signature(HyWIA.__init__).parameters
         schemes = _get(spec, "init_args", "schemes", default=defaults["schemes"].default)
         mode = _get(spec, "init_args", "mode", default=defaults["mode"].default)
-        needs = frozenset().union(*(declared_needs(s)[0] for s in schemes))
+        needs = frozenset().union(*(declared_needs(s)[0] for s in schemes), MODE_NEEDS.get(mode, ()))
         return needs, mode == "learned"
     return cls.needs, False
 

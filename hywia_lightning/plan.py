@@ -181,6 +181,21 @@ def select_heads(
     return heads, list(range(attn.num_kv_heads))
 
 
+def unit_indices(units: list[int], size: int) -> list[int]:
+    """Row (or column) indices of whole units of ``size`` rows each."""
+    return [u * size + i for u in units for i in range(size)]
+
+
+def kept_output_columns(key: GroupKey, scores: Tensor, s: LayerStructures, widths: LayerWidths,
+                        attention_unit: str) -> list[int]:
+    """The input features of the group's output projection (``o_proj``, ``down_proj``) that
+    :func:`make_plan` keeps for these scores at these widths."""
+    if key.kind == "mlp":
+        return top_units(scores, widths.num_channels)
+    heads, _ = select_heads(scores, s.attention, widths, attention_unit)
+    return unit_indices(heads, s.attention.head_dim)
+
+
 def make_plan(
     layers: list[LayerStructures], scores: dict, widths: dict[int, LayerWidths], attention_unit: str
 ) -> PruningPlan:

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from .layer_stream import LayerStream
-from .plan import PruningPlan
+from .plan import PruningPlan, unit_indices
 from .progress import Progress
 from .reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
 from .sharded_model import full_weight, gather_module, has_sharded_weights
-from .slicing import record_layer_widths, unit_indices
+from .slicing import record_layer_widths
 from .structures import LayerStructures, decoder_layers, discover_structures
 from .unit_groups import GroupKey, MODULE_NAME
 

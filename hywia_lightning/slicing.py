@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .modeling_pruned import BIAS_KEY, WIDTH_KEYS, RemovedAttention
-from .plan import PruningPlan
+from .plan import PruningPlan, unit_indices
 from .structures import decoder_layers, discover_structures
 
 
@@ -25,11 +25,6 @@ def _slice_linear(linear: nn.Linear, keep: list[int], dim: int) -> None:
         linear.out_features = len(keep)
     else:
         linear.in_features = len(keep)
-
-
-def unit_indices(units: list[int], size: int) -> list[int]:
-    """Row (or column) indices of whole units of ``size`` rows each."""
-    return [u * size + i for u in units for i in range(size)]
 
 
 def apply_plan(model: PreTrainedModel, plan: PruningPlan) -> None:

@@ -51,6 +51,9 @@ def variants(recon: dict) -> dict:
         "learned": ("HybridPruning", {**{k: v for k, v in HEURISTIC.items() if k != "sharpness"},
                                       "mode": "learned", **LEARNED}, recon),
         "pool4": ("HybridPruning", {**HEURISTIC, "schemes": ["element1", "element2", "vector2", "fluctuation"]}, recon),
+        # per group, the blend of the forward-only schemes that the refit recovers best
+        "compensated": ("HybridPruning", {"schemes": ["wanda", "fluctuation", "obs"], "mode": "compensated", "grid": 4,
+                                          "allocation": "uniform"}, recon),
         "global": ("StructuredPruning", {**DEFAULT, "allocation": GLOBAL}, recon),
         "nointercept": ("StructuredPruning", DEFAULT, {**recon, "intercept": False}),
         "independent": ("StructuredPruning", DEFAULT, {**recon, "mode": "independent"}),
@@ -93,7 +96,7 @@ RECOVERY_DATA = {"source": CALIBRATION, "format": "text", "seq_len": 128, "batch
 RECOVERY_STEPS = 200
 
 
-FUSION_KEYS = ("schemes", "mode", "weights", "sharpness", "training", "normalization")
+FUSION_KEYS = ("schemes", "mode", "weights", "sharpness", "training", "normalization", "grid", "damping")
 
 
 def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None = None,

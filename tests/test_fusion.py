@@ -152,3 +152,39 @@ def test_holdout_must_leave_training_windows(tiny_model_dir, tmp_path):
         "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"mode": "learned", "training": {"holdout": 4}}}}
     with pytest.raises(ValueError, match=r"holdout=4 must leave windows .* allowed 1..3 with 4 calibration windows"):
         run_fit(job, tmp_path)
+
+
+def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_best():
+    """Each group's blend is the grid point whose kept units leave the least output error after the
+    least-squares refit, computed here again from independently estimated covariances."""
+    from hywia_lightning import PruningScope, UniformAllocation, prune, target_layers
+    from hywia_lightning.compensation import compensated_error, damped
+    from hywia_lightning.fusion import fuse
+    from hywia_lightning.pipeline import estimate
+    from hywia_lightning.plan import kept_output_columns
+    from hywia_lightning.unit_groups import unit_groups
+
+    model = tiny_llama(num_key_value_heads=2, num_hidden_layers=4)
+    windows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    layers, scope = target_layers(model, 1, -1), PruningScope(0.25)
+    scorer = HyWIA(["random", "obs"], mode="compensated", grid=2)
+    result = prune(model, windows, scorer, scope, UniformAllocation(), layers)
+    record = result.scorer["training"]["refit_error"]
+    stats = estimate(model, layers, windows, frozenset({"input_moments", "output_gram"}), "query_heads")
+    by_layer = {s.layer: s for s in layers}
+    scored = scorer.scheme_scores(unit_groups(layers, "query_heads", 4, stats))
+    picked_obs = 0
+    for group in unit_groups(layers, "query_heads", 4, stats):
+        n = group.output_covariance.shape[0]
+        weight_t, h = group.weights[group.output_member].reshape(n, -1), damped(group.output_covariance, 0.01)
+        errors = {}
+        for blend in ((0.5, 0.5), (1.0, 0.0), (0.0, 1.0)):
+            scores = fuse(torch.tensor(blend, dtype=torch.float64), scored[group.key].normalized)
+            keep = kept_output_columns(group.key, scores, by_layer[group.layer], result.widths[group.layer], "query_heads")
+            errors[blend] = compensated_error(weight_t, h, keep)
+        assert record[group.name]["chosen"] == pytest.approx(min(errors.values()), rel=1e-5)
+        assert record[group.name]["uniform"] == pytest.approx(errors[(0.5, 0.5)], rel=1e-5)
+        picked_obs += result.scorer["weights"][group.name] == [0.0, 1.0]
+    assert picked_obs >= 2  # the scheme that prices the refit wins somewhere over random scores
+    with pytest.raises(ValueError, match="damping=0.0 must be positive"):
+        HyWIA(["random", "obs"], mode="compensated", damping=0.0)

@@ -5,6 +5,7 @@ from hywia_lightning.granularities import (
     OBS, Element1, Element2, Fluctuation, Granularity, Magnitude, Random, Vector, Vector2, Wanda, check_scores,
     make_granularity,
 )
+from hywia_lightning.compensation import compensated_error, damped
 from hywia_lightning.unit_groups import GroupKey, UnitGroup
 
 
@@ -90,15 +91,6 @@ def test_wanda_weighs_each_element_by_its_input_norm():
         Wanda()(group(W))
 
 
-def compensated_error(weight, covariance, keep):
-    """The output error of keeping input features ``keep`` of ``weight`` [out, in] after the best least-squares refit."""
-    total = torch.einsum("oi,ij,oj->", weight, covariance, weight)
-    if not keep:
-        return float(total)
-    cross = weight @ covariance[:, keep]
-    return float(total - torch.einsum("ok,kl,ol->", cross, torch.linalg.inv(covariance[keep][:, keep]), cross))
-
-
 def obs_group(weight, covariance, units):
     """A group whose output member is ``weight`` [out, in], ``in / units`` input features per unit."""
     return UnitGroup(GroupKey(0, "mlp"), 1, units, (weight.t().reshape(units, -1),), 0, output_covariance=covariance)
@@ -110,13 +102,20 @@ def test_obs_scores_are_the_error_left_after_the_refit_compensates_the_units_rem
     x = torch.randn(400, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
     x[:, 3] = x[:, 7] + 0.01 * torch.randn(400, dtype=torch.float64)  # feature 3 is all but a copy of 7
     weight, covariance = torch.randn(5, 12, dtype=torch.float64), torch.cov(x.T)
-    scores = OBS(damping=1e-9, steps=units)(obs_group(weight, covariance, units))
+    damping = 1e-9
+    scores = OBS(damping=damping, steps=units)(obs_group(weight, covariance, units))
     order = scores.argsort().tolist()  # one unit per greedy step, cheapest first
     d = 12 // units
     for m in range(1, units + 1):
         gone = {f for u in order[:m] for f in range(u * d, (u + 1) * d)}
+        kept = [f for f in range(12) if f not in gone]
         assert scores[order[m - 1]].item() == pytest.approx(
-            compensated_error(weight, covariance, [f for f in range(12) if f not in gone]), rel=1e-3)
+            compensated_error(weight.t(), damped(covariance, damping), kept), rel=1e-6, abs=1e-12)
+        # the same error by brute force: what the least-squares refit of the kept features leaves
+        x_c = x - x.mean(0)
+        fit = torch.linalg.lstsq(x_c[:, kept], x_c @ weight.t()).solution if kept else 0
+        left = (x_c @ weight.t() - (x_c[:, kept] @ fit if kept else 0)).pow(2).sum() / (len(x) - 1)
+        assert scores[order[m - 1]].item() == pytest.approx(left.item(), rel=1e-3, abs=1e-9)
     if units == 12:  # the near copy goes first: its twin compensates it, however much it fluctuates
         assert order[0] in (3, 7)
         fluctuation = weight.pow(2).sum(0) * covariance.diagonal()
