@@ -211,10 +211,12 @@ def dense_grams(projections: dict, run: Callable[[], object], rows: Callable[[],
 
 def sequential_statistics(
     run: Callable[[], object], pruned_block: torch.nn.Module, dense_block: torch.nn.Module, projection: str,
+    rows: Callable[[], int] | None = None,
 ) -> RefitStatistics:
     """Moments for one block (a layer's attention or MLP) whose earlier layers are already pruned
     and refit: the target is the dense block applied to the same (pruned-path) input. ``run``
-    runs the block's layer over every calibration window (a :class:`LayerStream`)."""
+    runs the block's layer over every calibration window (a :class:`LayerStream`); ``rows()``: how
+    many leading windows of the batch being run count (the rest is padding), as in :func:`dense_grams`."""
     pruned_proj, dense_proj = getattr(pruned_block, projection), getattr(dense_block, projection)
     stats = RefitStatistics(dense_proj.in_features, pruned_proj.in_features, pruned_proj.weight.device)
     target: list[Tensor] = []
@@ -225,11 +227,14 @@ def sequential_statistics(
     def keep_target(module, args):
         target.append(args[0])
 
+    def real(x: Tensor) -> Tensor:
+        return x if rows is None else x[:rows()]
+
     def fold(module, args):
-        stats.add(target.pop(), args[0])
+        stats.add(real(target.pop()), real(args[0]))
 
     def fold_nothing_kept(module, args, output):  # a structure pruned to nothing never calls its projection
-        stats.add(target[-1], target.pop()[..., :0])
+        stats.add(real(target[-1]), real(target.pop())[..., :0])
 
     handles = [
         pruned_block.register_forward_pre_hook(run_dense, with_kwargs=True),
