@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, prune, target_layers
+from hywia_lightning.cli import SHARDED_STRATEGY
 from hywia_lightning.collective import Collective, process_group_collective
 from hywia_lightning.export import export_pretrained
 from hywia_lightning.gathered_copy import gathered_copy
@@ -150,11 +151,11 @@ def test_sharding_follows_the_setting_and_what_the_collective_can():
     "opt-in (HYWIA_RUN_SHARDED_JOB=1): passes alone and with its file (20-43 s, also under load), but hung once "
     "in a full-suite run (rank 1 gone, rank 0 waiting, 600 s timeout); cause not found yet"))
 def test_a_job_with_shard_weights_on_two_processes_prunes_and_exports_like_one(tiny_model_dir, tmp_path, monkeypatch):
-    """``main.py fit`` with ``pruning.shard_weights`` under DDP (2 gloo processes): FSDP2 shards the
-    weights for estimation, scoring, the dense perplexity baseline and the independent refit (5
-    windows: rank 1 pads its share), the slicing gathers the plain pruned model on every rank; the
-    plan, the exported weights and the dense perplexity are 1 process's, each rank held half of
-    the weights."""
+    """``main.py fit`` with ``pruning.shard_weights`` under ModelParallelStrategy (2 gloo processes):
+    FSDP2 shards the weights for estimation, scoring, the dense perplexity baseline and the
+    independent refit (5 windows: rank 1 pads its share), the slicing shards the pruned model again,
+    the pruned perplexity runs on every rank and rank 0 exports; the plan, the exported weights and
+    both perplexities are 1 process's, each rank held half of the dense and of the pruned weights."""
     def job(root, **pruning):
         config = prune_job(tiny_model_dir, root, data={"num_windows": 5}, estimation_batch_size=2, **pruning)
         config["reconstruction"] = {"intercept": True, "batch_size": 2}
@@ -163,13 +164,15 @@ def test_a_job_with_shard_weights_on_two_processes_prunes_and_exports_like_one(t
     monkeypatch.setenv("HYWIA_CACHE", str(tmp_path / "cache-one"))  # each run measures its dense baseline
     run_fit(job(tmp_path / "one"), tmp_path / "one")
     monkeypatch.setenv("HYWIA_CACHE", str(tmp_path / "cache-two"))
-    run_two_processes(job(tmp_path / "two", shard_weights=True), tmp_path)
+    run_two_processes(job(tmp_path / "two", shard_weights=True), tmp_path, {"class_path": SHARDED_STRATEGY})
     reports = [json.loads((tmp_path / run / "export" / "report.json").read_text()) for run in ("one", "two")]
     plans = [json.loads((tmp_path / run / "export" / "pruning_plan.json").read_text()) for run in ("one", "two")]
     assert plans[1] == plans[0]
     one, two = (r["pruning"] for r in reports)
     assert (one["weight_shards"], two["weight_shards"]) == (1, 2)
     assert two["weight_bytes_per_rank"] * 2 == one["weight_bytes_per_rank"] > 0
+    assert two["pruned_weight_bytes_per_rank"] == pytest.approx(one["pruned_weight_bytes_per_rank"] / 2, rel=0.02)
+    assert reports[1]["perplexity"]["value"] == pytest.approx(reports[0]["perplexity"]["value"], rel=1e-4)
     assert two["accumulator_bytes_per_rank"] * 2 == one["accumulator_bytes_per_rank"]
     baselines = [r["baseline"]["perplexity"] for r in reports]
     assert not any(b["cached"] for b in baselines)
@@ -185,3 +188,12 @@ def test_shard_weights_in_a_job_of_one_process_is_refused_before_loading(tmp_pat
     with pytest.raises(InputError, match="shard_weights=true shards the weights") as refused:
         run_fit(prune_job(tmp_path / "no-model-here", tmp_path, shard_weights=True), tmp_path)
     assert refused.value.key == "pruning.init_args.shard_weights"
+
+
+def test_shard_weights_under_a_strategy_that_wraps_a_plain_model_is_refused_before_loading(tmp_path):
+    """DDP broadcasts (and FSDP1 flattens) parameters, which the sharded pruned model's DTensors refuse."""
+    config = prune_job(tmp_path / "no-model-here", tmp_path, shard_weights=True)
+    config["trainer"].update(strategy="ddp", devices=2)
+    with pytest.raises(InputError, match="ModelParallelStrategy") as refused:
+        run_fit(config, tmp_path)
+    assert refused.value.key == "trainer.strategy"
