@@ -19,8 +19,9 @@ Where the dense model comes from, in order:
 
 The cache is ``$HYWIA_CACHE/baselines/`` (see :mod:`hywia_lightning.baseline`). Only global rank 0
 evaluates, as the evaluations themselves do; but where the pruning callback sharded the weights
-(``shard_weights``), every forward pass of the dense model is a collective, so in case 1 every rank
-evaluates it (rank 0's cache decides whether) and rank 0 keeps the numbers.
+(``shard_weights``), every forward pass of the dense model and of the pruned one is a collective,
+so every rank evaluates them (the same chunks; in case 1 rank 0's cache decides whether) and rank 0
+keeps the numbers.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Evaluation(StageEnd, PruningHooks):
         return {}
 
     def at_stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if has_sharded_weights(pl_module.model) and not trainer.is_global_zero:
+            self.evaluate_model(pl_module.model, pl_module.tokenizer)  # its forward passes are collectives
+            return
         if not trainer.is_global_zero:
             return
         with pl_module.report.stage(self.kind):

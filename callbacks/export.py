@@ -11,6 +11,8 @@ from lightning import LightningModule, Trainer
 
 from hywia_lightning.export import check_replaceable, export_kind, export_pretrained, recover_interrupted, written_files
 from hywia_lightning.files import run_folder, write_json_atomic
+from hywia_lightning.gathered_copy import gathered_copy
+from hywia_lightning.sharded_model import has_sharded_weights
 from hywia_lightning.gguf_export import GGUF_NAME, check_exportable, export_gguf, model_name
 
 from .preflight import Preflight
@@ -23,7 +25,8 @@ class Export(Preflight):
     """Write ``<default_root_dir>/<dirname>/``: a Hugging Face folder (stock or with our modeling
     code, the report says which and why), with ``formats: [hf, gguf]`` also ``model.gguf`` for
     llama.cpp, ``report.json``, ``report.md``, PNG plots of the report, the evaluations' own files
-    (``zeroshot_lm_eval.json``), after pruning ``pruning_plan.json``, and after LoRA recovery ``adapter/``. Only global rank 0 writes.
+    (``zeroshot_lm_eval.json``), after pruning ``pruning_plan.json``, and after LoRA recovery ``adapter/``. Only global rank 0 writes
+    (a model whose weights FSDP2 shards is first gathered onto its host, one tensor at a time).
     Everything is staged next to the folder and swapped in complete; the folder replaced must be
     empty or a previous export (preflight refuses anything else)."""
 
@@ -76,13 +79,16 @@ class Export(Preflight):
             pl_module.write_artifacts(folder)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        start = time.perf_counter()
+        model = pl_module.model
+        if has_sharded_weights(model):  # every rank sends its shards, one tensor at a time; rank 0 keeps them
+            model = gathered_copy(model, receive=trainer.is_global_zero)
         if not trainer.is_global_zero:
             return
         out = self.export_dir(trainer)
         report = pl_module.report
-        start = time.perf_counter()
 
-        kind = export_kind(pl_module.model)
+        kind = export_kind(model)
 
         def complete(folder: Path) -> None:  # into the staged folder, before it is swapped in
             self.write_artifacts(pl_module, folder)
@@ -93,7 +99,7 @@ class Export(Preflight):
             report.add_seconds("export", time.perf_counter() - start)
             write_report(trainer, pl_module, folder, export_dir=str(out), export=kind.to_dict() | files)  # report.json, report.md, plots, logger
 
-        export_pretrained(pl_module.model, pl_module.tokenizer, out, complete)
+        export_pretrained(model, pl_module.tokenizer, out, complete)
         report.moved_to(out / "report.json")
         log.info("export: %s (%s model%s, report.json, report.md and plots): %s", out, kind.kind,
                  f", {GGUF_NAME}" if "gguf" in self.formats else "", kind.reason)

@@ -7,8 +7,11 @@ runs, hands it this rank's share of the windows and the strategy's collectives, 
 the report. The plan is saved in checkpoints: a run resumed from one (``--ckpt_path``) rebuilds
 the pruned architecture from the saved plan instead of estimating again. With ``shard_weights``
 the model is sharded with FSDP2 over the job's processes for estimation, scoring and the hooks
-before slicing (each forward pass then a collective of every rank), and the slicing gathers a plain
-pruned model on every rank, which replaces the sharded one in the LightningModule.
+before slicing (each forward pass then a collective of every rank), and the slicing builds the
+pruned model one gathered layer at a time and shards it again, so that every later stage (the
+refit, the evaluations, the export) takes the sharded pruned model; it replaces the dense one in the
+LightningModule, under ``trainer.strategy`` ``ModelParallelStrategy`` (which, unlike DDP or FSDP1,
+leaves an FSDP2 model as it is).
 
 Override point: :meth:`score` (one score per unit of every group; by default the granularity's).
 """
@@ -88,11 +91,13 @@ class StructuredPruning(Preflight, Callback):
                 time for scoring: the same plan); ``None`` shards whenever there are several ranks,
                 ``false`` keeps whole sums on every rank, all-reduced at the end.
             shard_weights: shard the model's weights over the job's processes with FSDP2 for
-                estimation, scoring and (``independent``) reconstruction, so each rank holds 1/N of
-                them and one gathered decoder layer; slicing gathers one layer at a time and every
-                rank continues with the plain pruned model. Off by default: it needs several
-                processes and costs an all-gather of every layer per pass; turn it on when the
-                whole model does not fit one device (the memory plan says so).
+                every stage of the job (estimation, scoring, reconstruction, evaluations, export),
+                so each rank holds 1/N of them and one gathered decoder layer; slicing gathers one
+                dense layer at a time and shards each pruned layer again. Off by default: it needs
+                several processes under ``lightning.pytorch.strategies.ModelParallelStrategy`` and
+                costs an all-gather of every layer per pass; turn it on when the whole model does
+                not fit one device (the memory plan says so). LoRA recovery takes a plain model:
+                recover the export in a second job.
         """
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
@@ -160,14 +165,17 @@ class StructuredPruning(Preflight, Callback):
         self._call_hooks("on_before_slicing", trainer, pl_module, plan)
         weight_bytes = local_bytes(model.parameters())  # this rank's, as estimation and scoring held them
         with report.stage("pruning"):
-            pl_module.model = pruned(model, plan)  # sharded: a plain pruned copy on every rank
+            pl_module.model = pruned(model, plan, lambda index, layer: self._call_hooks(
+                "prepare_pruned_layer", trainer, pl_module, plan, index, layer))  # sharded: sharded again
         del model
+        pruned_bytes = local_bytes(pl_module.model.parameters())  # this rank's, as the later stages hold them
         self.plan = pl_module.pruning_plan = plan
         self._call_hooks("on_after_slicing", trainer, pl_module, plan)
         self.record(trainer, pl_module, layers, params_before, windows is not None)
         pl_module.report.record("pruning", {"accumulator_bytes_per_rank": result.accumulator_bytes,
                                             "accumulator_shards": result.accumulator_shards,
                                             "weight_bytes_per_rank": weight_bytes,
+                                            "pruned_weight_bytes_per_rank": pruned_bytes,
                                             "weight_shards": trainer.world_size if self.shard_weights else 1})
 
     def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
@@ -231,10 +239,10 @@ class StructuredPruning(Preflight, Callback):
         """Nothing to do: :meth:`resume` already applied the saved plan in ``setup``, before the weights were loaded."""
 
     @staticmethod
-    def _call_hooks(name: str, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
+    def _call_hooks(name: str, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan, *args) -> None:
         for callback in trainer.callbacks:
             if isinstance(callback, PruningHooks):
-                getattr(callback, name)(trainer, pl_module, plan)
+                getattr(callback, name)(trainer, pl_module, plan, *args)
 
     def calibration_data(self, trainer: Trainer) -> CalibrationData:
         return calibration_for(type(self).__name__, self.calibration, trainer)

@@ -84,6 +84,10 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         with pl_module.report.stage("reconstruction"):
             self.strategy.before_slicing(pl_module.model, plan, self.windows(trainer), self.reduce(trainer))
 
+    def prepare_pruned_layer(self, trainer, pl_module, plan, index, layer) -> None:
+        with pl_module.report.stage("reconstruction"):
+            self.strategy.prepare_layer(plan, index, layer)
+
     def on_after_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
         with pl_module.report.stage("reconstruction"):
             results = self.strategy.after_slicing(pl_module.model, plan, self.windows(trainer), self.reduce(trainer))

@@ -44,6 +44,11 @@ class CausalLM(LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    def configure_model(self) -> None:
+        """Nothing to parallelize: with ``pruning.shard_weights`` the pruning callback has sharded the
+        model with FSDP2 in ``setup``. Defined because ``ModelParallelStrategy``, the strategy that
+        takes such a model as it is, requires this hook."""
+
     def configure_optimizers(self):
         return None  # pruning-only jobs change weights in callbacks, not by gradient steps
 

@@ -177,6 +177,10 @@ def check_stage_arguments(config: Namespace) -> None:
                 raise mark_input_error(error, f"{key}.init_args")
 
 
+#: the strategy of a ``shard_weights`` job: Lightning's for FSDP2 models, which it leaves as they are
+SHARDED_STRATEGY = "lightning.pytorch.strategies.ModelParallelStrategy"
+
+
 def check_weight_sharding(config: Namespace) -> None:
     """Refuse ``shard_weights`` in a job of one process before the model, which loads its weights
     when built, exists (the pruning stage's own check refuses it again where no process group is)."""
@@ -190,6 +194,19 @@ def check_weight_sharding(config: Namespace) -> None:
         raise InputError("pruning.init_args.shard_weights", "shard_weights=true shards the weights over the job's "
                          "processes, but trainer.devices × trainer.num_nodes is 1",
                          "run several processes (trainer.devices, trainer.num_nodes), or set shard_weights: false")
+    if not job.shard_weights:
+        return
+    strategy = (config.get("trainer") or {}).get("strategy")
+    name = str(strategy.get("class_path") if isinstance(strategy, Namespace) else strategy)
+    if job.recovery is not None:
+        raise InputError("pruning.init_args.shard_weights", "shard_weights=true keeps the pruned model sharded by "
+                         "FSDP2, and LoRA recovery takes a plain model",
+                         "prune and export with shard_weights in one job (model: hywia_lightning.CausalLM), then "
+                         "recover the export in a second (configs/recover_llama_fsdp.yaml), or set shard_weights: false")
+    if name.rpartition(".")[2] != SHARDED_STRATEGY.rpartition(".")[2]:
+        raise InputError("trainer.strategy", f"pruning.init_args.shard_weights=true keeps the pruned model sharded by "
+                         f"FSDP2, which trainer.strategy={name!r} cannot take (DDP and FSDP wrap a plain model)",
+                         f"set trainer.strategy: {{class_path: {SHARDED_STRATEGY}}}, or shard_weights: false")
 
 
 def check_memory_plan(config: Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Slicing a model whose weights FSDP2 shards: gather one decoder layer at a time, slice it, keep it.
+"""Slicing a model whose weights FSDP2 shards: gather one decoder layer at a time, slice it, keep it
+(:func:`gathered_pruned`) or shard it again (:func:`sharded_pruned`).
 
 Why: a ``DTensor`` shard cannot be sliced by unit (a unit's rows lie on several ranks), and
 gathering the whole dense model on one rank is what sharding avoided. :func:`gathered_pruned`
@@ -8,24 +9,32 @@ order of the state dict, gathers the embeddings and head once and each decoder l
 applies its part of the plan before the next is gathered: the peak there is the pruned model plus
 one dense layer. The copy is what :func:`~hywia_lightning.slicing.apply_plan` would have made of
 the whole model, so every later stage (export, reconstruction, evaluation) takes it unchanged.
+
+Whole on every rank, the pruned copy of a 70B model (103 GiB in bfloat16) fits no 80 GB GPU: so
+:func:`sharded_pruned` shards each pruned layer with FSDP2 as soon as it is built (after
+``prepare(index, layer)`` has changed it while it is whole: a refit written in, a bias added, since
+FSDP2 takes no new parameter later), and the root last. Each rank's peak is then its shards of the
+pruned model, one dense layer and one pruned layer (and the root's embeddings and head whole until
+the end); the later stages take the sharded pruned model (each forward pass a collective).
 """
 
 from __future__ import annotations
 
 import copy
 from itertools import groupby
+from typing import Callable
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from .plan import PruningPlan
-from .sharded_model import full_weight, has_sharded_weights
+from .sharded_model import full_weight, has_sharded_weights, is_sharded, shard_unit
 from .slicing import apply_plan, record_layer_widths
 from .structures import decoder_layers
 
 
-def _plain_class(model: nn.Module) -> type:
+def plain_class(model: nn.Module) -> type:
     """The model's own class: FSDP2 makes the module an instance of ``FSDP<class>``."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -36,16 +45,21 @@ def _layer_of(name: str, prefixes: dict[str, int]) -> int | None:
     return next((i for prefix, i in prefixes.items() if name.startswith(prefix)), None)
 
 
-def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool) -> PreTrainedModel | None:
+LayerDone = Callable[[int, nn.Module], None]  # (index, the decoder layer just pruned, whole)
+
+
+def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool,
+                    layer_done: LayerDone | None = None) -> PreTrainedModel | None:
     """A plain copy of ``model`` pruned by ``plan`` on the ranks where ``receive`` (``None`` on the
-    others). Every rank must call it: every weight is gathered, a collective in the same order."""
+    others). Every rank must call it: every weight is gathered, a collective in the same order.
+    ``layer_done(index, layer)`` is called on each decoder layer once it is loaded and pruned."""
     layers = {id(layer): i for i, layer in enumerate(decoder_layers(model))}
     prefixes = {f"{name}.": layers[id(m)] for name, m in model.named_modules() if id(m) in layers}
     state = model.state_dict()  # the ranks' shards, keyed in the same order everywhere: nothing gathered yet
     plain = None
     if receive:
         with torch.device("meta"):
-            plain = _plain_class(model)(copy.deepcopy(model.config))
+            plain = plain_class(model)(copy.deepcopy(model.config))
         for name, buffer in model.named_buffers():  # FSDP2 shards no buffer (rotary frequencies are not in the state)
             owner, _, leaf = name.rpartition(".")
             plain.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
@@ -56,6 +70,8 @@ def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool) ->
         plain.load_state_dict(part, strict=False, assign=True)
         if layer in plan.layers:
             apply_plan(plain, PruningPlan(plan.attention_unit, {layer: plan.layers[layer]}))
+        if layer is not None and layer_done is not None:
+            layer_done(layer, decoder_layers(plain)[layer])
     if plain is not None:
         if plain.config.tie_word_embeddings:
             plain.tie_weights()  # the head is the embedding: one tensor again, as in the model
@@ -66,11 +82,25 @@ def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool) ->
     return plain
 
 
-def pruned(model: PreTrainedModel, plan: PruningPlan) -> PreTrainedModel:
-    """``model`` pruned by ``plan``: sliced in place, or, where FSDP2 shards its weights, a plain
-    pruned copy gathered on every rank (:func:`gathered_pruned`; every rank must call it), so that
-    every later stage takes a plain model."""
+def sharded_pruned(model: PreTrainedModel, plan: PruningPlan, mesh,
+                   prepare: LayerDone | None = None) -> PreTrainedModel:
+    """A copy of the FSDP2-sharded ``model`` pruned by ``plan`` and sharded again over ``mesh``, one
+    layer at a time: ``prepare(index, layer)`` changes each pruned layer while it is whole, then it
+    is sharded; the root (embeddings, final norm, head) is sharded last. Every rank must call it."""
+    def shard(index: int, layer: nn.Module) -> None:
+        if prepare is not None:
+            prepare(index, layer)
+        shard_unit(layer, mesh)
+
+    return shard_unit(gathered_pruned(model, plan, receive=True, layer_done=shard), mesh)
+
+
+def pruned(model: PreTrainedModel, plan: PruningPlan, prepare: LayerDone | None = None) -> PreTrainedModel:
+    """``model`` pruned by ``plan``: sliced in place (``prepare`` is for sharded models only: the
+    hooks after slicing change a plain model as they like), or, where FSDP2 shards its weights, a
+    pruned copy sharded the same way (:func:`sharded_pruned`; every rank must call it)."""
     if has_sharded_weights(model):
-        return gathered_pruned(model, plan, receive=True)
+        mesh = next(p for p in model.parameters() if is_sharded(p)).device_mesh
+        return sharded_pruned(model, plan, mesh, prepare)
     apply_plan(model, plan)
     return model

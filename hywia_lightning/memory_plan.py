@@ -9,8 +9,10 @@ runtime (the process and its libraries on a CPU, the CUDA context on a GPU).
 Per rank: estimation, scoring, fusion training and reconstruction hold the whole model on every
 rank (windows are sharded), unless ``shard_weights`` shards it with FSDP2: then each rank holds
 ``1/weight_shards`` of the weights, the gathered root (embeddings, head) and one or two gathered
-decoder layers, and a ``slicing`` stage gathers the plain pruned model on every rank, one dense
-layer at a time (:mod:`hywia_lightning.gathered_slicing`). With several ranks each keeps only its
+decoder layers, a ``slicing`` stage builds the pruned model one gathered dense layer at a time and
+shards each pruned layer again (:func:`hywia_lightning.gathered_slicing.sharded_pruned`), every later
+stage holds ``1/weight_shards`` of the pruned weights, and an ``export`` stage gathers one tensor at
+a time onto rank 0's host (:mod:`hywia_lightning.gathered_copy`; host memory is not planned). With several ranks each keeps only its
 ``1/estimation_shards`` of the ``g``/``g²`` accumulators (``shard_accumulators``,
 :mod:`hywia_lightning.sharded_sums`), and scoring gathers one layer's statistics at a time. Reconstruction holds one layer's Gram matrices at
 a time (:mod:`hywia_lightning.layer_stream`). LoRA recovery under FSDP shards weights, adapters and
@@ -344,28 +346,55 @@ def _layer_inputs(shape: ModelShape, e: EstimationSettings, layer: int) -> list[
     return ([shape.heads(layer) * shape.head_dim] if e.attention_unit != "none" else []) + [shape.intermediate(layer)]
 
 
+def _pruned_weights(shape: ModelShape, job: JobSettings, gathered_layers: int = 1) -> list[Part]:
+    """The pruned model as the stages after slicing hold it: whole, or (``shard_weights``) this rank's
+    shards, the root gathered during a pass and ``gathered_layers`` pruned layers (the dense widths
+    scaled by the kept share: the plan's widths are not known before it)."""
+    b, kept = DTYPE_BYTES[job.dtype], 1 - job.target_ratio
+    if job.weight_shards == 1:
+        return [Part("pruned weights", weights(shape, b, kept))]
+    outside = shape.parameters() - sum(shape.layer_parameters(i) for i in range(shape.num_hidden_layers))
+    return [Part("pruned weights", -(-weights(shape, b, kept) // job.weight_shards), True),
+            Part("root gathered (embeddings, head)", outside * b),
+            Part(f"pruned decoder layers gathered ({gathered_layers})", int(gathered_layers * _largest_layer(shape) * kept * b))]
+
+
+def gram_bytes(shape: ModelShape, e: EstimationSettings) -> int:
+    """``X Xᵀ`` and ``Σ X`` (float64) of the largest layer's refit projections, which independent
+    reconstruction accumulates together (``reconstruction.dense_grams``)."""
+    return max(sum(8 * (m * m + m) for m in _layer_inputs(shape, e, layer)) for layer in e.layers)
+
+
+def solve_bytes(inputs: int, outputs: int) -> int:
+    """The refit of an ``outputs × inputs`` projection (``reconstruction.solve_refit``), float64, the
+    kept inputs ``k`` bounded by ``inputs``: ``X Xᵀ`` (the target moments), the cross moments and the
+    kept Gram and their copies with the intercept's row, ``G + λI`` and its Cholesky factor while it
+    factors (7 matrices of ``k²`` or ``n·k``), and the dense weight, ``W M`` and the sliced weight."""
+    return 8 * (7 * inputs * inputs + 3 * outputs * inputs)
+
+
 def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     """Independent mode runs the dense layers one at a time over the cached hidden states of the
     rank's windows (``layer_stream.LayerStream``) and holds ``X Xᵀ`` (float64) of one layer's pruned
-    projections' inputs (``o_proj``, ``down_proj``), solves them and drops them; the refit weights
-    wait for the slicing. Sequential mode streams the pruned model the same way and holds a dense
-    copy of the pruned blocks and one structure's moments at a time. With ``shard_weights`` the
-    independent mode runs on the sharded dense model (windows padded to one count per rank) and the
-    sequential mode on the plain pruned model, its dense copies sharded until each structure's turn."""
+    projections' inputs (``o_proj``, ``down_proj``) while it accumulates them, then solves them one
+    at a time and drops them: the peak is the larger of the two phases. The refit weights wait for
+    the slicing: whole, or with ``shard_weights`` this rank's rows of them. Sequential mode streams
+    the pruned model the same way and holds a dense copy of the pruned blocks and one structure's
+    moments at a time. With ``shard_weights`` both run on sharded models (windows padded to one count
+    per rank): independent on the dense one, sequential on the pruned one, its dense copies sharded
+    until each structure's turn."""
     e, r, b = job.estimation, job.reconstruction, DTYPE_BYTES[job.dtype]
     n = max(m for layer in e.layers for m in _layer_inputs(shape, e, layer))
     out = shape.hidden_size
     tokens = r.seq_len
     sharded = job.weight_shards > 1
     if sharded and r.mode == "sequential":
-        parts = [Part("pruned weights", weights(shape, b, 1 - job.target_ratio)),
+        parts = [*_pruned_weights(shape, job),
                  Part("the dense shards until setup ends", -(-weights(shape, b) // job.weight_shards), True)]
     else:
         parts = dense_weights(shape, job)
     layer_forward = r.batch_size * tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
-    # the solve of the widest projection: cross (n×k), k×k system, its factor, eye, and the dense weight in float64;
-    # k (kept inputs) is not known before the plan: bounded by n
-    solve = Part("largest solve", 8 * (6 * n * n + 3 * out * n))
+    solve = Part("largest solve", solve_bytes(n, out))
     windows = -(-r.num_windows // job.world_size)  # this rank's share (sharded: every rank padded to it)
     hidden = windows * tokens * shape.hidden_size * b
     if r.mode == "sequential":
@@ -381,44 +410,68 @@ def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
                   Part("cached hidden states", hidden),
                   Part("forward of one batch through one layer", 2 * layer_forward), solve]
         return StagePeak("reconstruction", parts, "sequential: one structure's moments at a time")
-    grams = max(sum(8 * (m * m + m) for m in _layer_inputs(shape, e, layer)) for layer in e.layers)
+    parts += [Part("cached hidden states", hidden), _waiting_refits(shape, job)]
+    accumulating = [Part("Gram matrices (float64, one layer)", gram_bytes(shape, e)), Part("float32 product of a batch", 12 * n * n),
+                    Part("forward of one batch through one layer", layer_forward)]
+    if solve.bytes >= sum(p.bytes for p in accumulating):  # the widest solve holds its own X Xᵀ
+        return StagePeak("reconstruction", parts + [solve], "independent: at the widest solve (X Xᵀ of one layer at a time)")
+    return StagePeak("reconstruction", parts + accumulating, "independent: accumulating one layer's X Xᵀ")
+
+
+def _waiting_refits(shape: ModelShape, job: JobSettings) -> Part:
+    """Independent mode's refit weights of every pruned projection, from the solves to the slicing;
+    with ``shard_weights`` this rank's rows (``sharded_model.keep_sharded_like``)."""
+    e, b = job.estimation, DTYPE_BYTES[job.dtype]
     # kept inputs are not known before the plan: the dense widths scaled by the kept share
-    refits = sum(int(out * m * (1 - job.target_ratio)) * b for layer in e.layers for m in _layer_inputs(shape, e, layer))
-    parts += [Part("Gram matrices (float64, one layer)", grams), Part("float32 product of a batch", 12 * n * n),
-              Part("cached hidden states", hidden),
-              Part("forward of one batch through one layer", layer_forward),
-              Part("refit weights until slicing", refits), solve]
-    return StagePeak("reconstruction", parts, "X Xᵀ of one layer at a time")
+    refits = sum(int(shape.hidden_size * m * (1 - job.target_ratio)) * b
+                 for layer in e.layers for m in _layer_inputs(shape, e, layer))
+    if job.weight_shards == 1:
+        return Part("refit weights until slicing", refits)
+    return Part("refit weights until slicing", -(-refits // job.weight_shards), True)
 
 
 def slicing_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
-    """``shard_weights`` only: every rank gathers the plain pruned model one dense layer at a time
-    (``gathered_slicing.gathered_pruned``) beside its shards and the refit weights waiting for it."""
-    b = DTYPE_BYTES[job.dtype]
+    """``shard_weights`` only: the pruned model is built one gathered dense layer at a time beside
+    the dense shards, each pruned layer sharded as soon as it is built (and the independent refits
+    of its projections gathered and written in first), the root whole until it is sharded last
+    (``gathered_slicing.sharded_pruned``)."""
+    b, kept = DTYPE_BYTES[job.dtype], 1 - job.target_ratio
+    outside = shape.parameters() - sum(shape.layer_parameters(i) for i in range(shape.num_hidden_layers))
     parts = [Part("weights", -(-weights(shape, b) // job.weight_shards), True),
-             Part("pruned model gathered", weights(shape, b, 1 - job.target_ratio)),
-             Part("one dense layer gathered", _largest_layer(shape) * b)]
+             Part("pruned weights", -(-weights(shape, b, kept) // job.weight_shards), True),
+             Part("root whole until sharded (embeddings, head)", outside * b),
+             Part("one dense layer gathered", _largest_layer(shape) * b),
+             Part("one pruned layer whole", int(_largest_layer(shape) * kept * b))]
     r = job.reconstruction
     if r is not None and r.mode == "independent":
-        parts.append(next(p for p in reconstruction_peak(shape, job).parts if p.name == "refit weights until slicing"))
-    return StagePeak("slicing", parts, "the plain pruned model on every rank, one dense layer gathered at a time")
+        parts.append(_waiting_refits(shape, job))
+    return StagePeak("slicing", parts, "one dense layer gathered and one pruned layer whole at a time")
+
+
+def export_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """``shard_weights`` only: every rank gathers the pruned model one tensor at a time, rank 0 moves
+    each to its host before the next (``gathered_copy.gathered_copy``; the host copy is not planned)."""
+    b = DTYPE_BYTES[job.dtype]
+    largest = max(max(o * i for o, i in shape.layer_linears(layer).values()) for layer in range(shape.num_hidden_layers))
+    largest = max(largest, shape.vocab_size * shape.hidden_size)
+    return StagePeak("export", [_pruned_weights(shape, job)[0], Part("one tensor gathered", largest * b)],
+                     "rank 0 writes; the pruned model whole only in its host memory")
 
 
 def perplexity_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
-    """The dense baseline (when not cached) is measured on the dense weights (sharded with
-    ``shard_weights``: every rank takes part), the pruned model's on the pruned ones; each batch's
+    """The dense baseline (when not cached) is measured on the dense weights, the pruned model's on
+    the pruned ones (with ``shard_weights`` both sharded, every rank taking part); each batch's
     logits, their contiguous float32 copy (``perplexity.perplexity``) and torchmetrics' softmax are
     vocabulary-sized."""
     p, b = job.perplexity, DTYPE_BYTES[job.dtype]
     tokens = p.batch_size * p.seq_len
-    dense = dense_weights(shape, job)
-    if job.weight_shards > 1 and sum(x.bytes for x in dense) < weights(shape, b, 1 - job.target_ratio):
-        dense = [Part("pruned weights", weights(shape, b, 1 - job.target_ratio))]
+    weights_held = max(dense_weights(shape, job), _pruned_weights(shape, job), key=lambda ps: sum(x.bytes for x in ps))
     return StagePeak("perplexity", [
-        *dense,
+        *weights_held,
         Part("logits", tokens * shape.vocab_size * (b + 2 * 4)),
         Part("forward of one batch", tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size)),
-    ], "the dense baseline first, on the dense weights" + (" (sharded), then the pruned" if job.weight_shards > 1 else ""))
+    ], "the dense baseline first, on the dense weights, then the pruned" + (
+        f" (both sharded over {job.weight_shards})" if job.weight_shards > 1 else ""))
 
 
 def recovery_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
@@ -483,6 +536,8 @@ def plan_memory(shape: ModelShape, job: JobSettings) -> MemoryPlan:
         plan.stages.append(recovery_peak(shape, job))
     if job.perplexity is not None:
         plan.stages.append(perplexity_peak(shape, job))
+    if job.estimation is not None and job.weight_shards > 1:
+        plan.stages.append(export_peak(shape, job))
     for stage in plan.stages:
         stage.parts.append(runtime_part(job))
     return plan

@@ -313,8 +313,7 @@ def refusal(job_plan: JobPlan, limit: float, source: str) -> "InputError":
         keys.append(f"{key} (now {current}{change})")
     keys.append(f"trainer.devices / trainer.num_nodes (now {job.devices} × {job.num_nodes}; more ranks shard the g/g² "
                 "accumulators of estimation, with pruning.init_args.shard_weights the weights of estimation, scoring "
-                "and independent reconstruction, and under FSDP LoRA recovery; the pruned model is whole on every "
-                "rank from slicing to recovery)")
+                "and reconstruction and the pruned model after slicing, and under FSDP LoRA recovery)")
     hint = ("the keys that lower it (each change applied on top of the ones before): " + "; ".join(keys) +
             ". The whole plan: python scripts/memory_plan.py --config CONFIG; "
             f"{CHECK_VARIABLE}=0 skips this check, {DEVICE_GIB_VARIABLE}=N sets one device's GiB")

@@ -139,17 +139,23 @@ def solve_refit(
         return RefitResult(empty, None, 1.0, 1.0, 1.0, damping, None, time.perf_counter() - start)
     diag = stats.gram.diagonal()[: k - 1 if intercept else k]
     scale = diag.mean().clamp_min(1e-12) if len(diag) else torch.tensor(1.0, dtype=torch.float64)
-    eye = torch.eye(k, dtype=torch.float64, device=stats.gram.device)
+    shrunk = torch.ones(k, dtype=torch.float64, device=stats.gram.device)  # the diagonal of λI, not a k×k eye
     if intercept:
-        eye[-1, -1] = 0  # the intercept is not shrunk
+        shrunk[-1] = 0  # the intercept is not shrunk
     fallback, used = None, damping
 
     def pulled(damping: float) -> Tensor:  # W M + λ W_S: the damping's pull toward the original weights
-        return rhs + damping * scale * sliced * eye.diagonal() if prior == "original" else rhs
+        return rhs + damping * scale * sliced * shrunk if prior == "original" else rhs
+
+    def damped(damping: float) -> Tensor:  # G + λI, one k×k copy of G
+        system = stats.gram.clone()
+        system.diagonal().add_(damping * scale * shrunk)
+        return system
 
     for attempt in range(max_retries + 1):
-        system = stats.gram + used * scale * eye
+        system = damped(used)
         factor, info = torch.linalg.cholesky_ex(system)
+        del system  # only the factor is needed from here
         if info.item() == 0:
             refit = torch.cholesky_solve(pulled(used).T, factor).T
             pivots = factor.diagonal().abs()  # cheap condition estimate: an eigen-decomposition per layer costs seconds
@@ -158,7 +164,7 @@ def solve_refit(
         used = max(used * 10, 1e-6)
         fallback = f"damping raised to {used:g}"
     else:
-        system = stats.gram + used * scale * eye
+        system = damped(used)
         refit = pulled(used) @ torch.linalg.pinv(system, hermitian=True)
         fallback = f"pseudo-inverse with damping {used:g}"
         eigenvalues = torch.linalg.eigvalsh(system)
@@ -211,10 +217,12 @@ def dense_grams(projections: dict, run: Callable[[], object], rows: Callable[[],
 
 def sequential_statistics(
     run: Callable[[], object], pruned_block: torch.nn.Module, dense_block: torch.nn.Module, projection: str,
+    rows: Callable[[], int] | None = None,
 ) -> RefitStatistics:
     """Moments for one block (a layer's attention or MLP) whose earlier layers are already pruned
     and refit: the target is the dense block applied to the same (pruned-path) input. ``run``
-    runs the block's layer over every calibration window (a :class:`LayerStream`)."""
+    runs the block's layer over every calibration window (a :class:`LayerStream`); ``rows()``: how
+    many leading windows of the batch being run count (the rest is padding), as in :func:`dense_grams`."""
     pruned_proj, dense_proj = getattr(pruned_block, projection), getattr(dense_block, projection)
     stats = RefitStatistics(dense_proj.in_features, pruned_proj.in_features, pruned_proj.weight.device)
     target: list[Tensor] = []
@@ -225,11 +233,14 @@ def sequential_statistics(
     def keep_target(module, args):
         target.append(args[0])
 
+    def real(x: Tensor) -> Tensor:
+        return x if rows is None else x[:rows()]
+
     def fold(module, args):
-        stats.add(target.pop(), args[0])
+        stats.add(real(target.pop()), real(args[0]))
 
     def fold_nothing_kept(module, args, output):  # a structure pruned to nothing never calls its projection
-        stats.add(target[-1], target.pop()[..., :0])
+        stats.add(real(target[-1]), real(target.pop())[..., :0])
 
     handles = [
         pruned_block.register_forward_pre_hook(run_dense, with_kwargs=True),

@@ -13,10 +13,16 @@ heads, ``down_proj`` of an MLP that lost channels) with :func:`solve_refit`:
   windows' hidden states are carried from layer to layer (:class:`LayerStream`), so it costs
   about three forward passes of the pruned range in all.
 
-With FSDP2-sharded weights (``StructuredPruning.shard_weights``) the dense model is sharded before
-slicing: :class:`Independent` pads every rank's windows to one count (each layer call is a
-collective; the padding is left out of the moments) and gathers each projection's weight for its
-solve; :class:`Sequential`'s dense copies stay sharded until each structure's turn.
+With FSDP2-sharded weights (``StructuredPruning.shard_weights``) the model is sharded before and
+after slicing (:func:`~hywia_lightning.gathered_slicing.sharded_pruned`), and every rank pads its
+windows to one count (each layer call is a collective; the padding is left out of the moments).
+:class:`Independent` gathers each projection's weight for its solve and keeps only this rank's rows
+of each refit until slicing, which gathers them one layer at a time and writes them into the pruned
+layer while it is whole (:meth:`ReconstructionMode.prepare_layer`): so no rank holds every layer's
+refit whole, and the refit needs no parameter FSDP2 did not shard. :class:`Sequential`'s dense
+copies stay sharded until each structure's turn; slicing gives each pruned structure's output
+projection a zero bias where an intercept will be fitted (FSDP2 takes no new parameter later), and
+each refit is written into the pruned shards (:func:`~hywia_lightning.sharded_model.write_full`).
 
 A new mode subclasses :class:`ReconstructionMode` and overrides the two hooks.
 """
@@ -34,7 +40,7 @@ from .layer_stream import LayerStream
 from .plan import PruningPlan, unit_indices
 from .progress import Progress
 from .reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
-from .sharded_model import full_weight, gather_module, has_sharded_weights
+from .sharded_model import full_weight, gather_module, has_sharded_weights, is_sharded, keep_sharded_like, write_full
 from .slicing import record_layer_widths
 from .structures import LayerStructures, decoder_layers, discover_structures
 from .unit_groups import GroupKey, MODULE_NAME
@@ -54,8 +60,16 @@ def pruned_structures(plan: PruningPlan) -> list[GroupKey]:
     return keys
 
 
+PROJECTION = {"attention": "o_proj", "mlp": "down_proj"}  # each structure's refit output projection
+
+
 def output_projection(s: LayerStructures, kind: str) -> nn.Linear:
     return s.attention.o_proj if kind == "attention" else s.mlp.down_proj
+
+
+def layer_projection(layer: nn.Module, kind: str) -> nn.Linear:
+    """A decoder layer's output projection of structure ``kind``."""
+    return getattr(getattr(layer, MODULE_NAME[kind]), PROJECTION[kind])
 
 
 def kept_inputs(s: LayerStructures, plan: PruningPlan, kind: str) -> list[int]:
@@ -65,9 +79,18 @@ def kept_inputs(s: LayerStructures, plan: PruningPlan, kind: str) -> list[int]:
 
 
 def assign(linear: nn.Linear, result: RefitResult) -> None:
-    """Write a refit into a (sliced) projection; an intercept becomes (or adds to) its bias."""
+    """Write a refit into a (sliced) projection; an intercept becomes (or adds to) its bias. Into
+    FSDP2's shards where the projection is sharded (its bias must exist: FSDP2 takes no new one)."""
     if linear.weight.shape != result.weight.shape:
         raise RuntimeError(f"refit weight {tuple(result.weight.shape)} does not fit {tuple(linear.weight.shape)}")
+    if is_sharded(linear.weight):
+        write_full(linear.weight, result.weight)
+        if result.bias is not None:
+            if linear.bias is None:
+                raise RuntimeError("a sharded projection has no bias to take the refit's intercept: slicing gives "
+                                   "it one (ReconstructionMode.prepare_layer)")
+            write_full(linear.bias, result.bias.to(linear.bias.device) + full_weight(linear.bias))
+        return
     with torch.no_grad():
         linear.weight.copy_(result.weight.to(linear.weight.device))
         if result.bias is not None:
@@ -83,6 +106,9 @@ class ReconstructionMode:
 
     def before_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> None:
         """The plan is final and the model still dense."""
+
+    def prepare_layer(self, plan: PruningPlan, index: int, layer: nn.Module) -> None:
+        """Sharded weights only: decoder layer ``index`` is pruned and whole, about to be sharded."""
 
     def after_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> dict[GroupKey, RefitResult]:
         """The model is pruned: refit and assign; returns every structure's result."""
@@ -109,7 +135,7 @@ class Independent(ReconstructionMode):
         structures = discover_structures(model)
         keys = pruned_structures(plan)
         tokens = int(reduce(torch.tensor(float(windows.numel()))).item())
-        self._results = {}
+        self._results, self._assigned = {}, set()
         if not keys:
             return
         sharded = has_sharded_weights(model)
@@ -124,15 +150,29 @@ class Independent(ReconstructionMode):
                 keep = kept_inputs(structures[layer], plan, key.kind)
                 stats = RefitStatistics.from_dense_gram(reduce(grams.pop(key)), reduce(sums.pop(key)), keep, tokens)
                 weight = full_weight(proj.weight)  # gathered where sharded: every rank solves, in the same order
-                self._results[key] = self.solve(weight, weight[:, keep], stats, key)
+                result = self.solve(weight, weight[:, keep], stats, key)
+                if sharded:  # this rank's rows only, until slicing gathers them (prepare_layer)
+                    result.weight = keep_sharded_like(result.weight, proj.weight)
+                    if result.bias is not None:
+                        result.bias = keep_sharded_like(result.bias, proj.weight)
+                self._results[key] = result
                 progress.update()
+
+    def prepare_layer(self, plan, index, layer):
+        for key, result in self._results.items():
+            if key.layer == index:
+                result.weight = full_weight(result.weight)  # a collective: every rank, keys in the same order
+                result.bias = None if result.bias is None else full_weight(result.bias)
+                assign(layer_projection(layer, key.kind), result)
+                self._assigned.add(key)
 
     def after_slicing(self, model, plan, windows, reduce):
         structures = discover_structures(model)
         for key, result in self._results.items():
-            assign(output_projection(structures[key.layer], key.kind), result)
+            if key not in self._assigned:
+                assign(output_projection(structures[key.layer], key.kind), result)
         record_layer_widths(model)
-        results, self._results = self._results, {}
+        results, self._results, self._assigned = self._results, {}, set()
         return results
 
 
@@ -142,22 +182,31 @@ class Sequential(ReconstructionMode):
         self._dense = {key: copy.deepcopy(getattr(layers[key.layer], MODULE_NAME[key.kind]))
                        for key in pruned_structures(plan)}
 
+    def prepare_layer(self, plan, index, layer):
+        for key in pruned_structures(plan):
+            projection = layer_projection(layer, key.kind)
+            if key.layer == index and self.intercept and projection.bias is None:  # zero: the intercept adds to it
+                projection.bias = nn.Parameter(projection.weight.new_zeros(projection.out_features),
+                                               projection.weight.requires_grad)
+
     def after_slicing(self, model, plan, windows, reduce):
         results = {}
         keys = pruned_structures(plan)
         progress = Progress("reconstruction (sequential)", len(keys), unit="structure")
-        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size) if keys else None
+        sharded = has_sharded_weights(model)  # the pruned model's shards: every layer call a collective
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size,
+                             padded_share(windows, reduce) if sharded else None) if keys else None
         for key in keys:
             while stream.next < key.layer:
                 stream.advance()
             dense = gather_module(self._dense.pop(key))  # a copy of a sharded block: gathered for this structure only
             pruned = getattr(decoder_layers(model)[key.layer], MODULE_NAME[key.kind])
-            projection = "o_proj" if key.kind == "attention" else "down_proj"
-            stats = sequential_statistics(stream.run, pruned, dense, projection)
+            projection = PROJECTION[key.kind]
+            stats = sequential_statistics(stream.run, pruned, dense, projection, (lambda: stream.valid) if sharded else None)
             for name in ("target_gram", "cross", "gram", "target_sum", "kept_sum"):
                 setattr(stats, name, reduce(getattr(stats, name)))
             stats.tokens = int(reduce(torch.tensor(float(stats.tokens))).item())
-            result = self.solve(getattr(dense, projection), getattr(pruned, projection).weight, stats, key)
+            result = self.solve(getattr(dense, projection), full_weight(getattr(pruned, projection).weight), stats, key)
             assign(getattr(pruned, projection), result)
             results[key] = result
             progress.update()

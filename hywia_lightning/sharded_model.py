@@ -47,19 +47,51 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     Every unit reshards after its forward, the root too (by default FSDP2 leaves the root's
     embeddings and head whole after a forward, until a backward that a forward-only estimation
     never runs): only one layer's weights are ever whole."""
+    for layer in decoder_layers(model):
+        shard_unit(layer, mesh)
+    return shard_unit(model, mesh)
+
+
+def shard_unit(module: nn.Module, mesh) -> nn.Module:
+    """``fully_shard`` one unit (a decoder layer, or the root last) over ``mesh``, resharded after each forward."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
-    return model
+    return fully_shard(module, mesh=mesh, reshard_after_forward=True)
 
 
 def full_weight(param: Tensor) -> Tensor:
     """``param`` as a whole plain tensor, detached: gathered from every rank's shard where FSDP2
     shards it (a collective), as it is otherwise."""
     with torch.no_grad():
+        if is_sharded(param) and param.numel() == 0:  # a structure pruned to nothing: no rows to gather (FSDP2's
+            return torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)  # empty shards misreport)
         return param.full_tensor() if is_sharded(param) else param.detach()
+
+
+def write_full(param: Tensor, value: Tensor) -> None:
+    """Write the whole tensor ``value`` into ``param`` in place: where FSDP2 shards ``param``, only
+    this rank's rows of it go into its shard (every rank holds the same ``value``; no collective)."""
+    with torch.no_grad():
+        if not is_sharded(param):
+            param.copy_(value.to(param.device))
+            return
+        if param.numel() == 0:
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        mine = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+        param.to_local().copy_(mine.to_local())
+
+
+def keep_sharded_like(value: Tensor, param: Tensor) -> Tensor:
+    """``value`` (whole, the same on every rank) cut to this rank's rows as ``param`` is sharded
+    (a ``DTensor``; :func:`full_weight` gathers it back), or ``value`` itself where ``param`` is whole."""
+    if not is_sharded(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def reshard(model: nn.Module) -> None:

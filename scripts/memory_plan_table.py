@@ -7,8 +7,8 @@ activation checkpointing; weights and accumulators in bfloat16 unless a row says
 Per-rank GiB, the GPU runtime (1 GiB) included. On several GPUs the g/g² accumulators are sharded
 over the ranks (``shard_accumulators``, the default); the last column is the same job with
 ``shard_accumulators: false``, and the column before it the job with ``shard_weights: true``
-(FSDP2 shards the weights for estimation, scoring and the refit; slicing gathers the pruned model
-on every rank). Without it the weights stay whole on every rank until recovery.
+(FSDP2 shards the dense and then the pruned weights for every stage up to the export; such a job
+recovers its export in a second job). Without it the weights stay whole on every rank until recovery.
 
     python scripts/memory_plan_table.py
 """

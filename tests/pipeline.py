@@ -44,9 +44,9 @@ def run_fit(config: dict, workdir: Path) -> HywiaCLI:
     return HywiaCLI(args=["fit", "--config", str(path)])
 
 
-def run_two_processes(config: dict, tmp_path: Path) -> None:
-    """``python main.py fit`` of ``config`` under DDP with 2 CPU processes."""
-    config["trainer"].update(strategy="ddp", devices=2)
+def run_two_processes(config: dict, tmp_path: Path, strategy: str | dict = "ddp") -> None:
+    """``python main.py fit`` of ``config`` under ``strategy`` (DDP) with 2 CPU processes."""
+    config["trainer"].update(strategy=strategy, devices=2)
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
