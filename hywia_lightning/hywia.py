@@ -12,7 +12,7 @@ Every scheme scores every group; the scores are normalized (standardized logs, s
 - ``compensated``: per group, the blend (on a grid over the simplex, ``grid`` steps per weight)
   whose kept units, at the widths the allocation gives, leave the least output error after the
   least-squares refit (:func:`~hywia_lightning.compensation.compensated_error`): the blend is
-  judged by the layer the refit will make of it, at a few Cholesky solves per candidate.
+  judged by the layer the refit will make of it, at a few Cholesky solves per candidate; each group's chosen and uniform errors go to the report.
 
 It is a :class:`~hywia_lightning.granularities.Granularity`, so it goes wherever one can
 (``granularity: {class_path: hywia_lightning.HyWIA, ...}``).
@@ -146,17 +146,18 @@ class HyWIA(Granularity):
         scored = self.scheme_scores(groups)
         keys, fused_groups = list(scored), list(scored.values())
         start = time.perf_counter()
+        extra: dict = {"training": None}
         if self.mode == "learned":
-            weights, training = self.learn_weights(keys, fused_groups, context)
+            weights, extra["training"] = self.learn_weights(keys, fused_groups, context)
         elif self.mode == "compensated":
-            weights, training = self.compensated_weights(groups, scored, context)
+            weights, extra["refit_error"] = self.compensated_weights(groups, scored, context)
         else:
-            weights, training = self.rule_weights(fused_groups), None
+            weights = self.rule_weights(fused_groups)
         self._record = {
             "mode": self.mode,
             "schemes": [s.name for s in self.schemes],
             "weights": {fg.name: [round(float(w), 6) for w in weights[i]] for i, fg in enumerate(fused_groups)},
-            "training": training,
+            **extra,
             "seconds": round(time.perf_counter() - start, 3),
         }
         self._raw = {s.name: {fg.name: fg.raw[i] for fg in fused_groups} for i, s in enumerate(self.schemes)}
@@ -227,7 +228,7 @@ class HyWIA(Granularity):
             best = min(range(len(candidates)), key=lambda i: (costs[i], i))  # ties: the earlier candidate
             chosen[group.key] = candidates[best]
             errors[fg.name] = {"chosen": float(f"{costs[best]:.6g}"), "uniform": float(f"{costs[0]:.6g}")}
-        return torch.stack([chosen[key] for key in scored]), {"refit_error": errors, "candidates": len(candidates)}
+        return torch.stack([chosen[key] for key in scored]), errors
 
 
 def simplex_grid(schemes: int, steps: int) -> list[Tensor]:

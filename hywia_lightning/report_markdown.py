@@ -184,6 +184,11 @@ def _fusion(s: dict) -> list[str]:
     if training:
         lines += [f"Fusion training: {training['epochs_run']} epochs, best held-out loss "
                   f"{_num(training['best_held_out_loss'], 4)}, weights moved by up to {_num(training['weights_moved'], 3)}.", ""]
+    refit = fusion.get("refit_error")
+    if refit:
+        chosen, uniform = sum(e["chosen"] for e in refit.values()), sum(e["uniform"] for e in refit.values())
+        lines += [f"Compensated fusion: the chosen blends leave {_num(chosen, 4)} of output error after the refit, "
+                  f"summed over {len(refit)} groups, against {_num(uniform, 4)} for the uniform blend.", ""]
     return lines
 
 
