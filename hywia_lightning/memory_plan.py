@@ -264,10 +264,10 @@ def estimation_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
         parts.append(Part("per-window gradient", _largest(shape, e) * transient))
         if shards > 1:  # sharded: the batch's local g/g² of one Linear until it is reduce-scattered
             parts.append(Part("batch sums of one Linear", _copies(e) * _largest(shape, e) * a))
-    else:  # forward passes only: one layer's outputs at a time and the logits
+    else:  # forward passes only: one layer's outputs at a time and the logits (in the model dtype: no loss is taken)
         tokens = e.batch_size * e.seq_len
-        parts.append(Part("activations", tokens * (b * (3 * shape.intermediate_size + 4 * shape.hidden_size)
-                                                    + (b + 4) * shape.vocab_size)))
+        parts.append(Part("activations", tokens * b * (3 * shape.intermediate_size + 4 * shape.hidden_size
+                                                       + shape.vocab_size)))
     return StagePeak("estimation", parts, _held(job) + (f", g/g² sharded over {shards}" if shards > 1 else ""))
 
 
