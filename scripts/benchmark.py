@@ -100,6 +100,7 @@ ABLATION_ROWS = {
     "wanda_default": "wanda alone",
     "obs_default": "obs alone (greedy structured OBS: the error the refit leaves)",
     "hywia_default_compensated": "HyWIA compensated fusion (wanda + fluctuation + obs, per group the blend the refit recovers best)",
+    "hywia_default_compensated_pair": "HyWIA compensated fusion of wanda + fluctuation alone",
     "hywia_default_global": "widths: global (FLAP's standardized ranking)",
     "hywia_default_nointercept": "refit without intercept",
     "hywia_default_independent": "refit independent (every layer on dense inputs)",

@@ -54,6 +54,9 @@ def variants(recon: dict) -> dict:
         # per group, the blend of the forward-only schemes that the refit recovers best
         "compensated": ("HybridPruning", {"schemes": ["wanda", "fluctuation", "obs"], "mode": "compensated", "grid": 4,
                                           "allocation": "uniform"}, recon),
+        # the same objective over the two schemes that measured best at 20% (wanda) and at 50% (fluctuation)
+        "compensated_pair": ("HybridPruning", {"schemes": ["wanda", "fluctuation"], "mode": "compensated", "grid": 4,
+                                               "allocation": "uniform"}, recon),
         "global": ("StructuredPruning", {**DEFAULT, "allocation": GLOBAL}, recon),
         "nointercept": ("StructuredPruning", DEFAULT, {**recon, "intercept": False}),
         "independent": ("StructuredPruning", DEFAULT, {**recon, "mode": "independent"}),
