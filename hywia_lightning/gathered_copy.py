@@ -16,7 +16,7 @@ import copy
 import torch
 from transformers import PreTrainedModel
 
-from .gathered_slicing import plain_class
+from .gathered_slicing import finish_gathered, plain_skeleton
 from .modeling_pruned import apply_layer_widths
 from .sharded_model import full_weight
 
@@ -26,24 +26,16 @@ def gathered_copy(model: PreTrainedModel, receive: bool, device: str | torch.dev
     call it: every tensor of its state is gathered, in the same order on every rank."""
     plain = None
     if receive:
-        config = copy.deepcopy(model.config)
+        plain = plain_skeleton(model, buffers_to=device)
         with torch.device("meta"):
-            plain = plain_class(model)(config)  # the class save_pretrained names in the config
             apply_layer_widths(plain)
         plain.generation_config = copy.deepcopy(model.generation_config)
-        for name, buffer in model.named_buffers():  # FSDP2 shards no buffer
-            owner, _, leaf = name.rpartition(".")
-            plain.get_submodule(owner)._buffers[leaf] = buffer.detach().to(device, copy=True)
     for name, tensor in model.state_dict().items():
         whole = full_weight(tensor)
         if plain is not None:
             plain.load_state_dict({name: whole.to(device)}, strict=False, assign=True)
         del whole
     if plain is not None:
-        if plain.config.tie_word_embeddings:
-            plain.tie_weights()
-        missing = [n for n, p in [*plain.named_parameters(), *plain.named_buffers()] if p.is_meta]
-        if missing:
-            raise RuntimeError(f"gathering the sharded model left {missing} without values")
+        finish_gathered(plain)
         plain.eval()
     return plain

@@ -34,7 +34,7 @@ from .slicing import apply_plan, record_layer_widths
 from .structures import decoder_layers
 
 
-def plain_class(model: nn.Module) -> type:
+def _plain_class(model: nn.Module) -> type:
     """The model's own class: FSDP2 makes the module an instance of ``FSDP<class>``."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -43,6 +43,27 @@ def plain_class(model: nn.Module) -> type:
 
 def _layer_of(name: str, prefixes: dict[str, int]) -> int | None:
     return next((i for prefix, i in prefixes.items() if name.startswith(prefix)), None)
+
+
+def plain_skeleton(model: PreTrainedModel, buffers_to: str | torch.device | None = None) -> PreTrainedModel:
+    """The model's own class built without memory (``meta``) from a copy of its config, holding
+    copies of its buffers (on ``buffers_to``, default where they are): FSDP2 shards no buffer, and
+    the rotary frequencies are not in the state dict that fills the rest."""
+    with torch.device("meta"):
+        plain = _plain_class(model)(copy.deepcopy(model.config))
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer.detach().to(buffers_to or buffer.device, copy=True)
+    return plain
+
+
+def finish_gathered(plain: PreTrainedModel) -> None:
+    """Tie the head to the embedding again and refuse a copy that some tensor never reached."""
+    if plain.config.tie_word_embeddings:
+        plain.tie_weights()  # the head is the embedding: one tensor again, as in the model
+    missing = [n for n, p in [*plain.named_parameters(), *plain.named_buffers()] if p.is_meta]
+    if missing:
+        raise RuntimeError(f"gathering the sharded model left {missing} without values")
 
 
 LayerDone = Callable[[int, nn.Module], None]  # (index, the decoder layer just pruned, whole)
@@ -56,13 +77,7 @@ def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool,
     layers = {id(layer): i for i, layer in enumerate(decoder_layers(model))}
     prefixes = {f"{name}.": layers[id(m)] for name, m in model.named_modules() if id(m) in layers}
     state = model.state_dict()  # the ranks' shards, keyed in the same order everywhere: nothing gathered yet
-    plain = None
-    if receive:
-        with torch.device("meta"):
-            plain = plain_class(model)(copy.deepcopy(model.config))
-        for name, buffer in model.named_buffers():  # FSDP2 shards no buffer (rotary frequencies are not in the state)
-            owner, _, leaf = name.rpartition(".")
-            plain.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
+    plain = plain_skeleton(model) if receive else None
     for layer, names in groupby(state, key=lambda name: _layer_of(name, prefixes)):
         part = {name: full_weight(state[name]) for name in names}
         if plain is None:
@@ -73,11 +88,7 @@ def gathered_pruned(model: PreTrainedModel, plan: PruningPlan, receive: bool,
         if layer is not None and layer_done is not None:
             layer_done(layer, decoder_layers(plain)[layer])
     if plain is not None:
-        if plain.config.tie_word_embeddings:
-            plain.tie_weights()  # the head is the embedding: one tensor again, as in the model
-        missing = [n for n, p in [*plain.named_parameters(), *plain.named_buffers()] if p.is_meta]
-        if missing:
-            raise RuntimeError(f"gathering the sharded model left {missing} without values")
+        finish_gathered(plain)
         record_layer_widths(plain)  # every layer's widths in the config, as apply_plan writes them
     return plain
 

@@ -12,7 +12,8 @@ Every scheme scores every group; the scores are normalized (standardized logs, s
 - ``compensated``: per group, the blend (on a grid over the simplex, ``grid`` steps per weight)
   whose kept units, at the widths the allocation gives, leave the least output error after the
   least-squares refit (:func:`~hywia_lightning.compensation.compensated_error`): the blend is
-  judged by the layer the refit will make of it, at a few Cholesky solves per candidate; each group's chosen and uniform errors go to the report.
+  judged by the layer the refit will make of it, at a few Cholesky solves per candidate; each
+  group's chosen and uniform errors go to the report.
 
 It is a :class:`~hywia_lightning.granularities.Granularity`, so it goes wherever one can
 (``granularity: {class_path: hywia_lightning.HyWIA, ...}``).
@@ -28,9 +29,9 @@ import torch
 from jsonargparse.typing import PositiveInt
 from torch import Tensor
 
+from .compensation import compensated_error, damped
 from .fusion import FusionAttention, GroupScores, fuse, standardize_across_groups
 from .fusion_training import FusionTraining, MaskTarget
-from .compensation import compensated_error, damped
 from .granularities import Granularity, check_scores, make_granularity
 from .plan import kept_output_columns
 from .scoring import ScoringContext
@@ -201,7 +202,6 @@ class HyWIA(Granularity):
             "weights_moved": float((weights - initial.double()).abs().max()),
         }
 
-
     def compensated_weights(
         self, groups: Sequence[UnitGroup], scored: dict[GroupKey, GroupScores], context: ScoringContext
     ) -> tuple[Tensor, dict]:
@@ -216,7 +216,8 @@ class HyWIA(Granularity):
             if group.output_covariance is None:
                 raise ValueError(f"mode='compensated' needs output_gram statistics, but {group.name} has none")
             n = group.output_covariance.shape[0]
-            weight_t, h = group.weights[group.output_member].reshape(n, -1), damped(group.output_covariance, self.damping)
+            weight_t = group.weights[group.output_member].reshape(n, -1)  # [in, out]: Wᵀ
+            h = damped(group.output_covariance, self.damping)
             error_of: dict[tuple[int, ...], float] = {}  # candidates that keep the same units cost one solve
             costs = []
             for candidate in candidates:

@@ -132,7 +132,8 @@ def prunable_linears(layers: list[LayerStructures], attention_unit: str) -> list
 
 def output_projections(layers: list[LayerStructures], attention_unit: str) -> list[nn.Linear]:
     """The projections whose input features are the units (what a unit writes back)."""
-    return [proj for s in layers for proj in ([s.attention.o_proj] if attention_unit != "none" else []) + [s.mlp.down_proj]]
+    attention = [s.attention.o_proj for s in layers] if attention_unit != "none" else []
+    return attention + [s.mlp.down_proj for s in layers]
 
 
 def _owner(param: nn.Parameter, linears: dict[int, nn.Linear]) -> nn.Linear | None:

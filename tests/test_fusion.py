@@ -180,7 +180,8 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
         errors = {}
         for blend in ((0.5, 0.5), (1.0, 0.0), (0.0, 1.0)):
             scores = fuse(torch.tensor(blend, dtype=torch.float64), scored[group.key].normalized)
-            keep = kept_output_columns(group.key, scores, by_layer[group.layer], result.widths[group.layer], "query_heads")
+            s = by_layer[group.layer]
+            keep = kept_output_columns(group.key, scores, s, result.widths[group.layer], "query_heads")
             errors[blend] = compensated_error(weight_t, h, keep)
         assert record[group.name]["chosen"] == pytest.approx(min(errors.values()), rel=1e-5)
         assert record[group.name]["uniform"] == pytest.approx(errors[(0.5, 0.5)], rel=1e-5)
