@@ -30,15 +30,16 @@ log = logging.getLogger(__name__)
 
 class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
     def __init__(
-        self, mode: Literal["independent", "sequential"] = "independent", damping: float = 0.01,
+        self, mode: Literal["independent", "sequential"] = "independent", damping: float | list[float] = 0.01,
         intercept: bool = False, prior: Literal["zero", "original"] = "zero", batch_size: PositiveInt = 1,
-        calibration: CalibrationData | None = None,
+        calibration: CalibrationData | None = None, folds: PositiveInt = 4,
     ) -> None:
         """
         Args:
             mode: ``independent`` or ``sequential`` (see :mod:`hywia_lightning.reconstruction_modes`).
             damping: λ relative to the mean diagonal of ``X Xᵀ``; raised (and logged) where the
-                system is not positive definite.
+                system is not positive definite. A list: candidates, one chosen per structure by
+                held-out windows (``sequential`` mode; see :func:`hywia_lightning.reconstruction.choose_damping`).
             intercept: also fit a bias of each refit projection (FLAP's bias compensation as a
                 special case); the export carries it.
             prior: what the damping pulls the refit toward: ``zero`` (ridge) or ``original``, the
@@ -48,13 +49,15 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                 of one layer).
             calibration: windows for the refit (their count is independent of the estimation's);
                 ``None`` uses the job's ``data``.
+            folds: with a list of dampings, the windows' folds (window ``i`` in fold ``i % folds``):
+                each candidate is solved without one fold and judged on it.
         """
         if mode not in RECONSTRUCTION_MODES:
             raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(RECONSTRUCTION_MODES)}")
-        check_refit_settings(damping, prior)
+        check_refit_settings(damping, prior, folds)
         self.mode, self.damping, self.intercept, self.calibration = mode, damping, intercept, calibration
-        self.batch_size, self.prior = batch_size, prior
-        self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept, batch_size, prior)
+        self.batch_size, self.prior, self.folds = batch_size, prior, folds
+        self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept, batch_size, prior, folds)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pruning = [c for c in trainer.callbacks if isinstance(c, StructuredPruning)]
@@ -62,6 +65,10 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             raise ValueError("LeastSquaresReconstruction refits pruned layers: add callbacks.StructuredPruning to trainer.callbacks")
         if all(c.plan is not None for c in pruning):
             return  # resumed from a checkpoint: the refit weights are in it, no window is needed
+        windows = calibration_for("LeastSquaresReconstruction", self.calibration, trainer).num_windows
+        if isinstance(self.damping, list) and windows < self.folds:
+            raise ValueError(f"reconstruction.folds={self.folds} folds of {windows} calibration windows leave a "
+                             f"fold empty: lower folds to at most {windows} or give more windows")
         checked_calibration("LeastSquaresReconstruction", self.calibration, trainer, pl_module)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -72,6 +79,11 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         return calibration_for("LeastSquaresReconstruction", self.calibration, trainer).windows()[
             trainer.global_rank :: trainer.world_size
         ]
+
+    @staticmethod
+    def window_ids(trainer: Trainer, windows: torch.Tensor) -> torch.Tensor:
+        """The ids of this rank's share among every rank's windows: the folds are the same on any number of ranks."""
+        return torch.arange(len(windows)) * trainer.world_size + trainer.global_rank
 
     @staticmethod
     def reduce(trainer: Trainer):
@@ -90,15 +102,19 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
 
     def on_after_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
         with pl_module.report.stage("reconstruction"):
-            results = self.strategy.after_slicing(pl_module.model, plan, self.windows(trainer), self.reduce(trainer))
+            windows = self.windows(trainer)
+            results = self.strategy.after_slicing(pl_module.model, plan, windows, self.reduce(trainer),
+                                                  self.window_ids(trainer, windows))
         errors = [(r.error_before, r.error_after) for r in results.values()]
         mean_before, mean_after = (sum(x) / len(errors) for x in zip(*errors)) if errors else (0.0, 0.0)
         pl_module.report.record("reconstruction", {
             "mode": self.mode, "damping": self.damping, "intercept": self.intercept, "prior": self.prior,
+            **({"folds": self.folds} if isinstance(self.damping, list) else {}),
             "mean_error_before": mean_before, "mean_error_after": mean_after,
             "layers": {
                 str(key): {"error_before": r.error_before, "error_after": r.error_after, "condition": r.condition,
-                           "damping": r.damping, "fallback": r.fallback, "seconds": round(r.seconds, 4)}
+                           "damping": r.damping, "fallback": r.fallback, "seconds": round(r.seconds, 4),
+                           **({"heldout_error": {str(d): e for d, e in r.heldout.items()}} if r.heldout else {})}
                 for key, r in sorted(results.items())
             },
         })

@@ -16,7 +16,9 @@ passes of the pruned range in all instead of one forward pass per layer.
 Where FSDP2 shards the weights, every call of a layer is a collective: every rank must make the
 same calls with the same batch sizes. ``pad_to`` appends copies of the first window up to that
 many windows (every rank the same count); :attr:`LayerStream.valid` says how many leading windows
-of the batch being run are real, so that a statistic leaves the padding out.
+of the batch being run are real, so that a statistic leaves the padding out, and
+:attr:`LayerStream.batch_ids` their ids (``ids``, default 0, 1, ...; −1 for padding), so that a
+statistic can split the windows into folds the same way on any number of ranks.
 """
 
 from __future__ import annotations
@@ -53,13 +55,18 @@ class LayerStream:
     ``batch_size`` windows per call of a layer."""
 
     def __init__(self, model: nn.Module, windows: Tensor, first: int, last: int, batch_size: int = 1,
-                 pad_to: int | None = None) -> None:
+                 pad_to: int | None = None, ids: Tensor | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1 (windows per call of a layer)")
         windows = windows.reshape(-1, windows.shape[-1])
         self.real, self.batch_size, self.valid = len(windows), batch_size, batch_size
+        self.ids = torch.arange(len(windows)) if ids is None else torch.as_tensor(ids, dtype=torch.long)
+        if len(self.ids) != len(windows):
+            raise ValueError(f"ids has {len(self.ids)} entries for {len(windows)} windows")
         if pad_to is not None and pad_to > len(windows):
             windows = torch.cat([windows, windows[:1].expand(pad_to - len(windows), -1)])
+            self.ids = torch.cat([self.ids, self.ids.new_full((pad_to - len(self.ids),), -1)])
+        self.batch_ids = self.ids[:batch_size]
         layers = decoder_layers(model)
         self.layers = {i: layers[i] for i in range(first, last + 1)}
         self.next = first
@@ -94,6 +101,7 @@ class LayerStream:
         with torch.no_grad():
             for b, hidden in enumerate(self.hidden):
                 self.valid = min(max(self.real - b * self.batch_size, 0), len(hidden))
+                self.batch_ids = self.ids[b * self.batch_size : b * self.batch_size + len(hidden)]
                 args, kwargs = self.arguments.get((self.next, len(hidden)), ((), {}))
                 output = layer(hidden, *args, **kwargs)
                 yield output[0] if isinstance(output, tuple) else output

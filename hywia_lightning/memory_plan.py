@@ -54,6 +54,7 @@ class ReconstructionSettings:
     seq_len: int = 128
     num_windows: int = 32                        # over all ranks (each caches its share's hidden states)
     batch_size: int = 1                          # windows per call of a layer
+    folds: int = 1                               # a damping chosen by held-out windows: one set of moments per fold
 
 
 @dataclass(frozen=True)
@@ -406,7 +407,10 @@ def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
                       Part("one dense structure gathered", _largest_layer(shape) * b)]
         else:
             parts.append(Part("dense copy of the pruned blocks", dense))
-        parts += [Part("one structure's moments", 8 * 3 * n * n + 12 * n * n),
+        moments = 8 * 3 * n * n
+        if r.folds > 1:  # per fold; their total; one fold's held-out and training moments (with the intercept's row)
+            parts.append(Part(f"one structure's moments in {r.folds} folds and their total", (r.folds + 3) * moments))
+        parts += [Part("one structure's moments", moments + 12 * n * n),
                   Part("cached hidden states", hidden),
                   Part("forward of one batch through one layer", 2 * layer_forward), solve]
         return StagePeak("reconstruction", parts, "sequential: one structure's moments at a time")

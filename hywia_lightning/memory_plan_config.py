@@ -183,7 +183,8 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
             reconstruction = ReconstructionSettings(refit.get("mode") or "independent",
                                                     int(_get(refit_data, "seq_len", default=128)),
                                                     int(_get(refit_data, "num_windows", default=32)),
-                                                    int(refit.get("batch_size") or 1))
+                                                    int(refit.get("batch_size") or 1),
+                                                    int(refit.get("folds") or 4) if isinstance(refit.get("damping"), list) else 1)
     ppl = _stage(config, "perplexity", "PerplexityEvaluation")
     perplexity = EvaluationSettings(int(ppl.get("batch_size") or 8), int(ppl.get("seq_len") or 128)) if ppl is not None else None
     recovery = None

@@ -21,6 +21,15 @@ that bias.
 inputs per row let the plain refit fit the calibration text's domain; anchored on the weights the
 model was trained to have, the damping trades that fit against staying the model it was, and a
 large damping leaves the weights and refits only the bias (FLAP's compensation).
+
+``damping`` may also be a list of candidates, chosen per projection by held-out windows
+(:func:`choose_damping`): the windows are split into folds, the refit is solved for each candidate on
+all folds but one and its output error measured on the one left out, and the candidate with the
+least held-out error over all folds is solved on every window. Why: how much a projection's refit
+overfits its calibration tokens depends on its width and on how much it lost, so one damping for
+every layer is either too weak for the widest or too strong for the narrowest; held-out windows
+measure it without any data but the calibration's. The moments are sums, so each fold's training
+moments are the total minus the fold's: one pass over the windows, the moments held once per fold.
 """
 
 from __future__ import annotations
@@ -28,20 +37,29 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 PRIORS = ("zero", "original")  # what the damping pulls the refit toward
+MOMENTS = ("target_gram", "cross", "gram", "target_sum", "kept_sum")  # RefitStatistics' summed tensors
 
 
-def check_refit_settings(damping: float, prior: str) -> None:
-    """Refuse a damping that is not a number >= 0 and an unknown ``prior`` (the callback, before any
-    work, and :func:`solve_refit` share this)."""
-    if not damping >= 0:
-        raise ValueError(f"damping={damping} must be >= 0 (relative to the mean diagonal of X Xᵀ)")
+def check_refit_settings(damping: float | Sequence[float], prior: str, folds: int = 1) -> None:
+    """Refuse a damping that is not a number >= 0 (or a list of two or more), a ``folds`` that cannot
+    hold out a window, and an unknown ``prior`` (the callback, before any work, and :func:`solve_refit`
+    share this)."""
+    candidates = list(damping) if isinstance(damping, (list, tuple)) else [damping]
+    if isinstance(damping, (list, tuple)) and len(candidates) < 2:
+        raise ValueError(f"damping={list(damping)}: a list holds the candidates to choose from by held-out windows, "
+                         "at least two; give one number for a fixed damping")
+    if not all(value >= 0 for value in candidates):
+        which = "every value, " if len(candidates) > 1 else ""
+        raise ValueError(f"damping={damping} must be >= 0 ({which}relative to the mean diagonal of X Xᵀ)")
+    if len(candidates) > 1 and folds < 2:
+        raise ValueError(f"folds={folds}: choosing the damping from {candidates} needs at least 2 folds of windows")
     if prior not in PRIORS:
         raise ValueError(f"prior={prior!r} is unknown; allowed: {', '.join(PRIORS)}")
 
@@ -67,6 +85,23 @@ class RefitStatistics:
         self.target_sum += t.sum(0).double()
         self.kept_sum += p.sum(0).double()
         self.tokens += t.shape[0]
+
+    @classmethod
+    def total(cls, parts: Sequence["RefitStatistics"]) -> "RefitStatistics":
+        """The moments of every part's tokens together."""
+        stats = cls.__new__(cls)
+        for name in MOMENTS:
+            setattr(stats, name, sum(getattr(p, name) for p in parts[1:]) + getattr(parts[0], name))
+        stats.tokens = sum(p.tokens for p in parts)
+        return stats
+
+    def minus(self, part: "RefitStatistics") -> "RefitStatistics":
+        """The moments of these tokens but ``part``'s (a subset of them): the training moments of a fold."""
+        stats = RefitStatistics.__new__(RefitStatistics)
+        for name in MOMENTS:
+            setattr(stats, name, getattr(self, name) - getattr(part, name))
+        stats.tokens = self.tokens - part.tokens
+        return stats
 
     @classmethod
     def from_dense_gram(cls, gram: Tensor, total: Tensor, keep: list[int], tokens: int) -> "RefitStatistics":
@@ -100,24 +135,31 @@ class RefitResult:
     damping: float            # the relative damping finally used
     fallback: str | None      # what was done when the damped system was not positive definite
     seconds: float
+    heldout: dict[float, float] | None = None  # a chosen damping: each candidate's held-out relative error
 
 
-def _relative_error(weight: Tensor, candidate: Tensor, stats: RefitStatistics, target_energy: Tensor) -> float:
-    # ||W X_t − V X_p||² = tr(W Σ_t Wᵀ) − 2 tr(V Mᵀ Wᵀ) + tr(V G Vᵀ)
+def _residual(weight: Tensor, candidate: Tensor, stats: RefitStatistics) -> tuple[Tensor, Tensor]:
+    """``||W X_t − V X_p||²`` and ``||W X_t||²`` from the moments:
+    ``tr(W Σ_t Wᵀ) − 2 tr(V Mᵀ Wᵀ) + tr(V G Vᵀ)``."""
+    target_energy = (weight @ stats.target_gram * weight).sum()
     residual = target_energy - 2 * (candidate * (weight @ stats.cross)).sum() + (candidate @ stats.gram * candidate).sum()
-    return (residual.clamp_min(0) / target_energy.clamp_min(1e-300)).item()
+    return residual.clamp_min(0), target_energy
 
 
-def solve_refit(
-    dense_weight: Tensor, sliced_weight: Tensor, stats: RefitStatistics, damping: float, name: str = "projection",
-    max_retries: int = 6, intercept: bool = False, prior: str = "zero",
-) -> RefitResult:
-    """Closed-form damped least squares, by Cholesky; when the damped system is not positive
-    definite the damping grows tenfold per retry, and a pseudo-inverse is the last resort (logged).
-    With ``intercept`` a bias is fitted too (the sliced weight's own bias counts as zero); the
-    damping pulls toward ``prior`` (``zero`` or the ``original`` sliced weight)."""
-    start = time.perf_counter()
-    check_refit_settings(damping, prior)
+def _relative_error(weight: Tensor, candidate: Tensor, stats: RefitStatistics) -> float:
+    residual, target_energy = _residual(weight, candidate, stats)
+    return (residual / target_energy.clamp_min(1e-300)).item()
+
+
+@dataclass
+class _Fit:
+    refit: Tensor             # out × k (with an intercept: its last column is the bias), float64
+    damping: float
+    fallback: str | None
+    condition: float
+
+
+def _checked(stats: RefitStatistics, intercept: bool, name: str) -> RefitStatistics:
     if intercept:
         stats = stats.with_intercept()
     if stats.tokens == 0:
@@ -128,15 +170,15 @@ def solve_refit(
                 f"the calibration activations of {name} contain NaN or infinity: the model or its calibration "
                 "data is broken; reconstruction cannot proceed"
             )
-    w = dense_weight.detach().to(stats.gram.device, torch.float64)
+    return stats
+
+
+def _fit(w: Tensor, sliced: Tensor, stats: RefitStatistics, damping: float, intercept: bool, prior: str,
+         max_retries: int = 6) -> _Fit:
+    """The damped least squares of float64 ``w`` (dense) on ``stats`` (with the intercept's row when
+    ``intercept``), ``sliced`` the pulled-toward weights (with the intercept's column)."""
     rhs = w @ stats.cross  # out × k: W M
-    sliced = sliced_weight.detach().to(stats.gram.device, torch.float64)
-    if intercept:
-        sliced = torch.cat([sliced, sliced.new_zeros(len(sliced), 1)], 1)
     k = stats.gram.shape[0]
-    if k == 0:  # nothing kept and no intercept: the structure's output is gone
-        empty = dense_weight.new_zeros(dense_weight.shape[0], 0)
-        return RefitResult(empty, None, 1.0, 1.0, 1.0, damping, None, time.perf_counter() - start)
     diag = stats.gram.diagonal()[: k - 1 if intercept else k]
     scale = diag.mean().clamp_min(1e-12) if len(diag) else torch.tensor(1.0, dtype=torch.float64)
     shrunk = torch.ones(k, dtype=torch.float64, device=stats.gram.device)  # the diagonal of λI, not a k×k eye
@@ -159,34 +201,86 @@ def solve_refit(
         if info.item() == 0:
             refit = torch.cholesky_solve(pulled(used).T, factor).T
             pivots = factor.diagonal().abs()  # cheap condition estimate: an eigen-decomposition per layer costs seconds
-            condition = (pivots.max() / pivots.min().clamp_min(1e-300)).pow(2).item()
-            break
+            return _Fit(refit, used, fallback, (pivots.max() / pivots.min().clamp_min(1e-300)).pow(2).item())
         used = max(used * 10, 1e-6)
         fallback = f"damping raised to {used:g}"
-    else:
-        system = damped(used)
-        refit = pulled(used) @ torch.linalg.pinv(system, hermitian=True)
-        fallback = f"pseudo-inverse with damping {used:g}"
-        eigenvalues = torch.linalg.eigvalsh(system)
-        condition = (eigenvalues[-1] / eigenvalues[0].clamp_min(1e-300)).item()
-    if fallback:
-        log.warning("reconstruction of %s: the damped system was not positive definite; %s", name, fallback)
-    target_energy = (w @ stats.target_gram * w).sum()
-    error_before = _relative_error(w, sliced, stats, target_energy)
-    error_after = _relative_error(w, refit, stats, target_energy)
-    bias = None
+    system = damped(used)
+    refit = pulled(used) @ torch.linalg.pinv(system, hermitian=True)
+    eigenvalues = torch.linalg.eigvalsh(system)
+    return _Fit(refit, used, f"pseudo-inverse with damping {used:g}", (eigenvalues[-1] / eigenvalues[0].clamp_min(1e-300)).item())
+
+
+def _float64(dense_weight: Tensor, sliced_weight: Tensor, device: torch.device, intercept: bool) -> tuple[Tensor, Tensor]:
+    w = dense_weight.detach().to(device, torch.float64)
+    sliced = sliced_weight.detach().to(device, torch.float64)
     if intercept:
-        refit, bias = refit[:, :-1], refit[:, -1]
+        sliced = torch.cat([sliced, sliced.new_zeros(len(sliced), 1)], 1)
+    return w, sliced
+
+
+def solve_refit(
+    dense_weight: Tensor, sliced_weight: Tensor, stats: RefitStatistics, damping: float, name: str = "projection",
+    max_retries: int = 6, intercept: bool = False, prior: str = "zero",
+) -> RefitResult:
+    """Closed-form damped least squares, by Cholesky; when the damped system is not positive
+    definite the damping grows tenfold per retry, and a pseudo-inverse is the last resort (logged).
+    With ``intercept`` a bias is fitted too (the sliced weight's own bias counts as zero); the
+    damping pulls toward ``prior`` (``zero`` or the ``original`` sliced weight)."""
+    start = time.perf_counter()
+    check_refit_settings(damping, prior)
+    stats = _checked(stats, intercept, name)
+    if stats.gram.shape[0] == 0:  # nothing kept and no intercept: the structure's output is gone
+        empty = dense_weight.new_zeros(dense_weight.shape[0], 0)
+        return RefitResult(empty, None, 1.0, 1.0, 1.0, damping, None, time.perf_counter() - start)
+    w, sliced = _float64(dense_weight, sliced_weight, stats.gram.device, intercept)
+    fit = _fit(w, sliced, stats, damping, intercept, prior, max_retries)
+    if fit.fallback:
+        log.warning("reconstruction of %s: the damped system was not positive definite; %s", name, fit.fallback)
+    error_before = _relative_error(w, sliced, stats)
+    error_after = _relative_error(w, fit.refit, stats)
+    refit, bias = (fit.refit[:, :-1], fit.refit[:, -1]) if intercept else (fit.refit, None)
     return RefitResult(
         weight=refit.to(dense_weight.dtype),
         bias=None if bias is None else bias.to(dense_weight.dtype),
         error_before=error_before,
         error_after=error_after,
-        condition=condition,
-        damping=used,
-        fallback=fallback,
+        condition=fit.condition,
+        damping=fit.damping,
+        fallback=fit.fallback,
         seconds=time.perf_counter() - start,
     )
+
+
+def choose_damping(
+    dense_weight: Tensor, sliced_weight: Tensor, folds: Sequence[RefitStatistics], candidates: Sequence[float],
+    name: str = "projection", intercept: bool = False, prior: str = "zero",
+) -> RefitResult:
+    """The refit on every fold's tokens with the candidate damping whose refits, each solved without
+    one fold, leave the least output error on the fold left out (summed over folds, relative to
+    the target's energy there); ties go to the larger damping (the model as it was). The result's
+    ``heldout`` holds each candidate's held-out error."""
+    start = time.perf_counter()
+    check_refit_settings(list(candidates), prior, len(folds))
+    total = RefitStatistics.total(folds)
+    whole = _checked(total, intercept, name)
+    if whole.gram.shape[0] == 0:
+        return solve_refit(dense_weight, sliced_weight, total, max(candidates), name, intercept=intercept, prior=prior)
+    w, sliced = _float64(dense_weight, sliced_weight, whole.gram.device, intercept)
+    residual, energy = dict.fromkeys(map(float, candidates), 0.0), 0.0
+    for f, part in enumerate(folds):  # one fold's held-out and training moments at a time
+        held = _checked(part, intercept, f"{name} (fold {f})")
+        train = whole.minus(held)
+        for damping in residual:
+            r, e = _residual(w, _fit(w, sliced, train, damping, intercept, prior).refit, held)
+            residual[damping] += r.item()
+        energy += e.item()
+        del held, train
+    heldout = {damping: r / max(energy, 1e-300) for damping, r in residual.items()}
+    best = min(heldout.values())
+    chosen = max(d for d, error in heldout.items() if error == best)
+    result = solve_refit(dense_weight, sliced_weight, total, chosen, name, intercept=intercept, prior=prior)
+    result.heldout, result.seconds = heldout, time.perf_counter() - start
+    return result
 
 
 def dense_grams(projections: dict, run: Callable[[], object], rows: Callable[[], int] | None = None) -> tuple[dict, dict]:
@@ -217,14 +311,17 @@ def dense_grams(projections: dict, run: Callable[[], object], rows: Callable[[],
 
 def sequential_statistics(
     run: Callable[[], object], pruned_block: torch.nn.Module, dense_block: torch.nn.Module, projection: str,
-    rows: Callable[[], int] | None = None,
-) -> RefitStatistics:
+    window_ids: Callable[[], Tensor] | None = None, folds: int = 1,
+) -> list[RefitStatistics]:
     """Moments for one block (a layer's attention or MLP) whose earlier layers are already pruned
     and refit: the target is the dense block applied to the same (pruned-path) input. ``run``
-    runs the block's layer over every calibration window (a :class:`LayerStream`); ``rows()``: how
-    many leading windows of the batch being run count (the rest is padding), as in :func:`dense_grams`."""
+    runs the block's layer over every calibration window (a :class:`LayerStream`). One set of moments
+    per fold: window ``i`` goes to fold ``i % folds``, ``window_ids()`` giving the ids of the windows
+    of the batch being run (:attr:`LayerStream.batch_ids`; −1: padding, left out), ``None``: every
+    window in fold 0."""
     pruned_proj, dense_proj = getattr(pruned_block, projection), getattr(dense_block, projection)
-    stats = RefitStatistics(dense_proj.in_features, pruned_proj.in_features, pruned_proj.weight.device)
+    parts = [RefitStatistics(dense_proj.in_features, pruned_proj.in_features, pruned_proj.weight.device)
+             for _ in range(folds)]
     target: list[Tensor] = []
 
     def run_dense(module, args, kwargs):
@@ -233,14 +330,24 @@ def sequential_statistics(
     def keep_target(module, args):
         target.append(args[0])
 
-    def real(x: Tensor) -> Tensor:
-        return x if rows is None else x[:rows()]
+    def add(target_features: Tensor, kept_features: Tensor) -> None:
+        if window_ids is None:
+            parts[0].add(target_features, kept_features)
+            return
+        ids = window_ids()
+        if folds == 1 and bool((ids >= 0).all()):
+            parts[0].add(target_features, kept_features)
+            return
+        for f, part in enumerate(parts):
+            rows = ((ids >= 0) & (ids % folds == f)).nonzero().flatten().to(target_features.device)
+            if len(rows):
+                part.add(target_features[rows], kept_features[rows])
 
     def fold(module, args):
-        stats.add(real(target.pop()), real(args[0]))
+        add(target.pop(), args[0])
 
     def fold_nothing_kept(module, args, output):  # a structure pruned to nothing never calls its projection
-        stats.add(real(target[-1]), real(target.pop())[..., :0])
+        add(target[-1], target.pop()[..., :0])
 
     handles = [
         pruned_block.register_forward_pre_hook(run_dense, with_kwargs=True),
@@ -253,4 +360,4 @@ def sequential_statistics(
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return parts

@@ -24,6 +24,10 @@ copies stay sharded until each structure's turn; slicing gives each pruned struc
 projection a zero bias where an intercept will be fitted (FSDP2 takes no new parameter later), and
 each refit is written into the pruned shards (:func:`~hywia_lightning.sharded_model.write_full`).
 
+A damping given as a list of candidates is chosen per structure by held-out windows
+(:func:`~hywia_lightning.reconstruction.choose_damping`), in :class:`Sequential` mode: its moments
+are taken per structure, so one fold's moments per structure is all it holds more.
+
 A new mode subclasses :class:`ReconstructionMode` and overrides the two hooks.
 """
 
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +43,8 @@ from torch import Tensor, nn
 from .layer_stream import LayerStream
 from .plan import PruningPlan, unit_indices
 from .progress import Progress
-from .reconstruction import RefitResult, RefitStatistics, dense_grams, sequential_statistics, solve_refit
+from .reconstruction import (MOMENTS, RefitResult, RefitStatistics, choose_damping, dense_grams, sequential_statistics,
+                             solve_refit)
 from .sharded_model import full_weight, gather_module, has_sharded_weights, is_sharded, keep_sharded_like, write_full
 from .slicing import record_layer_widths
 from .structures import LayerStructures, decoder_layers, discover_structures
@@ -101,8 +106,19 @@ def assign(linear: nn.Linear, result: RefitResult) -> None:
 
 
 class ReconstructionMode:
-    def __init__(self, damping: float = 0.01, intercept: bool = False, batch_size: int = 1, prior: str = "zero") -> None:
-        self.damping, self.intercept, self.batch_size, self.prior = damping, intercept, batch_size, prior
+    """``damping``: one relative damping, or candidates to choose from per structure by ``folds``
+    folds of held-out windows (modes that support it; the others refuse a list)."""
+
+    chooses_damping = False  # whether the mode can choose its damping from candidates
+
+    def __init__(self, damping: float | Sequence[float] = 0.01, intercept: bool = False, batch_size: int = 1,
+                 prior: str = "zero", folds: int = 4) -> None:
+        candidates = isinstance(damping, (list, tuple))
+        if candidates and not self.chooses_damping:
+            raise ValueError(f"damping={list(damping)}: choosing the damping by held-out windows needs mode: sequential; "
+                             f"give {type(self).__name__.lower()} mode one number")
+        self.damping = [float(d) for d in damping] if candidates else damping
+        self.intercept, self.batch_size, self.prior, self.folds = intercept, batch_size, prior, folds
 
     def before_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> None:
         """The plan is final and the model still dense."""
@@ -110,8 +126,10 @@ class ReconstructionMode:
     def prepare_layer(self, plan: PruningPlan, index: int, layer: nn.Module) -> None:
         """Sharded weights only: decoder layer ``index`` is pruned and whole, about to be sharded."""
 
-    def after_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> dict[GroupKey, RefitResult]:
-        """The model is pruned: refit and assign; returns every structure's result."""
+    def after_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce,
+                      ids: Tensor | None = None) -> dict[GroupKey, RefitResult]:
+        """The model is pruned: refit and assign; returns every structure's result. ``ids``: the
+        windows' ids among every rank's (default 0, 1, ...), which fold each window is in."""
         raise NotImplementedError
 
     def solve(self, dense: nn.Linear | Tensor, sliced: Tensor, stats: RefitStatistics, key: GroupKey) -> RefitResult:
@@ -166,7 +184,7 @@ class Independent(ReconstructionMode):
                 assign(layer_projection(layer, key.kind), result)
                 self._assigned.add(key)
 
-    def after_slicing(self, model, plan, windows, reduce):
+    def after_slicing(self, model, plan, windows, reduce, ids=None):
         structures = discover_structures(model)
         for key, result in self._results.items():
             if key not in self._assigned:
@@ -177,6 +195,8 @@ class Independent(ReconstructionMode):
 
 
 class Sequential(ReconstructionMode):
+    chooses_damping = True
+
     def before_slicing(self, model, plan, windows, reduce):
         layers = decoder_layers(model)
         self._dense = {key: copy.deepcopy(getattr(layers[key.layer], MODULE_NAME[key.kind]))
@@ -189,24 +209,30 @@ class Sequential(ReconstructionMode):
                 projection.bias = nn.Parameter(projection.weight.new_zeros(projection.out_features),
                                                projection.weight.requires_grad)
 
-    def after_slicing(self, model, plan, windows, reduce):
+    def after_slicing(self, model, plan, windows, reduce, ids=None):
         results = {}
         keys = pruned_structures(plan)
         progress = Progress("reconstruction (sequential)", len(keys), unit="structure")
         sharded = has_sharded_weights(model)  # the pruned model's shards: every layer call a collective
         stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size,
-                             padded_share(windows, reduce) if sharded else None) if keys else None
+                             padded_share(windows, reduce) if sharded else None, ids) if keys else None
+        folds = self.folds if isinstance(self.damping, list) else 1
         for key in keys:
             while stream.next < key.layer:
                 stream.advance()
             dense = gather_module(self._dense.pop(key))  # a copy of a sharded block: gathered for this structure only
             pruned = getattr(decoder_layers(model)[key.layer], MODULE_NAME[key.kind])
             projection = PROJECTION[key.kind]
-            stats = sequential_statistics(stream.run, pruned, dense, projection, (lambda: stream.valid) if sharded else None)
-            for name in ("target_gram", "cross", "gram", "target_sum", "kept_sum"):
-                setattr(stats, name, reduce(getattr(stats, name)))
-            stats.tokens = int(reduce(torch.tensor(float(stats.tokens))).item())
-            result = self.solve(getattr(dense, projection), full_weight(getattr(pruned, projection).weight), stats, key)
+            parts = sequential_statistics(stream.run, pruned, dense, projection, lambda: stream.batch_ids, folds)
+            for stats in parts:
+                for name in MOMENTS:
+                    setattr(stats, name, reduce(getattr(stats, name)))
+                stats.tokens = int(reduce(torch.tensor(float(stats.tokens))).item())
+            dense_weight, sliced = getattr(dense, projection).weight, full_weight(getattr(pruned, projection).weight)
+            if folds > 1:
+                result = choose_damping(dense_weight, sliced, parts, self.damping, str(key), self.intercept, self.prior)
+            else:
+                result = self.solve(dense_weight, sliced, parts[0], key)
             assign(getattr(pruned, projection), result)
             results[key] = result
             progress.update()

@@ -6,6 +6,7 @@ JSON cannot disagree. Sections a run did not produce are left out.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 STAGE_ORDER = ("estimation", "scoring", "pruning", "reconstruction", "recovery", "perplexity", "baseline_perplexity",
@@ -77,7 +78,12 @@ def _summary(s: dict) -> list[str]:
         lines.append(f"- parameters: {_int(model['params'])}")
     recon = s.get("reconstruction")
     if recon:
-        lines.append(f"- reconstruction: {recon['mode']}, damping {recon['damping']}, mean relative output error "
+        damping = recon["damping"]
+        if isinstance(damping, list):  # chosen per structure by held-out windows
+            chosen = Counter(layer["damping"] for layer in recon.get("layers", {}).values())
+            damping = (f"chosen from {damping} by {recon.get('folds')} folds of held-out windows ("
+                       + ", ".join(f"{d:g}: {n}" for d, n in sorted(chosen.items())) + " structures)")
+        lines.append(f"- reconstruction: {recon['mode']}, damping {damping}, mean relative output error "
                      f"{_num(recon['mean_error_before'], 4)} → {_num(recon['mean_error_after'], 4)}")
     if model.get("export_dir"):
         lines.append(f"- export: `{model['export_dir']}`" + _export_kind(model.get("export")))

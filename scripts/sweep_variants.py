@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from hywia_lightning import GlobalAllocation, HyWIA, UniformAllocation, apply_plan  # noqa: E402
 from hywia_lightning.calibration import CalibrationData  # noqa: E402
 from hywia_lightning.granularities import make_granularity  # noqa: E402
+from hywia_lightning.layer_stream import LayerStream  # noqa: E402
 from hywia_lightning.models import load_causal_lm  # noqa: E402
 from hywia_lightning.perplexity import chunk_tokens, perplexity  # noqa: E402
 from hywia_lightning.pipeline import estimate, target_layers  # noqa: E402
@@ -143,7 +144,13 @@ def main() -> None:
     for s in layers:
         projections[(s.layer, "attention")] = s.attention.o_proj
         projections[(s.layer, "mlp")] = s.mlp.down_proj
-    grams, sums, tokens = dense_grams(model, projections, windows)
+    grams, sums, tokens = {}, {}, windows.numel()
+    stream = LayerStream(model, windows, layers[0].layer, layers[-1].layer, batch_size=16)
+    while stream.next <= layers[-1].layer:  # the dense model's X Xᵀ, one layer at a time
+        layer = stream.next
+        layer_grams, layer_sums = dense_grams({k: p for k, p in projections.items() if k[0] == layer}, stream.advance)
+        grams.update(layer_grams)
+        sums.update(layer_sums)
     print(f"statistics and grams in {time.perf_counter() - start:.0f}s", flush=True)
     dense_ppl = perplexity(model, chunks)
     print(f"dense perplexity {dense_ppl:.2f}", flush=True)
