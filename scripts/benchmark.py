@@ -86,32 +86,43 @@ def markdown(results: dict[str, dict]) -> str:
 
 # the default configuration and one change each (scripts/make_bench_configs.py's ABLATIONS), and the
 # peer measured by its own code on the same tokens (../shared/BENCHMARK.md)
+CHANGES = {  # label of each one-component change, shared by the tables below
+    "heuristic": "HyWIA heuristic fusion (element2 front, fluctuation back)",
+    "fixed": "HyWIA fixed equal blend (element2 + fluctuation)",
+    "learned": "HyWIA learned fusion attention (element2 + fluctuation)",
+    "pool4": "HyWIA heuristic over element1 + element2 + vector2 + fluctuation",
+    "compensated": "HyWIA compensated fusion of wanda + fluctuation + obs",
+    "global": "widths: global (FLAP's standardized ranking)",
+    "nointercept": "refit without intercept",
+    "independent": "refit independent (every layer on dense inputs)",
+}
+SINGLES = {
+    "element2": "element2 alone", "element1": "element1 alone", "vector": "vector alone", "vector2": "vector2 alone",
+    "wanda": "wanda alone", "obs": "obs alone (greedy structured OBS: the error the refit leaves)",
+}
 ABLATION_ROWS = {
-    "hywia_default": "**default**: HyWIA compensated fusion of wanda + fluctuation (per group the blend the refit recovers best), uniform widths, sequential LS refit with intercept, anchored on the pruned weights (damping 0.1)",
-    "fluctuation_default": "fluctuation alone (the previous default; the rows below change one component of it)",
-    "hywia_default_ridge": "refit as ridge toward zero (damping 0.01: the default before that)",
-    "hywia_default_heuristic": "HyWIA heuristic fusion (element2 front, fluctuation back)",
-    "hywia_default_fixed": "HyWIA fixed equal blend (element2 + fluctuation)",
-    "hywia_default_learned": "HyWIA learned fusion attention (element2 + fluctuation)",
-    "hywia_default_pool4": "HyWIA heuristic over element1 + element2 + vector2 + fluctuation",
-    "element2_default": "element2 alone",
-    "element1_default": "element1 alone",
-    "vector_default": "vector alone",
-    "vector2_default": "vector2 alone",
-    "wanda_default": "wanda alone",
-    "obs_default": "obs alone (greedy structured OBS: the error the refit leaves)",
-    "hywia_default_compensated": "HyWIA compensated fusion of wanda + fluctuation + obs",
-    "hywia_default_global": "widths: global (FLAP's standardized ranking)",
-    "hywia_default_nointercept": "refit without intercept",
-    "hywia_default_independent": "refit independent (every layer on dense inputs)",
+    "hywia_default": "**default**: HyWIA compensated fusion of wanda + fluctuation (per group the blend the refit recovers "
+                     "best), uniform widths, sequential LS refit with intercept anchored on the pruned weights, its damping "
+                     "chosen per structure from 0.01..3 by 4 folds of held-out windows",
+    "hywia_damping01": "refit damping fixed at 0.1 for every structure (the previous default)",
+    "hywia_damping1": "refit damping fixed at 1 for every structure",
+    **{f"hywia_default_{change}": CHANGES[change] for change in ("heuristic", "fixed")},
+    **{f"{scheme}_default": SINGLES[scheme] for scheme in ("wanda", "obs", "element2", "element1", "vector2")},
+    "fluctuation_default": "fluctuation alone",
+}
+# the changes measured with the previous default's refit, its damping fixed at 0.1
+DAMPING01_ROWS = {
+    "hywia_damping01": "**previous default**: the default above with the refit's damping fixed at 0.1",
+    "fluctuation_damping01": "fluctuation alone (the default before that; the rows below change one component of it)",
+    **{f"hywia_damping01_{change}": label for change, label in CHANGES.items()},
+    **{f"{scheme}_damping01": label for scheme, label in SINGLES.items()},
     "hywia_default_norecon": "no refit",
 }
-# the same changes with the previous default's ridge refit (hywia_default_ridge)
+# the same changes with the ridge refit before that (hywia_default_ridge)
 RIDGE_ROWS = {
     "hywia_default_ridge": "**ridge refit** (damping 0.01): fluctuation, uniform widths, sequential, intercept",
-    **{f"hywia_ridge_{change}": ABLATION_ROWS[f"hywia_default_{change}"]
-       for change in ("heuristic", "fixed", "nointercept", "independent")},
-    "element2_ridge": ABLATION_ROWS["element2_default"],
+    **{f"hywia_ridge_{change}": CHANGES[change] for change in ("heuristic", "fixed", "nointercept", "independent")},
+    "element2_ridge": SINGLES["element2"],
 }
 FLAP = {"20": (89.66, 49.3), "50": (504.31, 41.8)}  # PPL, mean PIQA/ARC-Easy acc (../shared/BENCHMARK.md)
 
@@ -181,9 +192,12 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         "`python scripts/benchmark.py --zeroshot-only --rows ROW...` adds them).\n\n"
         + markdown(ordered)
         + "\n## Ablations of the default configuration\n\nMean acc = mean of PIQA and ARC-Easy acc (n=500). "
-        "Each row changes one component of `hywia_default`, or, below `fluctuation_default`, of fluctuation alone, the default they were measured against (`configs/bench/<row>_<target>.yaml`).\n\n"
+        "Each row changes one component of `hywia_default` (`configs/bench/<row>_<target>.yaml`).\n\n"
         + ablation_table(ordered)
-        + "\nThe same changes with the previous default's ridge refit (toward zero, damping 0.01):\n\n"
+        + "\nMeasured with the previous default's refit, its damping fixed at 0.1; below `fluctuation_damping01` each "
+        "row changes one component of fluctuation alone, the default they were measured against:\n\n"
+        + ablation_table(ordered, DAMPING01_ROWS)
+        + "\nThe same changes with the ridge refit before that (toward zero, damping 0.01):\n\n"
         + ablation_table(ordered, RIDGE_ROWS)
         + "\n## Calibration sources of the default configuration\n\nThe default configuration (`hywia_default`) "
         "calibrated on each source (32 windows of 128 tokens unless the row says, seed 0), judged on text none of "
