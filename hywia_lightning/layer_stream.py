@@ -15,10 +15,10 @@ passes of the pruned range in all instead of one forward pass per layer.
 
 Where FSDP2 shards the weights, every call of a layer is a collective: every rank must make the
 same calls with the same batch sizes. ``pad_to`` appends copies of the first window up to that
-many windows (every rank the same count); :attr:`LayerStream.valid` says how many leading windows
-of the batch being run are real, so that a statistic leaves the padding out, and
-:attr:`LayerStream.batch_ids` their ids (``ids``, default 0, 1, ...; −1 for padding), so that a
-statistic can split the windows into folds the same way on any number of ranks.
+many windows (every rank the same count). :attr:`LayerStream.batch_ids` are the ids of the windows
+of the batch being run (``ids``, default 0, 1, ...; −1 for padding), so that a statistic leaves the
+padding out (:attr:`LayerStream.valid`: how many leading windows are real) and can split the
+windows into folds the same way on any number of ranks.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class LayerStream:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1 (windows per call of a layer)")
         windows = windows.reshape(-1, windows.shape[-1])
-        self.real, self.batch_size, self.valid = len(windows), batch_size, batch_size
+        self.batch_size = batch_size
         self.ids = torch.arange(len(windows)) if ids is None else torch.as_tensor(ids, dtype=torch.long)
         if len(self.ids) != len(windows):
             raise ValueError(f"ids has {len(self.ids)} entries for {len(windows)} windows")
@@ -100,11 +100,15 @@ class LayerStream:
         layer = self.layers[self.next]
         with torch.no_grad():
             for b, hidden in enumerate(self.hidden):
-                self.valid = min(max(self.real - b * self.batch_size, 0), len(hidden))
                 self.batch_ids = self.ids[b * self.batch_size : b * self.batch_size + len(hidden)]
                 args, kwargs = self.arguments.get((self.next, len(hidden)), ((), {}))
                 output = layer(hidden, *args, **kwargs)
                 yield output[0] if isinstance(output, tuple) else output
+
+    @property
+    def valid(self) -> int:
+        """How many leading windows of the batch being run are real (the rest is padding)."""
+        return int((self.batch_ids >= 0).sum())
 
     def run(self) -> None:
         """Run the next layer over every window without moving on: for its hooks (outputs dropped)."""

@@ -29,7 +29,8 @@ least held-out error over all folds is solved on every window. Why: how much a p
 overfits its calibration tokens depends on its width and on how much it lost, so one damping for
 every layer is either too weak for the widest or too strong for the narrowest; held-out windows
 measure it without any data but the calibration's. The moments are sums, so each fold's training
-moments are the total minus the fold's: one pass over the windows, the moments held once per fold.
+moments (``G`` and ``W M``) are the total's minus the fold's: one pass over the windows, the
+moments held once per fold.
 """
 
 from __future__ import annotations
@@ -95,14 +96,6 @@ class RefitStatistics:
         stats.tokens = sum(p.tokens for p in parts)
         return stats
 
-    def minus(self, part: "RefitStatistics") -> "RefitStatistics":
-        """The moments of these tokens but ``part``'s (a subset of them): the training moments of a fold."""
-        stats = RefitStatistics.__new__(RefitStatistics)
-        for name in MOMENTS:
-            setattr(stats, name, getattr(self, name) - getattr(part, name))
-        stats.tokens = self.tokens - part.tokens
-        return stats
-
     @classmethod
     def from_dense_gram(cls, gram: Tensor, total: Tensor, keep: list[int], tokens: int) -> "RefitStatistics":
         """The independent case: kept features are a subset of the target features (``total``: their sums)."""
@@ -138,17 +131,24 @@ class RefitResult:
     heldout: dict[float, float] | None = None  # a chosen damping: each candidate's held-out relative error
 
 
-def _residual(weight: Tensor, candidate: Tensor, stats: RefitStatistics) -> tuple[Tensor, Tensor]:
-    """``||W X_t − V X_p||²`` and ``||W X_t||²`` from the moments:
-    ``tr(W Σ_t Wᵀ) − 2 tr(V Mᵀ Wᵀ) + tr(V G Vᵀ)``."""
-    target_energy = (weight @ stats.target_gram * weight).sum()
-    residual = target_energy - 2 * (candidate * (weight @ stats.cross)).sum() + (candidate @ stats.gram * candidate).sum()
-    return residual.clamp_min(0), target_energy
+@dataclass
+class _Target:
+    """What the output error of any candidate ``V`` on a set of tokens needs of the dense weight
+    ``W``: ``W M`` and ``||W X_t||² = tr(W Σ_t Wᵀ)``, each an ``out × n × n`` product, so taken once."""
 
+    weight_cross: Tensor      # W M, out × k
+    energy: Tensor
 
-def _relative_error(weight: Tensor, candidate: Tensor, stats: RefitStatistics) -> float:
-    residual, target_energy = _residual(weight, candidate, stats)
-    return (residual / target_energy.clamp_min(1e-300)).item()
+    @classmethod
+    def of(cls, weight: Tensor, stats: RefitStatistics) -> "_Target":
+        return cls(weight @ stats.cross, (weight @ stats.target_gram * weight).sum())
+
+    def residual(self, candidate: Tensor, gram: Tensor) -> Tensor:
+        """``||W X_t − V X_p||² = tr(W Σ_t Wᵀ) − 2 tr(V Mᵀ Wᵀ) + tr(V G Vᵀ)``."""
+        return (self.energy - 2 * (candidate * self.weight_cross).sum() + (candidate @ gram * candidate).sum()).clamp_min(0)
+
+    def relative_error(self, candidate: Tensor, gram: Tensor) -> float:
+        return (self.residual(candidate, gram) / self.energy.clamp_min(1e-300)).item()
 
 
 @dataclass
@@ -173,15 +173,14 @@ def _checked(stats: RefitStatistics, intercept: bool, name: str) -> RefitStatist
     return stats
 
 
-def _fit(w: Tensor, sliced: Tensor, stats: RefitStatistics, damping: float, intercept: bool, prior: str,
+def _fit(rhs: Tensor, gram: Tensor, sliced: Tensor, damping: float, intercept: bool, prior: str,
          max_retries: int = 6) -> _Fit:
-    """The damped least squares of float64 ``w`` (dense) on ``stats`` (with the intercept's row when
-    ``intercept``), ``sliced`` the pulled-toward weights (with the intercept's column)."""
-    rhs = w @ stats.cross  # out × k: W M
-    k = stats.gram.shape[0]
-    diag = stats.gram.diagonal()[: k - 1 if intercept else k]
+    """The damped least squares ``V G = W M`` in float64 (``rhs``: ``W M``; with an intercept ``G``
+    has its row and ``sliced``, the pulled-toward weights, its column)."""
+    k = gram.shape[0]
+    diag = gram.diagonal()[: k - 1 if intercept else k]
     scale = diag.mean().clamp_min(1e-12) if len(diag) else torch.tensor(1.0, dtype=torch.float64)
-    shrunk = torch.ones(k, dtype=torch.float64, device=stats.gram.device)  # the diagonal of λI, not a k×k eye
+    shrunk = torch.ones(k, dtype=torch.float64, device=gram.device)  # the diagonal of λI, not a k×k eye
     if intercept:
         shrunk[-1] = 0  # the intercept is not shrunk
     fallback, used = None, damping
@@ -190,7 +189,7 @@ def _fit(w: Tensor, sliced: Tensor, stats: RefitStatistics, damping: float, inte
         return rhs + damping * scale * sliced * shrunk if prior == "original" else rhs
 
     def damped(damping: float) -> Tensor:  # G + λI, one k×k copy of G
-        system = stats.gram.clone()
+        system = gram.clone()
         system.diagonal().add_(damping * scale * shrunk)
         return system
 
@@ -233,11 +232,12 @@ def solve_refit(
         empty = dense_weight.new_zeros(dense_weight.shape[0], 0)
         return RefitResult(empty, None, 1.0, 1.0, 1.0, damping, None, time.perf_counter() - start)
     w, sliced = _float64(dense_weight, sliced_weight, stats.gram.device, intercept)
-    fit = _fit(w, sliced, stats, damping, intercept, prior, max_retries)
+    target = _Target.of(w, stats)
+    fit = _fit(target.weight_cross, stats.gram, sliced, damping, intercept, prior, max_retries)
     if fit.fallback:
         log.warning("reconstruction of %s: the damped system was not positive definite; %s", name, fit.fallback)
-    error_before = _relative_error(w, sliced, stats)
-    error_after = _relative_error(w, fit.refit, stats)
+    error_before = target.relative_error(sliced, stats.gram)
+    error_after = target.relative_error(fit.refit, stats.gram)
     refit, bias = (fit.refit[:, :-1], fit.refit[:, -1]) if intercept else (fit.refit, None)
     return RefitResult(
         weight=refit.to(dense_weight.dtype),
@@ -266,15 +266,17 @@ def choose_damping(
     if whole.gram.shape[0] == 0:
         return solve_refit(dense_weight, sliced_weight, total, max(candidates), name, intercept=intercept, prior=prior)
     w, sliced = _float64(dense_weight, sliced_weight, whole.gram.device, intercept)
+    whole_cross = w @ whole.cross
     residual, energy = dict.fromkeys(map(float, candidates), 0.0), 0.0
     for f, part in enumerate(folds):  # one fold's held-out and training moments at a time
         held = _checked(part, intercept, f"{name} (fold {f})")
-        train = whole.minus(held)
+        target = _Target.of(w, held)
+        train_cross, train_gram = whole_cross - target.weight_cross, whole.gram - held.gram
         for damping in residual:
-            r, e = _residual(w, _fit(w, sliced, train, damping, intercept, prior).refit, held)
-            residual[damping] += r.item()
-        energy += e.item()
-        del held, train
+            refit = _fit(train_cross, train_gram, sliced, damping, intercept, prior).refit
+            residual[damping] += target.residual(refit, held.gram).item()
+        energy += target.energy.item()
+        del held, target, train_cross, train_gram
     heldout = {damping: r / max(energy, 1e-300) for damping, r in residual.items()}
     best = min(heldout.values())
     chosen = max(d for d, error in heldout.items() if error == best)
@@ -331,11 +333,8 @@ def sequential_statistics(
         target.append(args[0])
 
     def add(target_features: Tensor, kept_features: Tensor) -> None:
-        if window_ids is None:
-            parts[0].add(target_features, kept_features)
-            return
-        ids = window_ids()
-        if folds == 1 and bool((ids >= 0).all()):
+        ids = None if window_ids is None else window_ids()
+        if ids is None or (folds == 1 and bool((ids >= 0).all())):  # every window of the batch in the one fold
             parts[0].add(target_features, kept_features)
             return
         for f, part in enumerate(parts):
