@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,9 +181,28 @@ def calibration_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarized(row: dict) -> dict:
+    """A row without its per-structure details (each refit's errors, each group's score quantiles),
+    which stay in the run's own ``report.json``: the results keep what the tables and the docs cite,
+    and of a damping chosen by held-out windows how many structures of each kind chose each value."""
+    row = dict(row)
+    recon = row.get("reconstruction")
+    if recon and "layers" in recon:
+        recon = row["reconstruction"] = dict(recon)
+        layers = recon.pop("layers")
+        if isinstance(recon.get("damping"), list):
+            chosen: dict[str, Counter] = {}
+            for key, layer in layers.items():  # keys like layers.4.mlp
+                chosen.setdefault(key.rsplit(".", 1)[-1], Counter())[str(layer["damping"])] += 1
+            recon["chosen_damping"] = {kind: dict(sorted(c.items())) for kind, c in chosen.items()}
+    if "groups" in row.get("importance", {}):
+        row["importance"] = {k: v for k, v in row["importance"].items() if k != "groups"}
+    return row
+
+
 def write_results(results: dict[str, dict], out: Path) -> None:
-    """``results.json`` and the Markdown table, dense first."""
-    ordered = dict(sorted(results.items(), key=lambda kv: (kv[0] != "dense", kv[0])))
+    """``results.json`` (every row :func:`summarized`) and the Markdown table, dense first."""
+    ordered = {row: summarized(r) for row, r in sorted(results.items(), key=lambda kv: (kv[0] != "dense", kv[0]))}
     (out / "results.json").write_text(json.dumps(ordered, indent=1) + "\n")
     (out / "results.md").write_text(
         "# Benchmark results\n\nProduced by `python scripts/benchmark.py` (protocol: ../shared/BENCHMARK.md; "

@@ -52,3 +52,22 @@ def test_generate_run_makes_exactly_the_tokens_it_times():
     ids = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(0))
     throughput.generate_run(model, ids, new_tokens=3)()
     throughput.forward_run(model, ids)()
+
+
+def test_benchmark_results_keep_the_summary_and_count_the_chosen_dampings():
+    """results.json drops per-structure details (they stay in each run's report.json) but keeps
+    how many structures of each kind chose each damping, and the input row is left as it was."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark import summarized
+
+    layers = {"layers.4.self_attn": {"damping": 0.1, "error_after": 0.05},
+              "layers.4.mlp": {"damping": 1.0, "error_after": 0.09},
+              "layers.5.mlp": {"damping": 1.0, "error_after": 0.08}}
+    row = {"perplexity": {"value": 68.26}, "importance": {"quantiles": [0.5], "groups": {"g": 1}},
+           "reconstruction": {"damping": [0.1, 1.0], "folds": 4, "mean_error_after": 0.07, "layers": layers}}
+    short = summarized(row)
+    assert short["reconstruction"] == {"damping": [0.1, 1.0], "folds": 4, "mean_error_after": 0.07,
+                                       "chosen_damping": {"self_attn": {"0.1": 1}, "mlp": {"1.0": 2}}}
+    assert short["importance"] == {"quantiles": [0.5]} and short["perplexity"] == {"value": 68.26}
+    assert row["reconstruction"]["layers"] is layers and "groups" in row["importance"]
+    assert summarized(short) == short  # idempotent: every write summarizes every row again
