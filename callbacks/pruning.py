@@ -29,6 +29,7 @@ from torch import Tensor
 from hywia_lightning.allocation import Allocation, PruningScope, make_allocation
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state, saved_parameter_names
+from hywia_lightning.distillation import Distillation, DistillationSet
 from hywia_lightning.estimation import accumulate_dtype_named
 from hywia_lightning.gathered_slicing import pruned
 from hywia_lightning.granularities import Granularity, make_granularity
@@ -39,6 +40,7 @@ from hywia_lightning.sharded_model import local_bytes, shard_model, world_mesh
 from hywia_lightning.slicing import add_saved_output_biases, apply_plan
 from hywia_lightning.structures import LayerStructures
 from hywia_lightning.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
+from hywia_lightning.width_search import WidthSearch
 
 from .calibration import calibration_for, checked_calibration, trainer_collective
 from .preflight import Preflight, run_preflight
@@ -64,6 +66,8 @@ class StructuredPruning(Preflight, Callback):
         estimation_batch_size: PositiveInt = 1,
         shard_accumulators: bool | None = None,
         shard_weights: bool = False,
+        distillation: Distillation | None = None,
+        width_search: WidthSearch | None = None,
     ) -> None:
         """
         Args:
@@ -98,7 +102,15 @@ class StructuredPruning(Preflight, Callback):
                 costs an all-gather of every layer per pass; turn it on when the whole model does
                 not fit one device (the memory plan says so). LoRA recovery takes a plain model:
                 recover the export in a second job.
+            distillation: the objective choices can be judged by, and the report's final KL: the
+                mean KL(p_dense ‖ q) over held-out windows of the calibration source, disjoint from
+                the calibration windows (:mod:`hywia_lightning.distillation`); ``None``: not measured.
+            width_search: per-layer widths chosen against that KL, starting from the
+                ``allocation``'s (:mod:`hywia_lightning.width_search`); needs ``distillation``.
         """
+        if width_search is not None and distillation is None:
+            raise ValueError("width_search: the search chooses widths by the KL to the dense model; set distillation too "
+                             "(e.g. distillation: {windows: 32}), or width_search: null")
         if not 0 < target_ratio < 1:
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
         if attention_unit not in ATTENTION_UNITS:
@@ -113,6 +125,7 @@ class StructuredPruning(Preflight, Callback):
         self.allocation = make_allocation(allocation)
         self.layer_start, self.layer_end = layer_start, layer_end
         self.seed = seed
+        self.distillation, self.width_search = distillation, width_search
         self.plan: PruningPlan | None = None
 
     @property
@@ -133,12 +146,21 @@ class StructuredPruning(Preflight, Callback):
         if self.shard_weights and trainer_collective(trainer) is None:
             raise ValueError("shard_weights=True shards the weights over the job's processes, but this job runs one "
                              "(set trainer.devices or trainer.num_nodes for several, or shard_weights: false)")
-        if self.granularity.needs:
+        if self.shard_weights and self.width_search is not None:
+            raise ValueError("width_search: the search measures candidates on a plain model on rank 0; with "
+                             "shard_weights: true set width_search: null (or shard_weights: false where the model fits one device)")
+        if self.granularity.needs or self.distillation is not None:
             accumulator_shards(trainer_collective(trainer), self.shard_accumulators)  # ranks that cannot shard: refused
             data = checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
                                        pl_module)
             if hasattr(self.granularity, "check"):
                 self.granularity.check(data.num_windows)
+            if self.distillation is not None:
+                try:  # a text too short for them fails now
+                    data.held_out_windows(self.distillation.windows)
+                except ValueError as error:
+                    raise ValueError(f"distillation: windows={self.distillation.windows} held-out windows beside "
+                                     f"{data.num_windows} calibration windows: {error}") from None
 
     # -- the stage ------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -152,15 +174,20 @@ class StructuredPruning(Preflight, Callback):
         params_before = count_parameters(pl_module.model)
         device = trainer.strategy.root_device
         model = shard_model(pl_module.model, world_mesh(device)) if self.shard_weights else pl_module.model.to(device)
-        windows = self.calibration_data(trainer).windows() if self.granularity.needs else None
+        windows = self.calibration_data(trainer).windows() if self.granularity.needs or self.width_search else None
+        with report.stage("distillation"):
+            distillation = self.distillation_set(trainer, model)
         result = prune(model, windows, self.granularity, self.scope, self.allocation, layers, self.accumulate_dtype,
                        self.estimation_batch_size, trainer_collective(trainer), self.seed, score=self.score,
-                       shard_accumulators=self.shard_accumulators)
+                       shard_accumulators=self.shard_accumulators, width_search=self.width_search,
+                       distillation=distillation)
         for name, seconds in result.seconds.items():
             report.record("seconds", {name: round(report.sections["seconds"].get(name, 0.0) + seconds, 3)})
         report.record("importance", result.importance)
         if result.scorer:
             report.record("fusion", result.scorer)
+        if result.width_search:
+            report.record("width_search", result.width_search)
         plan = result.plan
         self._call_hooks("on_before_slicing", trainer, pl_module, plan)
         weight_bytes = local_bytes(model.parameters())  # this rank's, as estimation and scoring held them
@@ -171,12 +198,33 @@ class StructuredPruning(Preflight, Callback):
         pruned_bytes = local_bytes(pl_module.model.parameters())  # this rank's, as the later stages hold them
         self.plan = pl_module.pruning_plan = plan
         self._call_hooks("on_after_slicing", trainer, pl_module, plan)
+        if distillation is not None:
+            with report.stage("distillation"):
+                report.record("distillation", self.final_kl(pl_module.model, distillation))
         self.record(trainer, pl_module, layers, params_before, windows is not None)
         pl_module.report.record("pruning", {"accumulator_bytes_per_rank": result.accumulator_bytes,
                                             "accumulator_shards": result.accumulator_shards,
                                             "weight_bytes_per_rank": weight_bytes,
                                             "pruned_weight_bytes_per_rank": pruned_bytes,
                                             "weight_shards": trainer.world_size if self.shard_weights else 1})
+
+    def distillation_set(self, trainer: Trainer, dense: torch.nn.Module) -> DistillationSet | None:
+        """The held-out windows and the dense model's targets on them (before any slicing)."""
+        if self.distillation is None:
+            return None
+        windows = self.calibration_data(trainer).held_out_windows(self.distillation.windows)
+        return DistillationSet.of(dense, windows, self.distillation.top_k, self.distillation.batch_size)
+
+    def final_kl(self, model: torch.nn.Module, distillation: DistillationSet) -> dict:
+        """The pruned model's KL to the dense one on the held-out windows (and per window, so that any
+        subset compares across runs) and, after a width search, on those it never judged a proposal on."""
+        per_window = distillation.kl_per_window(model).double()
+        values = {**distillation.describe(), "kl": float(per_window.mean()),
+                  "kl_per_window": [round(float(v), 6) for v in per_window]}
+        seen = self.width_search.judge_windows if self.width_search is not None else 0
+        if 0 < seen < len(per_window):
+            values.update(kl_unseen_by_search=float(per_window[seen:].mean()), unseen_windows=len(per_window) - seen)
+        return values
 
     def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
         """One score per unit for every group; override to score groups your own way."""

@@ -15,17 +15,26 @@ from .self_generation import GENERATED, Generation, sample_windows
 from .text_sources import check_source, read_text, token_ids
 
 
-def token_windows(token_ids: Tensor, num_windows: int, seq_len: int, seed: int, source: str = "text") -> Tensor:
-    """``num_windows`` distinct non-overlapping windows of ``seq_len`` tokens, chosen by ``seed``."""
+def token_windows(token_ids: Tensor, num_windows: int, seq_len: int, seed: int, source: str = "text",
+                  held_out_after: int | None = None) -> Tensor:
+    """``num_windows`` distinct non-overlapping windows of ``seq_len`` tokens, the first of the
+    seed's order; with ``held_out_after`` the last ones instead, disjoint from the first
+    ``held_out_after`` (so held-out windows stay the same whatever the calibration's count)."""
     available = token_ids.numel() // seq_len
-    if available < num_windows:
+    needed = num_windows + (held_out_after or 0)
+    if available < needed:
+        counts = f"{held_out_after} + {num_windows} held out" if held_out_after is not None else f"num_windows={num_windows}"
         raise ValueError(
             f"{source} is too short: {token_ids.numel()} tokens give {available} windows of {seq_len}, "
-            f"but num_windows={num_windows}; lower num_windows or seq_len, or use a longer text"
+            f"but {counts} are needed; lower the window counts or seq_len, or use a longer text"
         )
     chunks = token_ids[: available * seq_len].reshape(available, seq_len)
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
-    return chunks[order[:num_windows]].clone()
+    chosen = order[available - num_windows :] if held_out_after is not None else order[:num_windows]
+    return chunks[chosen].clone()
+
+
+HELD_OUT_SEED = 1_000_003  # added to the seed of generated held-out windows: other samples than the calibration's
 
 
 def split_count(total: int, parts: int) -> list[int]:
@@ -89,6 +98,7 @@ class CalibrationData(LightningDataModule):
         self.collective: Collective | None = None
         self.generated: dict | None = None  # how the generated windows were obtained (cache file, seconds)
         self._windows: Tensor | None = None
+        self._held_out: dict[int, Tensor] = {}
         self.key = "calibration.source"  # how errors name the source (the stage that uses it says, in check)
 
     @property
@@ -114,7 +124,7 @@ class CalibrationData(LightningDataModule):
         the cache) and broadcasts them, so every rank has the same windows and only one writes the
         cache (a text source is cut identically on every rank)."""
         if tokenizer is not self.tokenizer or (self.needs_model and model is not self.model):
-            self._windows = None
+            self._windows, self._held_out = None, {}
         self.tokenizer, self.model, self.collective = tokenizer, model, collective
 
     def setup(self, stage: str) -> None:
@@ -127,27 +137,43 @@ class CalibrationData(LightningDataModule):
     def windows(self) -> Tensor:
         """``[num_windows, seq_len]`` token ids (built once, then kept)."""
         if self._windows is None:
-            if self.tokenizer is None:
-                raise RuntimeError("CalibrationData needs a tokenizer: call attach(tokenizer, model) first")
-            collective = self.collective
-            if collective is None or collective.world_size == 1 or not self.needs_model:
-                self._windows = self._build()  # a text gives every rank the same windows
-            else:
-                self._dense_model()  # refused on every rank alike, before any rank waits for rank 0
-                built = (self._build(), self.generated) if collective.rank == 0 else None
-                self._windows, self.generated = collective.broadcast(built)
+            self._windows = self._shared(self._build)
         return self._windows
 
-    def _build(self) -> Tensor:
-        parts = [self._source_windows(source, count, f"{self.key}={source!r}")
-                 for source, count in zip(self.sources, split_count(self.num_windows, len(self.sources)))]
+    def held_out_windows(self, count: int) -> Tensor:
+        """``[count, seq_len]`` further windows of the same sources, disjoint from :meth:`windows`:
+        from a text the last ``count`` windows of the seed's order (the same whatever
+        ``num_windows``), from ``generated`` other samples (seed + ``HELD_OUT_SEED``). What a choice
+        is judged on without the text it was fitted to."""
+        if count not in self._held_out:
+            self._held_out[count] = self._shared(lambda: self._build(count, held_out=True))
+        return self._held_out[count]
+
+    def _shared(self, build):
+        """``build()``, on every rank alike: with ``generated`` rank 0 builds (samples, or reads the
+        cache) and broadcasts (a text source is cut identically on every rank)."""
+        if self.tokenizer is None:
+            raise RuntimeError("CalibrationData needs a tokenizer: call attach(tokenizer, model) first")
+        collective = self.collective
+        if collective is None or collective.world_size == 1 or not self.needs_model:
+            return build()
+        self._dense_model()  # refused on every rank alike, before any rank waits for rank 0
+        built, generated = collective.broadcast((build(), self.generated) if collective.rank == 0 else None)
+        self.generated = self.generated or generated
+        return built
+
+    def _build(self, count: int | None = None, held_out: bool = False) -> Tensor:
+        count = self.num_windows if count is None else count
+        parts = [self._source_windows(source, n, f"{self.key}={source!r}", calibration if held_out else None)
+                 for source, n, calibration in zip(self.sources, split_count(count, len(self.sources)),
+                                                   split_count(self.num_windows, len(self.sources)))]
         return torch.cat(parts)
 
-    def _source_windows(self, source: str, count: int, name: str) -> Tensor:
+    def _source_windows(self, source: str, count: int, name: str, held_out_after: int | None = None) -> Tensor:
         if source == GENERATED:
-            return self._generated(count)
+            return self._generated(count, self.seed + (HELD_OUT_SEED if held_out_after is not None else 0))
         ids = token_ids(self.tokenizer, read_text(source, self.key, self.text_field, self.split))
-        return token_windows(ids, count, self.seq_len, self.seed, name)
+        return token_windows(ids, count, self.seq_len, self.seed, name, held_out_after)
 
     def _dense_model(self) -> PreTrainedModel:
         model = self.model
@@ -160,12 +186,13 @@ class CalibrationData(LightningDataModule):
             )
         return model
 
-    def _generated(self, count: int) -> Tensor:
+    def _generated(self, count: int, seed: int) -> Tensor:
         model = self._dense_model()
-        key = generation_key(model.name_or_path, count, self.seq_len, self.seed, self.generation)
-        windows, self.generated = cached_generation(
-            key, lambda: sample_windows(model, self.tokenizer, count, self.seq_len, self.seed, self.generation),
-            self.cache_dir)
+        key = generation_key(model.name_or_path, count, self.seq_len, seed, self.generation)
+        windows, generated = cached_generation(
+            key, lambda: sample_windows(model, self.tokenizer, count, self.seq_len, seed, self.generation), self.cache_dir)
+        if seed == self.seed:
+            self.generated = generated  # the report describes the calibration windows' sampling
         return windows
 
     def describe(self) -> dict:

@@ -105,6 +105,10 @@ class LayerStream:
                 output = layer(hidden, *args, **kwargs)
                 yield output[0] if isinstance(output, tuple) else output
 
+    def restart(self, index: int, hidden: list[Tensor]) -> None:
+        """Run again from layer ``index``, whose inputs are ``hidden`` (one tensor per batch, as cached)."""
+        self.next, self.hidden = index, [h.clone() for h in hidden]
+
     @property
     def valid(self) -> int:
         """How many leading windows of the batch being run are real (the rest is padding)."""

@@ -58,6 +58,19 @@ class ReconstructionSettings:
 
 
 @dataclass(frozen=True)
+class DistillationSettings:
+    """The distillation objective's teacher and, with ``search``, the width search against it."""
+
+    windows: int = 32
+    top_k: int = 64
+    seq_len: int = 128
+    batch_size: int = 8
+    search: bool = False
+    search_windows: int = 8
+    search_batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class EvaluationSettings:
     """Perplexity: ``batch_size`` chunks of ``seq_len`` tokens per forward pass."""
 
@@ -89,6 +102,7 @@ class JobSettings:
     target_ratio: float = 0.0                    # what the stages after pruning see removed
     estimation: EstimationSettings | None = None
     reconstruction: ReconstructionSettings | None = None
+    distillation: DistillationSettings | None = None
     perplexity: EvaluationSettings | None = None
     recovery: RecoverySettings | None = None
     estimation_shards: int = 1                   # ranks the g/g² accumulators are sharded over (shard_accumulators)
@@ -374,6 +388,40 @@ def solve_bytes(inputs: int, outputs: int) -> int:
     return 8 * (7 * inputs * inputs + 3 * outputs * inputs)
 
 
+def teacher_bytes(d: DistillationSettings) -> int:
+    """The teacher's top-k ids (int64) and log-probabilities (float32) and its rest's log-mass, per position."""
+    return d.windows * d.seq_len * (12 * d.top_k + 4)
+
+
+def distillation_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """The dense model's targets (``distillation.teacher_targets``): one batch's logits, their float32
+    log-softmax and top-k, beside the dense weights and the targets kept so far."""
+    d, b = job.distillation, DTYPE_BYTES[job.dtype]
+    tokens = d.batch_size * d.seq_len
+    return StagePeak("distillation", [*dense_weights(shape, job), Part("teacher targets", teacher_bytes(d)),
+                                      Part("logits", tokens * shape.vocab_size * (b + 2 * 4))], "dense, before slicing")
+
+
+def width_search_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
+    """The width search (``width_search.search_widths``) holds ``X Xᵀ`` and ``Σ X`` (float64) of every
+    pruned output projection's input, two masked copies of those projections' weights (the best
+    state and the proposal being judged), the hidden states of the distillation windows at every layer from the first
+    pruned one (and of the search windows, when fewer), one batch's logits and log-softmax, and
+    one refit's solve, beside the dense weights and the teacher."""
+    d, e, b = job.distillation, job.estimation, DTYPE_BYTES[job.dtype]
+    moments = sum(8 * (m * m + m) for layer in e.layers for m in _layer_inputs(shape, e, layer))
+    masked = 2 * sum(shape.hidden_size * m * b for layer in e.layers for m in _layer_inputs(shape, e, layer))
+    depth = shape.num_hidden_layers - min(e.layers) + 1
+    windows = d.windows + (d.search_windows if d.search_windows < d.windows else 0)
+    widest = max(m for layer in e.layers for m in _layer_inputs(shape, e, layer))
+    return StagePeak("width search", [
+        *dense_weights(shape, job), Part("teacher targets", teacher_bytes(d)), Part("dense moments", moments),
+        Part("masked projections", masked), Part("cached hidden states", depth * windows * d.seq_len * shape.hidden_size * 4),
+        Part("logits", d.search_batch_size * d.seq_len * shape.vocab_size * 3 * 4),
+        Part("one refit", solve_bytes(widest, shape.hidden_size)),
+    ], f"{d.search_windows} windows per candidate, {d.windows} per proposal")
+
+
 def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     """Independent mode runs the dense layers one at a time over the cached hidden states of the
     rank's windows (``layer_stream.LayerStream``) and holds ``X Xᵀ`` (float64) of one layer's pruned
@@ -530,6 +578,10 @@ def plan_memory(shape: ModelShape, job: JobSettings) -> MemoryPlan:
             plan.stages.append(scoring_peak(shape, job))
         if job.estimation.learned_fusion:
             plan.stages.append(fusion_peak(shape, job))
+        if job.distillation is not None:
+            plan.stages.append(distillation_peak(shape, job))
+            if job.distillation.search:
+                plan.stages.append(width_search_peak(shape, job))
         if job.reconstruction is not None and job.reconstruction.mode == "independent":
             plan.stages.append(reconstruction_peak(shape, job))  # before slicing
         if job.weight_shards > 1:

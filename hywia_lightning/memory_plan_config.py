@@ -17,8 +17,8 @@ from typing import Any
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 
-from .memory_plan import (EstimationSettings, EvaluationSettings, JobSettings, MemoryPlan, RecoverySettings,
-                          ReconstructionSettings, plan_memory)
+from .memory_plan import (DistillationSettings, EstimationSettings, EvaluationSettings, JobSettings, MemoryPlan,
+                          ReconstructionSettings, RecoverySettings, plan_memory)
 from .model_shapes import ModelShape, resolve_shape
 
 #: the variable that sets the memory of one device (GiB) the plan is checked against
@@ -157,7 +157,7 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
         dtype = "float16"
     data = _get(config, "data", "init_args", default=Namespace())
     pruning = _stage(config, "pruning", "StructuredPruning")
-    estimation = reconstruction = None
+    estimation = reconstruction = distillation = None
     target_ratio = 0.0
     if pruning is not None:
         calibration = pruning.get("calibration") or data
@@ -177,6 +177,12 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
             num_windows=int(_get(calibration, "num_windows", default=32)), seq_len=int(_get(calibration, "seq_len", default=128)),
             learned_fusion=learned,
         )
+        distill, search = pruning.get("distillation"), pruning.get("width_search")
+        if distill is not None:
+            distillation = DistillationSettings(
+                int(_get(distill, "windows", default=32)), int(_get(distill, "top_k", default=64)),
+                estimation.seq_len, int(_get(distill, "batch_size", default=8)), search is not None,
+                int(_get(search, "search_windows", default=8)), int(_get(search, "batch_size", default=8)))
         refit = _stage(config, "reconstruction", "LeastSquaresReconstruction")
         if refit is not None:
             refit_data = _get(refit.get("calibration"), "init_args", default=refit.get("calibration")) or calibration
@@ -204,7 +210,7 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
     shards = devices * num_nodes if pruning is not None and pruning.get("shard_accumulators") is not False else 1
     job = JobSettings(dtype=dtype, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
                       target_ratio=target_ratio, estimation=estimation, reconstruction=reconstruction,
-                      perplexity=perplexity, recovery=recovery, estimation_shards=shards,
+                      distillation=distillation, perplexity=perplexity, recovery=recovery, estimation_shards=shards,
                       shard_weights=bool(pruning is not None and pruning.get("shard_weights")))
     return job, str(model.get("model_name_or_path") or ""), model.get("cache_dir")
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .allocation import Allocation, PruningScope
 from .collective import Collective
+from .distillation import DistillationSet
 from .estimation import Estimator
 from .granularities import Granularity
 from .importance_summary import importance_summary
@@ -30,6 +31,7 @@ from .scoring import ScoringContext
 from .statistics import Statistics
 from .structures import LayerStructures, discover_structures
 from .unit_groups import GroupKey, output_projections, prunable_linears, unit_groups
+from .width_search import WidthSearch, search_widths
 
 
 def layer_range(num_layers: int, layer_start: int = 0, layer_end: int | None = None) -> range:
@@ -90,6 +92,7 @@ class PruneResult:
     seconds: dict[str, float]
     accumulator_bytes: int = 0  # g and g² this rank held after estimation (its shards when sharded)
     accumulator_shards: int = 1  # the ranks they were sharded over
+    width_search: dict | None = None  # what the width search measured and chose (rank 0)
 
 
 def prune(
@@ -105,12 +108,16 @@ def prune(
     seed: int = 0,
     score: Callable[[list, ScoringContext], dict] | None = None,
     shard_accumulators: bool | None = None,
+    width_search: WidthSearch | None = None,
+    distillation: DistillationSet | None = None,
 ) -> PruneResult:
     """The plan for ``layers`` of ``model`` at ``scope``: nothing is sliced (see ``apply_plan``).
 
     ``score`` replaces ``scorer.score_groups`` (the pruning callback's override point); the
     statistics estimated are still the ones ``scorer.needs``. ``shard_accumulators``: see
-    :func:`accumulator_shards`."""
+    :func:`accumulator_shards`. ``width_search``: the allocation's widths are only the start of a
+    search against the KL to the dense model on ``distillation``'s windows (rank 0 searches; its
+    plan is every rank's)."""
     seconds = {}
     total = count_parameters(model)
     start = time.perf_counter()
@@ -130,9 +137,19 @@ def prune(
     seconds["scoring"] = time.perf_counter() - start
     start = time.perf_counter()
     widths = allocation.widths(layers, total, scope, scores)
+    seconds["pruning"] = time.perf_counter() - start
+    searched = None
+    if width_search is not None and (collective is None or collective.rank == 0):
+        if windows is None or distillation is None:
+            raise ValueError("width_search needs calibration windows (the candidates' refits) and a distillation set "
+                             "(the KL it is judged by)")
+        found = search_widths(model, layers, scope, scores, widths, windows, distillation, width_search, total)
+        widths, searched = found.widths, found.record
+        seconds["width_search"] = found.record["seconds"]
+    start = time.perf_counter()
     plan = make_plan(layers, scores, widths, scope.attention_unit)
     if collective is not None and collective.world_size > 1:  # the summed statistics agree; rank 0's plan rules
         plan = PruningPlan.from_dict(collective.broadcast(plan.to_dict()))
-    seconds["pruning"] = time.perf_counter() - start
+    seconds["pruning"] += time.perf_counter() - start
     return PruneResult(plan, widths, scores, importance_summary(scorer.distributions(scores)), scorer.describe(), seconds,
-                       *accumulators)
+                       *accumulators, searched)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-STAGE_ORDER = ("estimation", "scoring", "pruning", "reconstruction", "recovery", "perplexity", "baseline_perplexity",
+STAGE_ORDER = ("distillation", "estimation", "scoring", "width_search", "pruning", "reconstruction", "recovery",
+               "perplexity", "baseline_perplexity",
                "zeroshot", "baseline_zeroshot", "export")
 PLOT_TITLES = {
     "layer_widths.png": "kept widths per layer",
@@ -241,9 +242,34 @@ def _plots(s: dict) -> list[str]:
     return (["## Plots", ""] + lines) if lines else []
 
 
+def _distillation(s: dict) -> list[str]:
+    """The final KL to the dense model and, with a width search, what each of its rounds found."""
+    distillation, search = s.get("distillation"), s.get("width_search")
+    if not distillation:
+        return []
+    lines = ["## Distillation to the dense model", "",
+             f"Mean KL(p_dense ‖ q_pruned) over {_int(distillation.get('tokens'))} next-token positions of "
+             f"{distillation.get('windows')} held-out calibration windows (teacher's top {distillation.get('top_k')} "
+             f"plus the rest's mass): **{_num(distillation.get('kl'), 4)}**" + (
+                 f"; on the {distillation['unseen_windows']} windows the width search never judged a proposal on: "
+                 f"{_num(distillation['kl_unseen_by_search'], 4)}" if "kl_unseen_by_search" in distillation else "") + ".", ""]
+    if search:
+        rows = [[str(r["round"]), _num(r.get("measured_kl"), 4),
+                 ", ".join(f"{_num(a['kl'], 4)} ({_int(a['moved_parameters'])}{', kept' if a['accepted'] else ''})"
+                           for a in r["attempts"]) or "no trade gains",
+                 _num(r.get("chosen_kl"), 4)] for r in search["rounds"][1:]]
+        lines += [f"Width search: from the allocation's widths (KL {_num(search['start_kl'], 4)}, candidates' refits "
+                  f"damped by {search['damping']}) to KL {_num(search['chosen_kl'], 4)} on the same "
+                  f"{search['judge_windows']} windows, after {search['evaluations']} candidates measured on "
+                  f"{search['search_windows']} windows in {_num(search['seconds'], 0)} s.", ""]
+        lines += _table(["round", "KL around the best (search windows)", "proposals' KL (parameters moved)",
+                         "best KL after the round"], rows) + [""]
+    return lines
+
+
 def render_markdown(sections: dict) -> str:
     """The Markdown report of ``sections`` (a :class:`~hywia_lightning.report.RunReport`'s)."""
     lines = ["# Run report", ""] + _warnings(sections) + _summary(sections) + [""]
-    for part in (_evaluation, _widths, _fusion, _recovery, _costs, _plots):
+    for part in (_evaluation, _distillation, _widths, _fusion, _recovery, _costs, _plots):
         lines += part(sections)
     return "\n".join(lines).rstrip() + "\n"

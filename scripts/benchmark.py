@@ -48,7 +48,7 @@ def collect_row(row: str, runs_dir: Path, wall_seconds: float | None = None) -> 
 ZEROSHOT_TASKS = ["piqa", "arc_easy"]
 
 
-def zeroshot_row(export_dir: Path, data_dir: str, limit: int) -> dict:
+def zeroshot_row(export_dir: Path, data_dir: str, limit: int | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hywia_lightning.zeroshot import evaluate_zeroshot
@@ -181,6 +181,45 @@ def calibration_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# per-layer widths of the default configuration against the KL to the dense model (issue: quality on the tasks)
+WIDTH_ROWS = {
+    "hywia_default_uniform": "uniform widths (every pruned layer loses the same share)",
+    "hywia_default_search": "widths searched against the KL to the dense model (`width_search`)",
+}
+WIDTH_TARGETS = ("20", "30", "50")
+UNSEEN_FROM = 16  # the search's judge_windows: windows 16..31 are never seen by it
+
+
+def _kl(r: dict | None, first: int = 0) -> str:
+    """The mean KL to the dense model over the row's held-out windows from ``first`` on."""
+    per_window = (r or {}).get("distillation", {}).get("kl_per_window")
+    return f"{sum(per_window[first:]) / len(per_window[first:]):.4f}" if per_window else "–"
+
+
+def _full_accuracy(r: dict | None) -> str:
+    scores = (r or {}).get("zeroshot_full", {})
+    if not all(task in scores for task in ZEROSHOT_TASKS):
+        return "–"
+    return " / ".join(f"{100 * scores[t]['acc']:.1f}" for t in ZEROSHOT_TASKS) + \
+        f" ({100 * sum(scores[t]['acc'] for t in ZEROSHOT_TASKS) / len(ZEROSHOT_TASKS):.1f})"
+
+
+def widths_table(results: dict[str, dict]) -> str:
+    """Uniform against searched widths at every target: perplexity, accuracy (n=500 and full sets),
+    the KL on the 32 held-out windows and on the 16 of them the search never judged on."""
+    lines = ["| widths | target | PPL | mean acc (n=500) | PIQA / ARC-e full sets (mean) | KL (32 windows) | KL (16 unseen) | search s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row, label in WIDTH_ROWS.items():
+        for target in WIDTH_TARGETS:
+            r = results.get(f"{row}_{target}")
+            if not r:
+                continue
+            lines.append(f"| {label} | {target}% | {r['perplexity']['value']:.2f} | {_mean_accuracy(r)} | "
+                         f"{_full_accuracy(r)} | {_kl(r)} | {_kl(r, UNSEEN_FROM)} | "
+                         f"{r.get('seconds', {}).get('width_search', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarized(row: dict) -> dict:
     """A row without its per-structure details (each refit's errors, each group's score quantiles),
     which stay in the run's own ``report.json``: the results keep what the tables and the docs cite,
@@ -211,6 +250,13 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         "n items of PIQA and ARC-Easy through lm-eval on each row's export; – = not measured yet: "
         "`python scripts/benchmark.py --zeroshot-only --rows ROW...` adds them).\n\n"
         + markdown(ordered)
+        + "\n## Per-layer widths: uniform or searched against the KL to the dense model\n\nThe default "
+        "configuration with uniform widths and with widths searched against the KL (docs/hywia.md); the KL is "
+        "measured on 32 held-out `valid.txt` windows, disjoint from the calibration windows (the last 32 of the "
+        "seed's window order), and on the 16 of them the search never judged a proposal on. Produced by "
+        "`python scripts/benchmark.py --rows " + " ".join(f"{row}_{t}" for row in WIDTH_ROWS for t in WIDTH_TARGETS)
+        + "` (full sets: `--full-sets --zeroshot-only`).\n\n"
+        + widths_table(ordered)
         + "\n## Ablations of the default configuration\n\nMean acc = mean of PIQA and ARC-Easy acc (n=500). "
         "Each row changes one component of `hywia_default` (`configs/bench/<row>_<target>.yaml`).\n\n"
         + ablation_table(ordered)
@@ -234,6 +280,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench", help="folder for each row's run")
     parser.add_argument("--data-root", default="../shared/data", help="folder holding wikitext-2/ and zeroshot/")
     parser.add_argument("--zeroshot-limit", type=int, default=500, help="items per zero-shot task (0: skip zero-shot)")
+    parser.add_argument("--full-sets", action="store_true",
+                        help="zero-shot on every item of PIQA (1,838) and ARC-Easy (2,376), kept as zeroshot_full")
     parser.add_argument("--zeroshot-only", action="store_true",
                         help="run no row; add zero-shot scores to rows already run (in --runs)")
     args = parser.parse_args()
@@ -249,11 +297,11 @@ def main() -> None:
             print(f"[benchmark] {row}: PPL {results[row]['perplexity']['value']:.2f} in {results[row]['wall_seconds']} s", flush=True)
         elif row not in results:
             results[row] = collect_row(row, ROOT / args.runs)
-        if args.zeroshot_limit > 0:
-            results[row]["zeroshot"] = zeroshot_row(
-                Path(results[row]["model"]["export_dir"]), f"{args.data_root}/zeroshot", args.zeroshot_limit
-            )
-            print(f"[benchmark] {row}: zero-shot {results[row]['zeroshot']}", flush=True)
+        if args.zeroshot_limit > 0 or args.full_sets:
+            key = "zeroshot_full" if args.full_sets else "zeroshot"
+            results[row][key] = zeroshot_row(Path(results[row]["model"]["export_dir"]), f"{args.data_root}/zeroshot",
+                                             None if args.full_sets else args.zeroshot_limit)
+            print(f"[benchmark] {row}: {key} {results[row][key]}", flush=True)
         write_results(results, out)
 
 

@@ -14,6 +14,7 @@ import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
 TARGETS = {"20": 0.2, "50": 0.5}
+DEFAULT_TARGETS = {"20": 0.2, "30": 0.3, "50": 0.5}  # the default and its uniform twin also show the curve between
 # row name -> (pruning callback, its init_args that define the row[, reconstruction init_args])
 HYWIA = {"schemes": ["element1", "element2", "vector"]}
 LEARNED = {"training": {"epochs": 6, "lr": 0.02, "patience": 2, "holdout": 8, "temperatures": [1.0, 0.05], "width": 16}}
@@ -40,6 +41,11 @@ RECONSTRUCTION = {"mode": "independent", "damping": 0.01, "batch_size": 16}
 POOL = ["element2", "fluctuation"]
 DEFAULT = {"granularity": "fluctuation", "allocation": "uniform"}  # the base of the one-change rows
 HYWIA_DEFAULT = {"schemes": ["wanda", "fluctuation"], "mode": "compensated", "grid": 4, "allocation": "uniform"}
+# the KL to the dense model on 32 held-out valid.txt windows (the protocol's one exception), and the
+# per-layer widths searched against it from the uniform ones (hywia_lightning.width_search)
+DISTILLATION = {"windows": 32, "top_k": 64, "batch_size": 8}
+WIDTH_SEARCH = {"levels": 4, "rounds": 2, "search_windows": 8, "judge_windows": 16, "judgements": 6, "damping": 0.1,
+                "batch_size": 8}
 HEURISTIC = {"schemes": POOL, "mode": "heuristic", "sharpness": 4.0, "allocation": "uniform"}
 # the previous default's refit: anchored on the pruned weights, one damping for every structure
 DAMPING01 = {"mode": "sequential", "damping": 0.1, "prior": "original", "intercept": True, "batch_size": 16}
@@ -69,8 +75,19 @@ def variants(recon: dict) -> dict:
 
 SCHEMES = ("element1", "element2", "vector", "vector2", "wanda", "obs", "fluctuation")
 RERUN = ("wanda", "fluctuation", "obs", "element1", "element2", "vector2")  # single schemes also run with the default refit
+# at every target of DEFAULT_TARGETS: the default (hywia_default_<target>, uniform widths), its twin that
+# also measures the KL to the dense model on held-out windows (hywia_default_uniform_<target>: the same
+# plan) and the same with widths searched against that KL (hywia_default_search_<target>, opt-in: it did
+# not move the tasks beyond noise, docs/benchmark/results.md); the ablation rows below change one
+# component of the default
+UNIFORM_DEFAULT = ("HybridPruning", HYWIA_DEFAULT, DEFAULT_RECONSTRUCTION)  # configs/prune_smollm2.yaml's method
+DEFAULTS = {
+    "hywia_default": UNIFORM_DEFAULT,
+    "hywia_default_search": ("HybridPruning", {**HYWIA_DEFAULT, "distillation": DISTILLATION, "width_search": WIDTH_SEARCH},
+                             DEFAULT_RECONSTRUCTION),
+    "hywia_default_uniform": ("HybridPruning", {**HYWIA_DEFAULT, "distillation": DISTILLATION}, DEFAULT_RECONSTRUCTION),
+}
 ABLATIONS = {
-    "hywia_default": ("HybridPruning", HYWIA_DEFAULT, DEFAULT_RECONSTRUCTION),
     **{f"hywia_default_{name}": row for name, row in variants(DEFAULT_RECONSTRUCTION).items()
        if name in ("heuristic", "fixed")},
     **{f"{scheme}_default": ("StructuredPruning", {"granularity": scheme, "allocation": "uniform"}, DEFAULT_RECONSTRUCTION)
@@ -101,7 +118,7 @@ CALIBRATIONS = {
 }
 # rows that are followed by a short LoRA recovery (<row>_lora_<target>): the best reconstructed row.
 # No instruction data is offline, so LoRA trains on WikiText-2 valid.txt windows (not the test text).
-RECOVERED = {"hywia_default_lora_50": "hywia_default_50"}  # recovery row -> the pruning row it continues
+RECOVERED = {"hywia_default_lora_50": (UNIFORM_DEFAULT, 0.5)}  # recovery row -> the pruning it continues, at a target
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0003, "weight_decay": 0.0}},
@@ -175,16 +192,17 @@ def configs() -> dict[str, str]:
             jobs[f"{row}_{target}"] = job(f"{row}_{target}", pruning)
             if row in RECONSTRUCTED:
                 jobs[f"{row}_recon_{target}"] = job(f"{row}_recon_{target}", pruning, RECONSTRUCTION)
-    for row, (callback, args, reconstruction) in ABLATIONS.items():
-        for target, ratio in TARGETS.items():
-            jobs[f"{row}_{target}"] = job(f"{row}_{target}", (callback, {"target_ratio": ratio, **args}), reconstruction)
-    callback, args, reconstruction = ABLATIONS["hywia_default"]
+    for rows, targets in ((DEFAULTS, DEFAULT_TARGETS), (ABLATIONS, TARGETS)):
+        for row, (callback, args, reconstruction) in rows.items():
+            for target, ratio in targets.items():
+                jobs[f"{row}_{target}"] = job(f"{row}_{target}", (callback, {"target_ratio": ratio, **args}), reconstruction)
+    callback, args, reconstruction = UNIFORM_DEFAULT
     for cal, data in CALIBRATIONS.items():
         for target, ratio in TARGETS.items():
             name = f"hywia_default_cal_{cal}_{target}"
             jobs[name] = job(name, (callback, {"target_ratio": ratio, **args}), reconstruction, data)
-    for name, row in RECOVERED.items():
-        jobs[name] = with_recovery(name, jobs[row])
+    for name, ((callback, args, reconstruction), ratio) in RECOVERED.items():
+        jobs[name] = with_recovery(name, job(name, (callback, {"target_ratio": ratio, **args}), reconstruction))
     header = (
         "# python main.py fit --config configs/bench/{name}.yaml\n"
         "# A row of the benchmark (../shared/BENCHMARK.md), written by scripts/make_bench_configs.py.\n"

@@ -24,6 +24,7 @@ from hywia_lightning.reconstruction import dense_grams
 from hywia_lightning.unit_groups import prunable_linears
 
 from .conftest import REPO, tiny_config, tiny_llama
+from .test_configs import config_command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 NEEDS = frozenset({"gradients", "squared_gradients", "input_moments"})
@@ -214,9 +215,9 @@ def test_the_check_runs_in_the_cli_and_can_be_switched_off(monkeypatch, tiny_mod
     assert HywiaCLI(args=args, run=False).model is not None
 
 
-OVERLAYS = ("recover_smollm2_ddp", "recover_smollm2_fsdp")  # given on top of configs/recover_smollm2.yaml
-JOBS = [["--config", f"configs/{path.name}"] for path in sorted((REPO / "configs").glob("*.yaml")) if path.stem not in OVERLAYS]
-JOBS += [["--config", "configs/recover_smollm2.yaml", "--config", f"configs/{name}.yaml"] for name in OVERLAYS]
+# every shipped job as its first line runs it (an overlay on top of its base config)
+JOBS = [[arg for config in config_command(path)[1] for arg in ("--config", config)]
+        for path in sorted((REPO / "configs").glob("*.yaml"))]
 JOBS += [["--config", "configs/prune_smollm2.yaml", "--pruning.accumulate_dtype", "bfloat16", "--trainer.devices=2",
           "--pruning.init_args.shard_accumulators", "false", "--reconstruction.mode", "sequential"],
          ["--config", "configs/prune_llama70b_fsdp.yaml", "--trainer.num_nodes", "2", "--pruning.init_args.layer_end", "null"]]
