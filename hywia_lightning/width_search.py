@@ -374,11 +374,11 @@ def search_widths(
                         progress.update()
                 masked.put(s.key, best_state[s.key])
             progress.close()
-            limit, attempts = float("inf"), []
+            limit, attempts, rejected = float("inf"), [], []
             for _ in range(settings.judgements):  # the curves' trades, validated end to end in steps
                 proposal = propose(structures, curves, best_state, searched_target, TOLERANCE * total_params / 2, limit)
-                if proposal is None or proposal == best_state:
-                    break
+                if proposal is None or proposal == best_state or proposal in rejected:
+                    break  # nothing to trade, or the smallest step was judged already
                 masked.put_all(proposal)
                 kl = judge.full()
                 moved = moved_parameters(structures, best_state, proposal)
@@ -386,6 +386,7 @@ def search_widths(
                 if kl < best_kl:
                     best_state, best_kl = proposal, kl
                 else:
+                    rejected.append(proposal)
                     limit = moved / 2
             log.info("width search round %d: KL %s", r + 1,
                      ", ".join(f"{a['kl']:.5f} moving {a['moved_parameters']:,}" for a in attempts) or "no move")

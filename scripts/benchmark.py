@@ -192,8 +192,16 @@ UNSEEN_FROM = 16  # the search's judge_windows: windows 16..31 are never seen by
 
 def _kl(r: dict | None, first: int = 0) -> str:
     """The mean KL to the dense model over the row's held-out windows from ``first`` on."""
-    per_window = (r or {}).get("distillation", {}).get("kl_per_window")
-    return f"{sum(per_window[first:]) / len(per_window[first:]):.4f}" if per_window else "–"
+    distillation = (r or {}).get("distillation", {})
+    per_window = distillation.get("kl_per_window")
+    if per_window:
+        return f"{sum(per_window[first:]) / len(per_window[first:]):.4f}"
+    value = None  # a run recorded before kl_per_window: its overall KL, and its search's unseen one
+    if first == 0:
+        value = distillation.get("kl")
+    elif distillation.get("windows", 0) - distillation.get("unseen_windows", 0) == first:
+        value = distillation.get("kl_unseen_by_search")
+    return f"{value:.4f}" if value is not None else "–"
 
 
 def _full_accuracy(r: dict | None) -> str:
@@ -221,9 +229,10 @@ def widths_table(results: dict[str, dict]) -> str:
 
 
 def summarized(row: dict) -> dict:
-    """A row without its per-structure details (each refit's errors, each group's score quantiles),
-    which stay in the run's own ``report.json``: the results keep what the tables and the docs cite,
-    and of a damping chosen by held-out windows how many structures of each kind chose each value."""
+    """A row without its per-structure details (each refit's errors, each group's score quantiles, the
+    width search's curves), which stay in the run's own ``report.json``: the results keep what the
+    tables and the docs cite, and of a damping chosen by held-out windows how many structures of each
+    kind chose each value."""
     row = dict(row)
     recon = row.get("reconstruction")
     if recon and "layers" in recon:
@@ -234,6 +243,9 @@ def summarized(row: dict) -> dict:
             for key, layer in layers.items():  # keys like layers.4.mlp
                 chosen.setdefault(key.rsplit(".", 1)[-1], Counter())[str(layer["damping"])] += 1
             recon["chosen_damping"] = {kind: dict(sorted(c.items())) for kind, c in chosen.items()}
+    if "width_search" in row:  # each round's measured curves stay in the run's report.json
+        row["width_search"] = {**row["width_search"], "rounds": [{k: v for k, v in r.items() if k != "curves"}
+                                                                 for r in row["width_search"]["rounds"]]}
     if "groups" in row.get("importance", {}):
         row["importance"] = {k: v for k, v in row["importance"].items() if k != "groups"}
     return row
