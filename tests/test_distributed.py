@@ -67,3 +67,21 @@ def test_two_processes_calibrate_on_the_same_generated_windows(tiny_model_dir, t
     cached = lambda root: [torch.load(p, weights_only=True)["windows"] for p in (root / "generated").rglob("generated-*.pt")]
     (ddp_windows,), (single_windows,) = cached(tmp_path / "ddp"), cached(single)  # one file each: rank 0 wrote it
     assert torch.equal(ddp_windows, single_windows)
+
+
+def test_two_processes_search_the_same_widths_as_one(tiny_model_dir, tmp_path):
+    """The width search runs on rank 0 with every window; both ranks prune by its plan, the plan one
+    process finds, and report the same KL to the dense model."""
+    def job(root):
+        config = prune_job(tiny_model_dir, root, data={"num_windows": 6}, target_ratio=0.2, granularity="wanda",
+                           distillation={"windows": 3, "top_k": 8, "batch_size": 2},
+                           width_search={"levels": 2, "rounds": 2, "search_windows": 2, "batch_size": 2})
+        config["reconstruction"] = {"mode": "sequential", "damping": 0.1, "prior": "original", "intercept": True}
+        return config
+
+    single = tmp_path / "single"
+    run_fit(job(single), single)
+    run_two_processes(job(tmp_path / "ddp"), tmp_path)
+    assert plan(tmp_path / "ddp") == plan(single)
+    kl = lambda root: json.loads((root / "export" / "report.json").read_text())["distillation"]["kl"]
+    assert kl(tmp_path / "ddp") == pytest.approx(kl(single), rel=1e-3)
