@@ -63,7 +63,7 @@ class WidthSearch:
     rounds: PositiveInt = 2
     """Coarse to fine: each later round measures one step either side of the best, at half the step."""
     search_windows: PositiveInt = 8
-    """Distillation windows each candidate is measured on (the first ones); proposals are judged on all."""
+    """Distillation windows each candidate is measured on (the first ones)."""
     damping: float = 0.1
     """The candidates' refit damping, relative to the mean diagonal of ``X Xᵀ`` (toward the kept weights)."""
     batch_size: PositiveInt = 8
@@ -82,15 +82,19 @@ class WidthSearch:
 
 @dataclass
 class _Structure:
-    """One searchable structure: its kept-count options (ascending) and what a unit of it costs."""
+    """One searchable structure: its kept-count options (ascending) and the parameters each keeps."""
 
     key: GroupKey
-    layers: LayerStructures
+    layer: LayerStructures
     options: list[int]      # kept counts allowed (query heads, or channels), ascending
     params: list[int]       # parameters kept at each option
 
+    def __post_init__(self) -> None:
+        self._params = dict(zip(self.options, self.params))
+
     def cost(self, count: int) -> int:
-        return self.params[self.options.index(count)]
+        """Parameters the structure keeps at ``count`` units."""
+        return self._params[count]
 
 
 def _structures(layers: list[LayerStructures], scope: PruningScope) -> list[_Structure]:
@@ -131,7 +135,7 @@ class _MaskedModel:
                  scope: PruningScope, windows: Tensor, damping: float, batch_size: int) -> None:
         self.scores, self.scope, self.damping = scores, scope, damping
         self.by_key = {s.key: s for s in structures}
-        self.projection = {s.key: (s.layers.attention.o_proj if s.key.kind == "attention" else s.layers.mlp.down_proj)
+        self.projection = {s.key: (s.layer.attention.o_proj if s.key.kind == "attention" else s.layer.mlp.down_proj)
                            for s in structures}
         self.dense = {key: p.weight.data for key, p in self.projection.items()}
         self.hooks: dict[GroupKey, object] = {}
@@ -158,7 +162,7 @@ class _MaskedModel:
             return None
         if (key, count) in self.cache:
             return self.cache[(key, count)]
-        s, dense = structure.layers, self.dense[key]
+        s, dense = structure.layer, self.dense[key]
         w = LayerWidths(count, _kv_heads(s, count, self.scope), 0) if key.kind == "attention" else LayerWidths(0, 0, count)
         kept = kept_output_columns(key, self.scores[key], s, w, self.scope.attention_unit)
         gram, total, tokens = self.moments[key]
@@ -305,15 +309,15 @@ def propose(structures: list[_Structure], curves: dict[GroupKey, dict[int, float
         if removed < target:
             if remove is None:
                 return None
-            value, params, count = removals[remove][0]
+            _, params, count = removals[remove][0]
             if removed + params > target + tolerance:
-                blocked.add(remove)  # its later steps are larger still
+                blocked.add(remove)  # its later steps are no smaller
                 continue
             removals[remove].pop(0)
             additions[remove] = []  # a structure that gives units takes none back this round
             state[remove], removed = count, removed + params
         elif add is not None and remove is not None and added < limit and additions[add][0][0] > removals[remove][0][0]:
-            value, params, count = additions[add].pop(0)
+            _, params, count = additions[add].pop(0)
             removals[add] = []
             state[add], removed, added = count, removed - params, added + params
         else:
