@@ -185,6 +185,7 @@ def calibration_table(results: dict[str, dict]) -> str:
 WIDTH_ROWS = {
     "hywia_default_uniform": "uniform widths (every pruned layer loses the same share)",
     "hywia_default_search": "widths searched against the KL to the dense model (`width_search`)",
+    "hywia_default_uniform_cal_valid128": "uniform widths, 128 calibration windows instead of 32 (the same KL windows)",
 }
 WIDTH_TARGETS = ("20", "30", "50")
 UNSEEN_FROM = 16  # the search's judge_windows: windows 16..31 are never seen by it
