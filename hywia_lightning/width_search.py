@@ -48,6 +48,7 @@ from .plan import (TOLERANCE, LayerWidths, allowed_head_counts, channel_params, 
                    kv_head_params)
 from .progress import Progress
 from .reconstruction import RefitStatistics, dense_grams, solve_refit
+from .reconstruction_modes import output_projection
 from .structures import LayerStructures
 from .unit_groups import GroupKey
 
@@ -135,8 +136,7 @@ class _MaskedModel:
                  scope: PruningScope, windows: Tensor, damping: float, batch_size: int) -> None:
         self.scores, self.scope, self.damping = scores, scope, damping
         self.by_key = {s.key: s for s in structures}
-        self.projection = {s.key: (s.layer.attention.o_proj if s.key.kind == "attention" else s.layer.mlp.down_proj)
-                           for s in structures}
+        self.projection = {s.key: output_projection(s.layer, s.key.kind) for s in structures}
         self.dense = {key: p.weight.data for key, p in self.projection.items()}
         self.hooks: dict[GroupKey, object] = {}
         self.current: dict[GroupKey, int] = {}
