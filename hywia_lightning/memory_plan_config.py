@@ -218,7 +218,7 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
 def _with_layers(job: JobSettings, shape: ModelShape, config: Namespace) -> JobSettings:
     from dataclasses import replace
 
-    from .pipeline import layer_range
+    from .structures import layer_range
 
     if job.estimation is None:
         return job

@@ -29,26 +29,9 @@ from .importance_summary import importance_summary
 from .plan import LayerWidths, PruningPlan, count_parameters, make_plan
 from .scoring import ScoringContext
 from .statistics import Statistics
-from .structures import LayerStructures, discover_structures
+from .structures import LayerStructures, target_layers
 from .unit_groups import GroupKey, output_projections, prunable_linears, unit_groups
 from .width_search import WidthSearch, search_widths
-
-
-def layer_range(num_layers: int, layer_start: int = 0, layer_end: int | None = None) -> range:
-    """Layers ``[layer_start, layer_end)``; negatives count from the end, ``None`` is the last layer."""
-    start = layer_start + num_layers if layer_start < 0 else layer_start
-    end = num_layers if layer_end is None else layer_end + (num_layers if layer_end < 0 else 0)
-    if not 0 <= start < end <= num_layers:
-        raise ValueError(
-            f"layer_start={layer_start}, layer_end={layer_end} select no valid range of the model's "
-            f"{num_layers} layers; allowed: 0 <= layer_start < layer_end <= {num_layers} (negative counts from the end)"
-        )
-    return range(start, end)
-
-
-def target_layers(model: nn.Module, layer_start: int = 0, layer_end: int | None = None) -> list[LayerStructures]:
-    structures = discover_structures(model)
-    return [structures[i] for i in layer_range(len(structures), layer_start, layer_end)]
 
 
 def accumulator_shards(collective: Collective | None, shard_accumulators: bool | None) -> Collective | None:
