@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from lightning import LightningModule, Trainer
 
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checks import check_context
-from hywia_lightning.collective import Collective, process_group_collective
+from hywia_lightning.collective import trainer_collective
 
 
 def calibration_for(stage: str, own: CalibrationData | None, trainer: Trainer) -> CalibrationData:
@@ -18,18 +17,6 @@ def calibration_for(stage: str, own: CalibrationData | None, trainer: Trainer) -
             f"or the job's data to one (found {type(data).__name__})"
         )
     return data
-
-
-def trainer_collective(trainer: Trainer) -> Collective | None:
-    """How the ranks of ``trainer`` sum tensors and share rank 0's objects (the strategy's own), and
-    reduce-scatter and gather shards (its process group's); ``None`` for one process."""
-    if trainer.world_size == 1:
-        return None
-    strategy = trainer.strategy
-    reduce, broadcast = lambda t: strategy.reduce(t, reduce_op="sum"), lambda obj: strategy.broadcast(obj, src=0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return process_group_collective(reduce, broadcast)
-    return Collective(trainer.global_rank, trainer.world_size, reduce, broadcast)
 
 
 def checked_calibration(stage: str, own: CalibrationData | None, trainer: Trainer, pl_module: LightningModule) -> CalibrationData:

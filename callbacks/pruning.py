@@ -29,6 +29,7 @@ from torch import Tensor
 from hywia_lightning.allocation import Allocation, PruningScope, make_allocation
 from hywia_lightning.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state, saved_parameter_names
+from hywia_lightning.collective import trainer_collective
 from hywia_lightning.distillation import Distillation, DistillationSet
 from hywia_lightning.estimation import accumulate_dtype_named
 from hywia_lightning.gathered_slicing import pruned
@@ -42,7 +43,7 @@ from hywia_lightning.structures import LayerStructures
 from hywia_lightning.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
 from hywia_lightning.width_search import WidthSearch
 
-from .calibration import calibration_for, checked_calibration, trainer_collective
+from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
 from .pruning_hooks import PruningHooks
 

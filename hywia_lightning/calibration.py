@@ -178,11 +178,12 @@ class CalibrationData(LightningDataModule):
     def _dense_model(self) -> PreTrainedModel:
         model = self.model
         if model is None:
-            raise RuntimeError(f"calibration.source={GENERATED!r} samples from the dense model: call attach(tokenizer, model) first")
+            raise RuntimeError(f"{self.key}={GENERATED!r} samples from the dense model: call attach(tokenizer, model) first")
         if getattr(model.config, "layer_intermediate_size", None) is not None:
             raise RuntimeError(
-                f"calibration.source={GENERATED!r} samples from the dense model, but this model is already pruned "
-                "(its config has per-layer widths): build the windows before pruning, or calibrate on a text"
+                f"{self.key}={GENERATED!r} samples from the dense model, but this model is already pruned "
+                "(its config has per-layer widths): build the windows before pruning, use a text, "
+                "or (in a recovery job) name the dense model in model.init_args.teacher"
             )
         return model
 

@@ -10,9 +10,12 @@ NCCL) that Lightning's DDP and FSDP strategies, or ``torch.distributed.init_proc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning import Trainer
 
 
 @dataclass
@@ -57,3 +60,17 @@ def process_group_collective(
     return Collective(dist.get_rank(), dist.get_world_size(), all_reduce or reduce, broadcast or share,
                       lambda output, tensor: dist.reduce_scatter_tensor(output, tensor),
                       lambda output, tensor: dist.all_gather_into_tensor(output, tensor))
+
+
+def trainer_collective(trainer: "Trainer") -> Collective | None:
+    """How the ranks of ``trainer`` sum tensors and share rank 0's objects (the strategy's own), and
+    reduce-scatter and gather shards (its process group's); ``None`` for one process."""
+    import torch
+
+    if trainer.world_size == 1:
+        return None
+    strategy = trainer.strategy
+    reduce, broadcast = lambda t: strategy.reduce(t, reduce_op="sum"), lambda obj: strategy.broadcast(obj, src=0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return process_group_collective(reduce, broadcast)
+    return Collective(trainer.global_rank, trainer.world_size, reduce, broadcast)

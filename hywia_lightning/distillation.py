@@ -87,6 +87,16 @@ def kl_per_position(logits: Tensor, teacher: TeacherTargets) -> Tensor:
     return (kl + rest).clamp_min(0.0)
 
 
+def kl_to_logits(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``KL(p_teacher ‖ q)`` of the full distributions at every position (``[..., seq_len]``), at
+    ``temperature`` and scaled by its square (so the gradient's size does not depend on it, as in
+    Hinton et al., 2015). What training against a teacher that runs beside the student minimizes;
+    :func:`kl_per_position` is its coarsening to a stored teacher's top ``k``."""
+    log_q = torch.log_softmax(logits.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+
+
 def model_logits(model: nn.Module, batch: Tensor) -> Tensor:
     device = next(model.parameters()).device
     return model(input_ids=batch.to(device), use_cache=False).logits

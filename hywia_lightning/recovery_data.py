@@ -1,9 +1,15 @@
-"""Training data of the LoRA recovery: Alpaca instructions or plain text, seeded, sharded, resumable.
+"""Training data of the LoRA recovery: Alpaca instructions, plain text or the dense model's own
+samples, or a mix of them; seeded, sharded, resumable.
 
 - ``alpaca``: records of a ``.json``/``.jsonl`` file or ``hub:<id>`` (``yahma/alpaca-cleaned`` in
-  LLM-Pruner's recipe), loss on the response tokens only, cut at ``seq_len`` tokens.
-- ``text``: non-overlapping ``seq_len``-token windows of a text source (the offline default uses
-  the built-in corpus), loss on every token.
+  LLM-Pruner's recipe), language-model loss on the response tokens only, cut at ``seq_len`` tokens.
+- ``text``: non-overlapping ``seq_len``-token windows of a text source, loss on every token.
+- ``generated``: ``generated_windows`` windows the dense model samples itself, before pruning
+  (:mod:`~hywia_lightning.self_generation`, cached on disk like generated calibration; other samples
+  than the calibration's). General text on a machine with no corpus: what distillation recovers on
+  in the offline default, instead of one narrow corpus.
+
+A list of sources is a mix: the examples of every source are pooled, then split and shuffled.
 
 ``batch_size`` is the global batch of one forward step: every rank takes ``batch_size / world_size``
 examples, drawn by one seeded permutation per epoch that does not depend on the number of ranks,
@@ -21,14 +27,18 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
+from .calibration import CalibrationData
 from .checks import check_context
+from .collective import trainer_collective
 from .input_errors import mark_input_error
 from .instruction_data import read_instructions, tokenize_instruction
 from .lm_loss import IGNORE_INDEX
 from .perplexity import chunk_tokens
+from .self_generation import GENERATED, Generation
 from .text_sources import check_source, read_text, token_ids
 
 FORMATS = ("alpaca", "text")
+RECOVERY_SEED = 2_000_003  # added to the seed of generated recovery windows: other samples than the calibration's
 
 
 class ResumableSampler(DistributedSampler):
@@ -59,7 +69,7 @@ class PositionedLoader(DataLoader):
 class RecoveryData(LightningDataModule):
     def __init__(
         self,
-        source: str,
+        source: str | list[str],
         format: str = "alpaca",
         seq_len: PositiveInt = 256,
         batch_size: PositiveInt = 8,
@@ -68,21 +78,35 @@ class RecoveryData(LightningDataModule):
         seed: int = 0,
         text_field: str = "text",
         train_on_inputs: bool = False,
+        generated_windows: PositiveInt = 256,
+        generation: Generation | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         """
         Args:
             source: ``alpaca``: a ``.json``/``.jsonl`` file or ``hub:<id>``; ``text``: a text source
-                (local ``.txt``/``.jsonl``, ``builtin:python-docs/train``, ``hub:<id>[:<config>]``).
-            format: ``alpaca`` or ``text``.
-            seq_len: ``alpaca``: cutoff length of an example; ``text``: window length.
+                (local ``.txt``/``.jsonl``, ``builtin:python-docs/train``, ``hub:<id>[:<config>]``);
+                ``generated``: the dense model's samples; a list: a mix (pooled).
+            format: how the sources other than ``generated`` are read: ``alpaca`` or ``text``.
+            seq_len: ``alpaca``: cutoff length of an example; ``text`` and ``generated``: window length.
             batch_size: examples per step over all ranks (must divide by the number of processes).
             val_size: examples held out (seeded) for validation.
             max_examples: train on at most this many examples (``None``: all).
             train_on_inputs: ``alpaca`` only: score the prompt tokens too.
+            generated_windows: how many windows ``generated`` samples (sampled once, then cached).
+            generation, cache_dir: the sampling settings and the cache folder of ``generated``, as in
+                :class:`~hywia_lightning.calibration.CalibrationData`.
         """
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"format={format!r} is unknown; allowed: {', '.join(FORMATS)}")
+        self.sources = [source] if isinstance(source, str) else list(source)
+        if not self.sources or len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"source={source!r}: give one source, or a list of distinct sources to mix")
+        if generation is not None and GENERATED not in self.sources:
+            raise ValueError(f"generation={generation} is set, but source={source!r} has no {GENERATED!r} to use it")
+        self.generated_windows, self.generation, self.cache_dir = generated_windows, generation, cache_dir
+        self.generated: dict | None = None  # how the generated windows were obtained (cache file, seconds)
         self.source, self.format, self.seq_len, self.batch_size = source, format, seq_len, batch_size
         self.val_size, self.max_examples, self.seed = val_size, max_examples, seed
         self.text_field, self.train_on_inputs = text_field, train_on_inputs
@@ -100,8 +124,9 @@ class RecoveryData(LightningDataModule):
             if self.train_set:
                 return
             self.check()
-            check_context(self.seq_len, self.trainer.lightning_module.model.config, "data.seq_len")
-            self.build(self.trainer.lightning_module.tokenizer)
+            module = self.trainer.lightning_module
+            check_context(self.seq_len, module.model.config, "data.seq_len")
+            self.build(module.tokenizer, self._sampling_model(module) if GENERATED in self.sources else None)
             if len(self.train_set) < self.batch_size:
                 raise ValueError(
                     f"data.source={self.source!r} gives {len(self.train_set)} training examples after holding out "
@@ -113,7 +138,15 @@ class RecoveryData(LightningDataModule):
     def check(self) -> None:
         """A text source that cannot be read fails here (instruction files are checked as they are read)."""
         if self.format == "text":
-            check_source(self.source, "data.source")
+            for source in self.sources:
+                if source != GENERATED:
+                    check_source(source, "data.source")
+
+    @staticmethod
+    def _sampling_model(module):
+        """The dense model that ``generated`` samples: the module's teacher where it names one (a
+        recovery that starts from a pruned export), else its model (still dense: this runs before pruning)."""
+        return module.dense_model() if hasattr(module, "dense_model") else module.model
 
     def per_device_batch_size(self, world_size: int) -> int:
         if self.batch_size % world_size:
@@ -123,8 +156,9 @@ class RecoveryData(LightningDataModule):
             )
         return self.batch_size // world_size
 
-    def build(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        examples = self._examples(tokenizer)
+    def build(self, tokenizer: PreTrainedTokenizerBase, dense_model=None) -> None:
+        """Every source's examples, split by one seeded permutation; ``dense_model`` samples ``generated``."""
+        examples = [e for source in self.sources for e in self._examples(source, tokenizer, dense_model)]
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
         if len(examples) <= self.val_size:
             raise ValueError(f"data.source={self.source!r} has {len(examples)} examples, not more than val_size={self.val_size}")
@@ -132,19 +166,37 @@ class RecoveryData(LightningDataModule):
         self.train_set = [examples[i] for i in order[self.val_size :]][: self.max_examples]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def _examples(self, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
-        if self.format == "alpaca":
-            records = read_instructions(self.source, "data.source")
+    def _examples(self, source: str, tokenizer: PreTrainedTokenizerBase, dense_model) -> list[dict[str, torch.Tensor]]:
+        if source == GENERATED:
+            windows = self._generated(tokenizer, dense_model)
+        elif self.format == "alpaca":
+            records = read_instructions(source, "data.source")
             return [tokenize_instruction(tokenizer, r, self.seq_len, self.train_on_inputs) for r in records]
-        text = read_text(self.source, "data.source", self.text_field)
-        windows = chunk_tokens(token_ids(tokenizer, text), self.seq_len, num_chunks=None)
+        else:
+            windows = chunk_tokens(token_ids(tokenizer, read_text(source, "data.source", self.text_field)), self.seq_len,
+                                   num_chunks=None)
         return [{"input_ids": w, "labels": w} for w in windows]
 
+    def _generated(self, tokenizer: PreTrainedTokenizerBase, dense_model) -> torch.Tensor:
+        """Sampled by calibration's code and cache (rank 0 samples, every rank gets its windows)."""
+        if dense_model is None:
+            raise ValueError(f"data.source={GENERATED!r} samples from the dense model: pass it to build()")
+        sampler = CalibrationData(GENERATED, self.generated_windows, self.seq_len, self.seed + RECOVERY_SEED,
+                                  generation=self.generation, cache_dir=self.cache_dir)
+        sampler.key = "data.source"
+        sampler.attach(tokenizer, dense_model, trainer_collective(self.trainer) if self.trainer is not None else None)
+        windows = sampler.windows()
+        self.generated = {**sampler.describe()["generation"], "windows": self.generated_windows}
+        return list(windows)
+
     def describe(self) -> dict:
-        return {
+        described = {
             "source": self.source, "format": self.format, "seq_len": self.seq_len, "batch_size": self.batch_size,
             "train_examples": len(self.train_set), "val_examples": len(self.val_set), "seed": self.seed,
         }
+        if self.generated is not None:
+            described["generation"] = self.generated
+        return described
 
     # -- loaders --------------------------------------------------------------------------------
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

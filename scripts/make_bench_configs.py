@@ -120,9 +120,18 @@ CALIBRATIONS = {
 # (hywia_default_uniform_cal_<name>_20): how quality moves with calibration size, the KL judged on the
 # same 32 held-out windows (the last of the seed's order).
 CALIBRATION_SIZES = {"valid128": {"num_windows": 128}}
-# rows that are followed by a short LoRA recovery (<row>_lora_<target>): the best reconstructed row.
-# No instruction data is offline, so LoRA trains on WikiText-2 valid.txt windows (not the test text).
-RECOVERED = {"hywia_default_lora_50": (UNIFORM_DEFAULT, 0.5)}  # recovery row -> the pruning it continues, at a target
+# Rows of the default pruning followed by a short LoRA recovery: row -> (target, loss, recovery data).
+# hywia_default_lora_50: the language-model loss on WikiText-2 valid.txt windows (the test text's corpus);
+# hywia_default_{distill,lm}_<target>: distillation from the dense model, or the language-model loss,
+# on the same text the dense model sampled itself (no WikiText), the same steps. Both name the
+# teacher, so that both report the validation KL.
+GENERATED_RECOVERY = {"source": "generated", "generated_windows": 384}
+RECOVERED = {
+    "hywia_default_lora_50": (0.5, {"loss": "lm"}, {}),
+    **{f"hywia_default_{loss}_{target}": (ratio, {"loss": "kl" if loss == "distill" else "lm",
+                                                   "teacher": "bundled:SmolLM2-135M-Instruct"}, GENERATED_RECOVERY)
+       for loss in ("distill", "lm") for target, ratio in TARGETS.items()},
+}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.0003, "weight_decay": 0.0}},
@@ -167,14 +176,14 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None
     }
 
 
-def with_recovery(name: str, pruning_job: dict) -> dict:
+def with_recovery(name: str, pruning_job: dict, loss: dict, data: dict) -> dict:
     """``pruning_job`` followed by LoRA recovery: the calibration windows move into the pruning
     stages (the job's data becomes the recovery's), so the pruned model is the same as without it."""
     config = copy.deepcopy(pruning_job)
     calibration = config.pop("data")
     config["model"] = {"class_path": "hywia_lightning.LoRARecovery",
-                       "init_args": {**config["model"]["init_args"], **LORA}}
-    config["data"] = {"class_path": "hywia_lightning.RecoveryData", "init_args": dict(RECOVERY_DATA)}
+                       "init_args": {**config["model"]["init_args"], **LORA, **loss}}
+    config["data"] = {"class_path": "hywia_lightning.RecoveryData", "init_args": {**RECOVERY_DATA, **data}}
     trainer = config["trainer"]
     for key in ("max_steps", "limit_train_batches", "limit_val_batches"):
         trainer.pop(key)
@@ -209,8 +218,9 @@ def configs() -> dict[str, str]:
     for cal, data in CALIBRATION_SIZES.items():  # more calibration text, the same held-out KL windows
         name = f"hywia_default_uniform_cal_{cal}_20"
         jobs[name] = job(name, (callback, {"target_ratio": 0.2, **args}), reconstruction, data)
-    for name, ((callback, args, reconstruction), ratio) in RECOVERED.items():
-        jobs[name] = with_recovery(name, job(name, (callback, {"target_ratio": ratio, **args}), reconstruction))
+    callback, args, reconstruction = UNIFORM_DEFAULT
+    for name, (ratio, loss, data) in RECOVERED.items():
+        jobs[name] = with_recovery(name, job(name, (callback, {"target_ratio": ratio, **args}), reconstruction), loss, data)
     header = (
         "# python main.py fit --config configs/bench/{name}.yaml\n"
         "# A row of the benchmark (../shared/BENCHMARK.md), written by scripts/make_bench_configs.py.\n"
