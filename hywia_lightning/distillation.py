@@ -92,9 +92,13 @@ def kl_to_logits(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.
     ``temperature`` and scaled by its square (so the gradient's size does not depend on it, as in
     Hinton et al., 2015). What training against a teacher that runs beside the student minimizes;
     :func:`kl_per_position` is its coarsening to a stored teacher's top ``k``."""
+    with torch.no_grad():  # the teacher's side: only its probabilities are kept for the backward
+        log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        p = log_p.exp()
+        entropy_term = (p * log_p).sum(-1)
+        del log_p
     log_q = torch.log_softmax(logits.float() / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+    return (entropy_term - (p * log_q).sum(-1)) * temperature**2
 
 
 def model_logits(model: nn.Module, batch: Tensor) -> Tensor:

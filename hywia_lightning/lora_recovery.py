@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -164,6 +165,9 @@ class LoRARecovery(CausalLM):
             return
         if self.needs_teacher and self.teacher is None:
             self.teacher = self._load_teacher()
+        if self.teacher is not None:  # Lightning warns of modules in eval mode: exactly the teacher's is by design
+            count = sum(1 for _ in self.teacher.modules())
+            warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start of training")
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = add_lora(self.model, self.lora_config).train()  # loaded in eval mode; LoRA dropout must be live
@@ -196,10 +200,11 @@ class LoRARecovery(CausalLM):
         parts = {"lm": output.loss}
         if temperature is not None:
             with torch.no_grad():
-                target = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False).logits
+                teacher = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             mask = batch["attention_mask"].to(output.logits.dtype)
-            parts["kl"] = (kl_to_logits(output.logits, target, temperature) * mask).sum() / mask.sum()
+            kl = kl_to_logits(output.logits, teacher.logits, temperature)
+            del teacher  # its logits: only the probabilities kl_to_logits keeps are needed now
+            parts["kl"] = (kl * mask).sum() / mask.sum()
         return parts
 
     def validation_step(self, batch, batch_idx: int) -> None:

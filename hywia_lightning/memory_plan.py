@@ -89,6 +89,8 @@ class RecoverySettings:
     seq_len: int = 256
     activation_checkpointing: bool = False
     fsdp: bool = False
+    teacher: bool = False  # the unpruned teacher (distillation, or a named teacher's validation KL)
+    kl: bool = False       # the loss has a KL to the teacher (its logits and full distributions per token)
 
 
 @dataclass(frozen=True)
@@ -538,6 +540,8 @@ def recovery_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
                    for name, (out, inp) in shape.layer_linears(layer).items() if name in rc.target_modules)
     parts = [Part("weights", weights(shape, b, kept) // shards, rc.fsdp),
              Part("adapters + gradients + AdamW states", 4 * adapters * b // shards, rc.fsdp)]
+    if rc.teacher:  # frozen, sharded like the student under FSDP, whole on every DDP rank
+        parts.append(Part("teacher weights (dense)", weights(shape, b) // shards, rc.fsdp))
     if rc.fsdp:
         largest_layer = max(shape.layer_parameters(i) for i in range(shape.num_hidden_layers))
         parts.append(Part("gathered decoder layers (2)", int(2 * largest_layer * kept * b)))
@@ -561,6 +565,11 @@ def recovery_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
         activations = tokens * sum(per_layer)
     parts += [Part("activations" + (" (checkpointed)" if rc.activation_checkpointing else ""), activations),
               Part("logits", _logits(shape, tokens))]
+    if rc.kl:  # vocabulary-sized: the teacher's logits; in float32 its log-probabilities, probabilities and
+        # their product, the student's log-probabilities at the temperature; in the backward the gradients of
+        # the product, of the log-probabilities and of the logits (summed with the LM loss's). Measured:
+        # docs/performance/memory_plan_recovery.md
+        parts.append(Part("KL: teacher logits, distributions and their gradients", tokens * shape.vocab_size * (b + 7 * 4)))
     note = f"FSDP over {world} ranks" if rc.fsdp else ("DDP: every rank holds the model" if world > 1 else "one device")
     return StagePeak("recovery", parts, note)
 

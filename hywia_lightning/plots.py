@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .files import write_atomic  # noqa: E402
+from .report_markdown import recovery_curves  # noqa: E402
 
 DPI = 80  # small files: a few tens of KB each
 
@@ -82,21 +83,19 @@ def figure_importance(importance: dict) -> Figure:
 
 
 def figure_recovery_loss(recovery: dict) -> Figure:
-    """Training (and validation) loss of the recovery over steps."""
+    """The recovery's losses over steps: the objective, its parts (KL, LM loss), on validation too."""
     fig, ax = plt.subplots(figsize=(7, 3))
-    for key, label in (("loss_curve", "training loss"), ("val_loss", "validation loss")):
-        curve = recovery.get(key) or []
-        if curve:
-            ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o" if len(curve) < 30 else None,
-                    markersize=3, label=label)
-    ax.set(xlabel="step", ylabel="loss", title="recovery")
+    for label, curve in recovery_curves(recovery):
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o" if len(curve) < 30 else None,
+                markersize=3, label=label)
+    ax.set(xlabel="step", ylabel="nats per token", title="recovery")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def _has_curve(recovery) -> bool:
-    return isinstance(recovery, dict) and bool(recovery.get("loss_curve") or recovery.get("val_loss"))
+    return isinstance(recovery, dict) and bool(recovery_curves(recovery))
 
 
 # file name, section it draws, whether the section has something to draw, builder

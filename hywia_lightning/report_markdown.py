@@ -199,22 +199,35 @@ def _fusion(s: dict) -> list[str]:
     return lines
 
 
+# the recovery's curves in report.json (each [[step, value], ...], in nats) and how they are named
+RECOVERY_CURVES = {"loss_curve": "training loss", "kl_curve": "training KL", "lm_curve": "training LM loss",
+                   "val_loss": "validation LM loss", "val_kl": "validation KL"}
+
+
+def recovery_curves(recovery: dict) -> list[tuple[str, list]]:
+    """(label, curve) of each curve the recovery has; a part equal to the loss (``kl`` or ``lm`` alone) once."""
+    loss = recovery.get("loss_curve")
+    return [(label, recovery[key]) for key, label in RECOVERY_CURVES.items()
+            if recovery.get(key) and (key == "loss_curve" or recovery[key] != loss)]
+
+
 def _recovery(s: dict) -> list[str]:
     recovery = s.get("recovery")
     if not isinstance(recovery, dict):
         return []
     rows = []
-    for key, label in (("loss_curve", "training loss"), ("val_loss", "validation loss")):
-        curve = recovery.get(key)
-        if curve:
-            rows.append([label, f"{_num(curve[0][1], 4)} (step {curve[0][0]})", f"{_num(curve[-1][1], 4)} (step {curve[-1][0]})"])
+    for label, curve in recovery_curves(recovery):
+        rows.append([label, f"{_num(curve[0][1], 4)} (step {curve[0][0]})", f"{_num(curve[-1][1], 4)} (step {curve[-1][0]})"])
     lines = ["## Recovery", ""]
     if rows:
         lines += _table(["", "first", "last"], rows, ["---", "---", "---"]) + [""]
     lora = recovery.get("lora")
     if isinstance(lora, dict):
         lines += ["LoRA: " + ", ".join(f"{k} {', '.join(v) if isinstance(v, list) else v}" for k, v in lora.items()), ""]
-    scalars = {k: v for k, v in recovery.items() if k not in ("loss_curve", "val_loss") and isinstance(v, (str, int, float, bool))}
+    loss = recovery.get("loss")
+    if isinstance(loss, dict):
+        lines += ["Loss: " + ", ".join(f"{k} {v}" for k, v in loss.items() if v is not None), ""]
+    scalars = {k: v for k, v in recovery.items() if k not in RECOVERY_CURVES and isinstance(v, (str, int, float, bool))}
     if scalars:
         lines += [", ".join(f"{k}: {v if not isinstance(v, float) else _num(v, 4)}" for k, v in scalars.items()), ""]
     return lines if len(lines) > 2 else []

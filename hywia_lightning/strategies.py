@@ -42,7 +42,12 @@ class DecoderLayerFSDP(FSDPStrategy):
         super().setup_environment()
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        classes = decoder_layer_classes(self.lightning_module.model)
+        """Every decoder layer is a unit: the student's, and a distillation teacher's (whose class
+        may differ: a pruned export's layers are its own modeling code's)."""
+        module = self.lightning_module
+        classes = decoder_layer_classes(module.model)
+        if getattr(module, "teacher", None) is not None:
+            classes |= decoder_layer_classes(module.teacher)
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)

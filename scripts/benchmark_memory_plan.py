@@ -35,8 +35,15 @@ ROWS = {
                          "--pruning.init_args.fusion.mode", "learned",
                          "--pruning.init_args.fusion.training.epochs", "2"], None),
     "tiny": ([], "tiny"),
+    # prune by 50%, then 4 steps of LoRA distilled from the teacher (configs/recover_smollm2.yaml), on text
+    # sources (its generated ones would spend minutes sampling; the memory is the same)
+    "bundled_distill_recovery": (["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                                  "--data.init_args.source", "builtin:python-docs/train",
+                                  "--pruning.init_args.calibration.init_args.source", "builtin:python-docs/train",
+                                  "--reconstruction.calibration.init_args.source", "builtin:python-docs/train"], None),
 }
-STAGES = ("estimation", "scoring", "fusion training", "reconstruction", "perplexity")
+CONFIGS = {"bundled_distill_recovery": "configs/recover_smollm2.yaml"}  # rows of another config than CONFIG
+STAGES = ("estimation", "scoring", "fusion training", "reconstruction", "recovery", "perplexity")
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,6 +92,8 @@ class Phases:
 def worker(result_path: str, job_args: list[str]) -> None:
     import torch
 
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+
     import callbacks.perplexity as perplexity_callback
     from callbacks import StructuredPruning
     from hywia_lightning import fusion_training, pipeline, reconstruction_modes
@@ -101,6 +110,7 @@ def worker(result_path: str, job_args: list[str]) -> None:
     phases.wrap(reconstruction_modes.Independent, "before_slicing", "reconstruction")
     phases.wrap(reconstruction_modes.Sequential, "after_slicing", "reconstruction")
     phases.wrap(perplexity_callback, "perplexity", "perplexity")
+    phases.wrap(_FitLoop, "run", "recovery")  # the training steps (and their validations) of a recovery job
     cli = HywiaCLI(args=["fit", *job_args])
     phases.enter("end")
     export = Path(cli.trainer.default_root_dir) / "export"
@@ -134,7 +144,7 @@ def tiny_model(folder: Path) -> str:
 
 def run_row(name: str, tmp: Path, allocator: str) -> dict:
     overrides, model = ROWS[name]
-    args = ["--config", str(ROOT / CONFIG), *overrides, "--trainer.default_root_dir", str(tmp / name),
+    args = ["--config", str(ROOT / CONFIGS.get(name, CONFIG)), *overrides, "--trainer.default_root_dir", str(tmp / name),
             "--trainer.enable_progress_bar", "false"]
     if model == "tiny":
         args += ["--model.init_args.model_name_or_path", tiny_model(tmp), "--perplexity.init_args.baseline", "false"]

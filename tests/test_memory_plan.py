@@ -12,12 +12,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 
 from hywia_lightning.estimation import Estimator
 from hywia_lightning.input_errors import InputError
+from hywia_lightning.job_config import read_job
 from hywia_lightning.layer_stream import LayerStream
 from hywia_lightning.memory_plan import (EstimationSettings, gram_bytes, JobSettings, ReconstructionSettings, RecoverySettings,
                                          accumulator_bytes, estimation_peak, plan_memory, recovery_peak)
+from hywia_lightning.memory_plan_config import job_settings
 from hywia_lightning.model_shapes import ModelShape, resolve_shape
 from hywia_lightning.pipeline import target_layers
 from hywia_lightning.reconstruction import dense_grams
@@ -103,6 +106,26 @@ def test_fsdp_recovery_shards_over_devices_and_nodes_and_ddp_does_not():
     assert sixteen.bytes < eight.bytes < one.bytes
     ddp = replace(fsdp, fsdp=False)
     assert part(recovery_peak(shape, JobSettings(dtype="bfloat16", devices=8, recovery=ddp)), "weights") == part(one, "weights")
+
+
+def test_a_distilling_recovery_counts_the_teacher_sharded_like_the_student(tmp_path):
+    """The teacher's dense weights (FSDP: 1/N of them, DDP: whole) and the KL's vocabulary-sized
+    tensors; loss: lm has neither, unless a teacher is named (it measures the validation KL)."""
+    shape = resolve_shape("meta-llama/Llama-2-7b-hf")[0]
+    kl = RecoverySettings(batch_size=64, fsdp=True, teacher=True, kl=True)
+    one, sixteen = (recovery_peak(shape, JobSettings(dtype="bfloat16", devices=d, recovery=kl)) for d in (1, 16))
+    assert part(one, "teacher weights (dense)") == 16 * part(sixteen, "teacher weights (dense)") == 2 * shape.parameters()
+    assert part(one, "KL: teacher logits, distributions and their gradients") > 0
+    lm = recovery_peak(shape, JobSettings(dtype="bfloat16", recovery=replace(kl, teacher=False, kl=False)))
+    assert not [p for p in lm.parts if "teacher" in p.name] and lm.bytes < one.bytes
+    config = yaml.safe_load((REPO / "configs" / "recover_smollm2.yaml").read_text())
+    for loss, teacher, expected in (("kl", None, (True, True)), ("lm", None, (False, False)),
+                                    ("lm", "bundled:SmolLM2-135M-Instruct", (True, False))):
+        config["model"]["init_args"].update(loss=loss, teacher=teacher)
+        path = tmp_path / f"{loss}-{teacher is None}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        job = job_settings(read_job(["--config", str(path)]))[0]
+        assert (job.recovery.teacher, job.recovery.kl) == expected, (loss, teacher)
 
 
 def test_shard_weights_divides_the_dense_weights_and_adds_the_slicing_stage():

@@ -84,7 +84,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(recovered, tiny_model_di
 
 def test_two_processes_recover_like_one(tiny_model_dir, tmp_path):
     """DDP on 2 CPU processes, one example each per step, against 1 process with the same global
-    batch of 2: same plan, and merged weights equal within 1e-4 (the order of float sums differs)."""
+    batch of 2, distilling (the teacher replicated on each rank): same plan, the same loss curve
+    (the mean over ranks), and merged weights equal within 1e-4 (the order of float sums differs)."""
     def job(root):
         config = recovery_job(tiny_model_dir, root, max_steps=3)
         config["model"]["init_args"]["dropout"] = 0.0  # dropout masks are drawn per process
@@ -101,6 +102,9 @@ def test_two_processes_recover_like_one(tiny_model_dir, tmp_path):
     assert plan(tmp_path / "ddp") == plan(single)
     report = json.loads((tmp_path / "ddp" / "export" / "report.json").read_text())
     assert report["recovery"]["world_size"] == 2 and report["recovery"]["steps"] == 3
+    curve = lambda root: torch.tensor(json.loads((root / "export" / "report.json").read_text())["recovery"]["loss_curve"])
+    assert report["recovery"]["loss"]["kind"] == "kl"
+    torch.testing.assert_close(curve(tmp_path / "ddp"), curve(single), atol=1e-5, rtol=1e-4)
     weights = lambda root: load_file(root / "export" / "model.safetensors")
     ddp, one = weights(tmp_path / "ddp"), weights(single)
     assert ddp.keys() == one.keys()

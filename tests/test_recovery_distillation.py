@@ -73,6 +73,8 @@ def test_distillation_lowers_the_kl_and_reports_its_curves(distilled):
     kl = [value for _, value in recovery["kl_curve"]]
     assert kl[-1] < 0.7 * kl[0] and kl[0] > 0  # the pruned model moved toward the dense one
     assert [s for s, _ in recovery["val_kl"]] == [0, 2, 4, 6] and recovery["val_kl_before"] > 0
+    markdown = (distilled / "export" / "report.md").read_text()
+    assert "| validation KL |" in markdown and "| training LM loss |" in markdown and "Loss: kind kl" in markdown
 
 
 def test_the_teacher_is_frozen_and_out_of_the_checkpoint(distilled):
