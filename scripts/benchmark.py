@@ -229,6 +229,39 @@ def widths_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the default pruning, then LoRA recovery (issue: recovery by distillation): row -> what recovered it
+RECOVERY_ROWS = {
+    "hywia_default": "none (the pruned model)",
+    "hywia_default_lora": "`lm` on WikiText-2 valid.txt windows (the test text's corpus)",
+    "hywia_default_lm": "`lm` on 384 windows the dense model sampled",
+    "hywia_default_distill": "**`kl` (distillation from the dense model)** on the same 384 sampled windows",
+}
+RECOVERY_TARGETS = ("20", "50")
+
+
+def _val_kl(r: dict) -> str:
+    """The held-out KL to the dense model before and after the recovery (its validation windows)."""
+    recovery = r.get("recovery", {})
+    curve = recovery.get("val_kl")
+    return f"{recovery['val_kl_before']:.3f} → {curve[-1][1]:.3f}" if curve and "val_kl_before" in recovery else "–"
+
+
+def recovery_table(results: dict[str, dict]) -> str:
+    """The default pruning with no recovery and with each recovery: PPL, accuracy, held-out KL, cost."""
+    lines = ["| recovery | target | PPL | PIQA / ARC-e (n=500) | mean acc (n=500) | PIQA / ARC-e full sets (mean) | "
+             "val KL before → after | recovery s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row, label in RECOVERY_ROWS.items():
+        for target in RECOVERY_TARGETS:
+            r = results.get(f"{row}_{target}")
+            if not r:
+                continue
+            scores = r.get("zeroshot", {})
+            each = " / ".join(f"{100 * scores[t]['acc']:.1f}" for t in ZEROSHOT_TASKS) if all(t in scores for t in ZEROSHOT_TASKS) else "–"
+            lines.append(f"| {label} | {target}% | {r['perplexity']['value']:.2f} | {each} | {_mean_accuracy(r)} | "
+                         f"{_full_accuracy(r)} | {_val_kl(r)} | {r.get('seconds', {}).get('recovery', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarized(row: dict) -> dict:
     """A row without its per-structure details (each refit's errors, each group's score quantiles, the
     width search's curves), which stay in the run's own ``report.json``: the results keep what the
@@ -247,6 +280,8 @@ def summarized(row: dict) -> dict:
     if "width_search" in row:  # each round's measured curves stay in the run's report.json
         row["width_search"] = {**row["width_search"], "rounds": [{k: v for k, v in r.items() if k != "curves"}
                                                                  for r in row["width_search"]["rounds"]]}
+    if "recovery" in row:  # the per-step training curves stay in the run's report.json; validation's are kept
+        row["recovery"] = {k: v for k, v in row["recovery"].items() if k not in ("loss_curve", "kl_curve", "lm_curve")}
     if "groups" in row.get("importance", {}):
         row["importance"] = {k: v for k, v in row["importance"].items() if k != "groups"}
     return row
@@ -270,6 +305,12 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         "`python scripts/benchmark.py --rows " + " ".join(f"{row}_{t}" for row in WIDTH_ROWS for t in WIDTH_TARGETS)
         + "` (full sets: `--full-sets --zeroshot-only`).\n\n"
         + widths_table(ordered)
+        + "\n## Recovery: LoRA by distillation or by the language-model loss\n\nThe default pruning (uniform "
+        "widths) followed by 200 LoRA steps of 8 × 128 tokens (r=8 on every projection, AdamW lr 3e-4, 10-step "
+        "warm-up); `kl`: the KL from the dense model at temperature 1, `lm`: the next-token loss; val KL: on the "
+        "16 held-out recovery windows. Produced by `python scripts/benchmark.py --rows "
+        + " ".join(f"{row}_{t}" for row in list(RECOVERY_ROWS)[1:] for t in RECOVERY_TARGETS) + "`.\n\n"
+        + recovery_table(ordered)
         + "\n## Ablations of the default configuration\n\nMean acc = mean of PIQA and ARC-Easy acc (n=500). "
         "Each row changes one component of `hywia_default` (`configs/bench/<row>_<target>.yaml`).\n\n"
         + ablation_table(ordered)
