@@ -29,7 +29,7 @@ from .importance_summary import importance_summary
 from .plan import LayerWidths, PruningPlan, count_parameters, make_plan
 from .scoring import ScoringContext
 from .statistics import Statistics
-from .structures import LayerStructures, target_layers
+from .structures import LayerStructures, target_layers  # noqa: F401  (target_layers: callers import it from here)
 from .unit_groups import GroupKey, output_projections, prunable_linears, unit_groups
 from .width_search import WidthSearch, search_widths
 

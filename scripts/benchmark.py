@@ -309,7 +309,8 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         "widths) followed by 200 LoRA steps of 8 × 128 tokens (r=8 on every projection, AdamW lr 3e-4, 10-step "
         "warm-up); `kl`: the KL from the dense model at temperature 1, `lm`: the next-token loss; val KL: on the "
         "16 held-out recovery windows. Produced by `python scripts/benchmark.py --rows "
-        + " ".join(f"{row}_{t}" for row in list(RECOVERY_ROWS)[1:] for t in RECOVERY_TARGETS) + "`.\n\n"
+        + " ".join(f"{row}_{t}" for row in list(RECOVERY_ROWS)[1:] for t in RECOVERY_TARGETS
+                   if (BENCH / f"{row}_{t}.yaml").is_file()) + "` (full sets: `--full-sets --zeroshot-only`).\n\n"
         + recovery_table(ordered)
         + "\n## Ablations of the default configuration\n\nMean acc = mean of PIQA and ARC-Easy acc (n=500). "
         "Each row changes one component of `hywia_default` (`configs/bench/<row>_<target>.yaml`).\n\n"
