@@ -42,6 +42,19 @@ def split_count(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
+def source_list(source: str | list[str], generation: Generation | None) -> list[str]:
+    """One source, or a list of them to mix; refused: no source, a source named twice, and
+    ``generation`` settings with no ``generated`` source to use them."""
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise ValueError(f"source={source!r}: give one source, or a list of sources to mix")
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"source={source!r} names a source twice; list each source of a mix once")
+    if generation is not None and GENERATED not in sources:
+        raise ValueError(f"generation={generation} is set, but source={source!r} has no {GENERATED!r} to use it")
+    return sources
+
+
 class CalibrationData(LightningDataModule):
     """Token windows of a text source for importance estimation, fusion training and reconstruction.
 
@@ -81,13 +94,9 @@ class CalibrationData(LightningDataModule):
                 ``~/.cache/hywia_lightning``, next to the converted bundled model).
         """
         super().__init__()
-        sources = [source] if isinstance(source, str) else list(source)
-        if not sources or len(sources) > num_windows:
+        sources = source_list(source, generation)
+        if len(sources) > num_windows:
             raise ValueError(f"source={source!r}: give one source, or a list of 1..num_windows={num_windows} sources to mix")
-        if len(set(sources)) != len(sources):
-            raise ValueError(f"source={source!r} names a source twice; each source of a mix gets an equal share")
-        if generation is not None and GENERATED not in sources:
-            raise ValueError(f"generation={generation} is set, but source={source!r} has no {GENERATED!r} to use it")
         self.source, self.sources = source, sources
         self.num_windows, self.seq_len, self.seed = num_windows, seq_len, seed
         self.batch_size, self.text_field, self.split = batch_size, text_field, split

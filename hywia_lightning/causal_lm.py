@@ -65,8 +65,10 @@ class CausalLM(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
 
-    def _evaluate(self, split: str, batch) -> None:
-        self.eval_loss[split].update(language_model_loss(self.model, batch).detach().float(), weight=scored_tokens(batch))
+    def _evaluate(self, split: str, batch, loss: Tensor | None = None) -> None:
+        """Fold the batch's language-model loss (``loss`` where the caller has computed it) into ``split``'s mean."""
+        loss = language_model_loss(self.model, batch) if loss is None else loss
+        self.eval_loss[split].update(loss.detach().float(), weight=scored_tokens(batch))
 
     def _log_evaluation(self, split: str) -> None:
         metric = self.eval_loss[split]

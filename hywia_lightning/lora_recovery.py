@@ -39,7 +39,6 @@ from torchmetrics.aggregation import MeanMetric
 
 from .causal_lm import CausalLM
 from .distillation import kl_to_logits
-from .lm_loss import scored_tokens
 from .lora import add_lora, check_target_modules, merge_lora, save_adapter
 from .models import load_causal_lm
 from .strategies import full_state_dict
@@ -212,7 +211,7 @@ class LoRARecovery(CausalLM):
         if self.teacher is None:
             return super().validation_step(batch, batch_idx)
         parts = self.loss_parts(batch, temperature=1.0)
-        self.eval_loss["val"].update(parts["lm"].detach().float(), weight=scored_tokens(batch))
+        self._evaluate("val", batch, parts["lm"])
         self.val_kl.update(parts["kl"].detach().float(), weight=int(batch["attention_mask"].sum()))
 
     def record_evaluation(self, split: str, loss: float) -> None:

@@ -27,7 +27,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from .calibration import CalibrationData
+from .calibration import CalibrationData, source_list
 from .checks import check_context
 from .collective import trainer_collective
 from .input_errors import mark_input_error
@@ -100,11 +100,7 @@ class RecoveryData(LightningDataModule):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"format={format!r} is unknown; allowed: {', '.join(FORMATS)}")
-        self.sources = [source] if isinstance(source, str) else list(source)
-        if not self.sources or len(set(self.sources)) != len(self.sources):
-            raise ValueError(f"source={source!r}: give one source, or a list of distinct sources to mix")
-        if generation is not None and GENERATED not in self.sources:
-            raise ValueError(f"generation={generation} is set, but source={source!r} has no {GENERATED!r} to use it")
+        self.sources = source_list(source, generation)
         self.generated_windows, self.generation, self.cache_dir = generated_windows, generation, cache_dir
         self.generated: dict | None = None  # how the generated windows were obtained (cache file, seconds)
         self.source, self.format, self.seq_len, self.batch_size = source, format, seq_len, batch_size
@@ -177,7 +173,7 @@ class RecoveryData(LightningDataModule):
                                    num_chunks=None)
         return [{"input_ids": w, "labels": w} for w in windows]
 
-    def _generated(self, tokenizer: PreTrainedTokenizerBase, dense_model) -> torch.Tensor:
+    def _generated(self, tokenizer: PreTrainedTokenizerBase, dense_model) -> list[torch.Tensor]:
         """Sampled by calibration's code and cache (rank 0 samples, every rank gets its windows)."""
         if dense_model is None:
             raise ValueError(f"data.source={GENERATED!r} samples from the dense model: pass it to build()")
