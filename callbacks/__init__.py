@@ -11,7 +11,12 @@ from .reconstruction import LeastSquaresReconstruction
 from .report import Report
 from .zeroshot import ZeroShotEvaluation
 
+#: the pipeline's stages, in the order they run: the CLI's named argument groups (``pruning:``,
+#: ``reconstruction:``, ...) that ``main.py`` hands to :class:`hywia_lightning.cli.HywiaCLI`
+STAGES = {"pruning": StructuredPruning, "reconstruction": LeastSquaresReconstruction, "perplexity": PerplexityEvaluation,
+          "zeroshot": ZeroShotEvaluation, "report": Report, "export": Export}
+
 __all__ = [
     "Evaluation", "Export", "HybridPruning", "LeastSquaresReconstruction", "PerplexityEvaluation", "Preflight", "PruningHooks", "Report",
-    "StructuredPruning", "ZeroShotEvaluation", "run_preflight",
+    "STAGES", "StructuredPruning", "ZeroShotEvaluation", "run_preflight",
 ]

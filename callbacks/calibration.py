@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.calibration import CalibrationData
+from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.checks import check_context
-from hywia_lightning.collective import trainer_collective
+from hywia_lightning.distributed.collective import trainer_collective
 
 
 def calibration_for(stage: str, own: CalibrationData | None, trainer: Trainer) -> CalibrationData:

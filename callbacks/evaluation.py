@@ -17,7 +17,7 @@ Where the dense model comes from, in order:
 3. otherwise (an export of a pruned model, a model trained in this run): ``baseline_model``, or
    the unpruned model the export's ``report.json`` names, is loaded and evaluated, unless cached.
 
-The cache is ``$HYWIA_CACHE/baselines/`` (see :mod:`hywia_lightning.baseline`). Only global rank 0
+The cache is ``$HYWIA_CACHE/baselines/`` (see :mod:`hywia_lightning.evaluation.baseline`). Only global rank 0
 evaluates, as the evaluations themselves do; but where the pruning callback sharded the weights
 (``shard_weights``), every forward pass of the dense model and of the pruned one is a collective,
 so every rank evaluates them (the same chunks; in case 1 rank 0's cache decides whether) and rank 0
@@ -32,11 +32,11 @@ from typing import Any
 
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.baseline import (baseline_key, cached_baseline, dense_reference, measure_baseline, model_identity,
+from hywia_lightning.evaluation.baseline import (baseline_key, cached_baseline, dense_reference, measure_baseline, model_identity,
                                       read_baseline, store_baseline)
-from hywia_lightning.models import load_causal_lm
-from hywia_lightning.plan import PruningPlan
-from hywia_lightning.sharded_model import has_sharded_weights
+from hywia_lightning.models.loading import load_causal_lm
+from hywia_lightning.core.plan import PruningPlan
+from hywia_lightning.distributed.sharded_model import has_sharded_weights
 
 from .pruning_hooks import PruningHooks
 from .stage_end import StageEnd

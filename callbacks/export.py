@@ -9,11 +9,11 @@ from typing import Literal
 
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.export import check_replaceable, export_kind, export_pretrained, recover_interrupted, written_files
+from hywia_lightning.export.huggingface import check_replaceable, export_kind, export_pretrained, recover_interrupted, written_files
 from hywia_lightning.files import run_folder, write_json_atomic
-from hywia_lightning.gathered_copy import gathered_copy
-from hywia_lightning.sharded_model import has_sharded_weights
-from hywia_lightning.gguf_export import GGUF_NAME, check_exportable, export_gguf, model_name
+from hywia_lightning.distributed.gathered_copy import gathered_copy
+from hywia_lightning.distributed.sharded_model import has_sharded_weights
+from hywia_lightning.export.gguf import GGUF_NAME, check_exportable, export_gguf, model_name
 
 from .preflight import Preflight
 from .report import write_report

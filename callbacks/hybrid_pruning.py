@@ -13,7 +13,7 @@ hywia_lightning.HyWIA, init_args: {schemes: ..., mode: ...}}``. Every other key 
 
 from __future__ import annotations
 
-from hywia_lightning.hywia import HyWIA
+from hywia_lightning.fusion.hywia import HyWIA
 
 from .pruning import StructuredPruning
 

@@ -1,4 +1,4 @@
-"""Structured pruning as a Lightning callback: a thin adapter over :func:`hywia_lightning.pipeline.prune`.
+"""Structured pruning as a Lightning callback: a thin adapter over :func:`hywia_lightning.core.pipeline.prune`.
 
 Runs in ``setup``, the last callback hook before the strategy wraps and moves the model. The
 library does the method (estimation, scoring, allocation, selection); this callback decides when it
@@ -26,22 +26,22 @@ from jsonargparse.typing import PositiveInt
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from hywia_lightning.allocation import Allocation, PruningScope, make_allocation
-from hywia_lightning.calibration import CalibrationData
+from hywia_lightning.core.allocation import Allocation, PruningScope, make_allocation
+from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state, saved_parameter_names
-from hywia_lightning.collective import trainer_collective
-from hywia_lightning.distillation import Distillation, DistillationSet
-from hywia_lightning.estimation import accumulate_dtype_named
-from hywia_lightning.gathered_slicing import pruned
-from hywia_lightning.granularities import Granularity, make_granularity
-from hywia_lightning.pipeline import accumulator_shards, prune, target_layers
-from hywia_lightning.plan import PruningPlan, count_parameters
-from hywia_lightning.scoring import ScoringContext
-from hywia_lightning.sharded_model import local_bytes, shard_model, world_mesh
-from hywia_lightning.slicing import add_saved_output_biases, apply_plan
-from hywia_lightning.structures import LayerStructures
-from hywia_lightning.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
-from hywia_lightning.width_search import WidthSearch
+from hywia_lightning.distributed.collective import trainer_collective
+from hywia_lightning.core.distillation import Distillation, DistillationSet
+from hywia_lightning.core.estimation import accumulate_dtype_named
+from hywia_lightning.distributed.gathered_slicing import pruned
+from hywia_lightning.core.granularities import Granularity, make_granularity
+from hywia_lightning.core.pipeline import accumulator_shards, prune
+from hywia_lightning.core.plan import PruningPlan, count_parameters
+from hywia_lightning.core.scoring import ScoringContext
+from hywia_lightning.distributed.sharded_model import local_bytes, shard_model, world_mesh
+from hywia_lightning.core.slicing import add_saved_output_biases, apply_plan
+from hywia_lightning.core.structures import LayerStructures, target_layers
+from hywia_lightning.core.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
+from hywia_lightning.core.width_search import WidthSearch
 
 from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
@@ -105,9 +105,9 @@ class StructuredPruning(Preflight, Callback):
                 recover the export in a second job.
             distillation: the objective choices can be judged by, and the report's final KL: the
                 mean KL(p_dense ‖ q) over held-out windows of the calibration source, disjoint from
-                the calibration windows (:mod:`hywia_lightning.distillation`); ``None``: not measured.
+                the calibration windows (:mod:`hywia_lightning.core.distillation`); ``None``: not measured.
             width_search: per-layer widths chosen against that KL, starting from the
-                ``allocation``'s (:mod:`hywia_lightning.width_search`); needs ``distillation``.
+                ``allocation``'s (:mod:`hywia_lightning.core.width_search`); needs ``distillation``.
         """
         if width_search is not None and distillation is None:
             raise ValueError("width_search: the search chooses widths by the KL to the dense model; set distillation too "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lightning import LightningModule, Trainer
 from torch import nn
 
-from hywia_lightning.plan import PruningPlan
+from hywia_lightning.core.plan import PruningPlan
 
 
 class PruningHooks:

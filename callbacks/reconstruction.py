@@ -1,6 +1,6 @@
 """Least-squares reconstruction of pruned layers as a Lightning callback.
 
-A thin adapter over :mod:`hywia_lightning.reconstruction_modes`: it runs the mode's hooks around
+A thin adapter over :mod:`hywia_lightning.reconstruction.modes`: it runs the mode's hooks around
 :class:`~callbacks.pruning.StructuredPruning`'s slicing (before any strategy wraps the model), on
 this rank's share of the windows with moments summed over ranks, and records the report.
 """
@@ -14,11 +14,11 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning import Callback, LightningModule, Trainer
 
-from hywia_lightning.calibration import CalibrationData
-from hywia_lightning.plan import PruningPlan
+from hywia_lightning.data.calibration import CalibrationData
+from hywia_lightning.core.plan import PruningPlan
 from hywia_lightning.progress import show_info_logs
-from hywia_lightning.reconstruction import check_refit_settings
-from hywia_lightning.reconstruction_modes import RECONSTRUCTION_MODES
+from hywia_lightning.reconstruction.least_squares import check_refit_settings
+from hywia_lightning.reconstruction.modes import RECONSTRUCTION_MODES
 
 from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
@@ -36,10 +36,10 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
     ) -> None:
         """
         Args:
-            mode: ``independent`` or ``sequential`` (see :mod:`hywia_lightning.reconstruction_modes`).
+            mode: ``independent`` or ``sequential`` (see :mod:`hywia_lightning.reconstruction.modes`).
             damping: λ relative to the mean diagonal of ``X Xᵀ``; raised (and logged) where the
                 system is not positive definite. A list: candidates, one chosen per structure by
-                held-out windows (``sequential`` mode; see :func:`hywia_lightning.reconstruction.choose_damping`).
+                held-out windows (``sequential`` mode; see :func:`hywia_lightning.reconstruction.least_squares.choose_damping`).
             intercept: also fit a bias of each refit projection (FLAP's bias compensation as a
                 special case); the export carries it.
             prior: what the damping pulls the refit toward: ``zero`` (ridge) or ``original``, the

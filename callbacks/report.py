@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 from lightning import LightningModule, Trainer
 
 from hywia_lightning.files import run_folder
-from hywia_lightning.plan import count_parameters
-from hywia_lightning.plots import figures, save
+from hywia_lightning.core.plan import count_parameters
+from hywia_lightning.report.plots import figures, save
 
 from .stage_end import StageEnd
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 
 _SOURCES = {
-    "CalibrationData": "calibration", "CausalLM": "causal_lm", "Estimator": "estimation",
-    "GlobalAllocation": "allocation", "PruningScope": "allocation", "UniformAllocation": "allocation",
-    "GRANULARITIES": "granularities", "Element1": "granularities", "Element2": "granularities",
-    "Fluctuation": "granularities", "Granularity": "granularities", "Magnitude": "granularities",
-    "Random": "granularities", "Vector": "granularities", "Vector2": "granularities", "Wanda": "granularities",
-    "FusionTrainingArgs": "hywia", "HyWIA": "hywia", "LoRARecovery": "lora_recovery",
-    "BUNDLED_MODEL": "models", "load_causal_lm": "models", "prune": "pipeline", "target_layers": "pipeline",
-    "RecoveryData": "recovery_data", "Generation": "self_generation", "apply_plan": "slicing",
+    "CalibrationData": "data.calibration", "CausalLM": "models.causal_lm", "Estimator": "core.estimation",
+    "GlobalAllocation": "core.allocation", "PruningScope": "core.allocation", "UniformAllocation": "core.allocation",
+    "GRANULARITIES": "core.granularities", "Element1": "core.granularities", "Element2": "core.granularities",
+    "Fluctuation": "core.granularities", "Granularity": "core.granularities", "Magnitude": "core.granularities",
+    "Random": "core.granularities", "Vector": "core.granularities", "Vector2": "core.granularities", "Wanda": "core.granularities",
+    "FusionTrainingArgs": "fusion.hywia", "HyWIA": "fusion.hywia", "LoRARecovery": "recovery.lora_recovery",
+    "BUNDLED_MODEL": "models.loading", "load_causal_lm": "models.loading", "prune": "core.pipeline", "target_layers": "core.structures",
+    "RecoveryData": "data.recovery_data", "Generation": "data.self_generation", "apply_plan": "core.slicing",
 }
 
 __all__ = sorted(_SOURCES)

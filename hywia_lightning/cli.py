@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from jsonargparse import Namespace
@@ -13,7 +13,7 @@ from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .calibration import CalibrationData
+from .data.calibration import CalibrationData
 from .checkpoints import checkpoint_metadata
 from .input_errors import (
     InputError, from_instantiation_error, from_parse_error, is_union_report, mark_input_error, show_tracebacks,
@@ -21,17 +21,6 @@ from .input_errors import (
 from .progress import show_info_logs
 
 log = logging.getLogger(__name__)
-
-
-def stage_groups() -> dict[str, type]:
-    """The pipeline's stages as named, optional argument groups of the CLI, in the order they run:
-    ``--pruning.target_ratio 0.3`` changes one key of one stage, and a ``--config`` overlay that sets
-    one stage leaves the others in place. Each takes the stage's class or a subclass (``class_path``
-    may be omitted for the class itself); other callbacks go into ``trainer.callbacks`` as usual."""
-    from callbacks import Export, LeastSquaresReconstruction, PerplexityEvaluation, Report, StructuredPruning, ZeroShotEvaluation
-
-    return {"pruning": StructuredPruning, "reconstruction": LeastSquaresReconstruction,
-            "perplexity": PerplexityEvaluation, "zeroshot": ZeroShotEvaluation, "report": Report, "export": Export}
 
 
 def _instantiate_nested(class_type, *args, **kwargs):
@@ -72,20 +61,25 @@ class HywiaCLI(LightningCLI):
       set given to a callback does not have; those are built plainly;
     - resolves the relative ``save_dir`` of every logger and ``dirpath`` of every
       ``ModelCheckpoint`` against ``trainer.default_root_dir``, so that one flag moves a whole run;
-    - has the pipeline's stages as named argument groups (:func:`stage_groups`), appended to
-      ``trainer.callbacks`` in the order they run;
+    - has the pipeline's stages (``stages``: group name -> callback class, in the order they run;
+      ``callbacks.STAGES`` in ``main.py``) as named, optional argument groups: ``--pruning.target_ratio
+      0.3`` changes one key of one stage, and a ``--config`` overlay that sets one stage leaves the
+      others in place. Each takes the stage's class or a subclass (``class_path`` may be omitted for the
+      class itself); they are appended to ``trainer.callbacks`` in that order. The library knows no
+      stage: it never imports the ``callbacks`` package;
     - tells every callback with a ``config_key`` attribute where the YAML holds its arguments
       (``pruning.init_args``, ``trainer.callbacks[3].init_args``), so that its errors can name their key.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, stages: Mapping[str, type] | None = None, **kwargs) -> None:
+        self.stages = dict(stages or {})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", HywiaParser)
         show_info_logs()
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for key, stage in stage_groups().items():
+        for key, stage in self.stages.items():
             parser.add_lightning_class_args(stage, key, subclass_mode=True, required=False)
 
     def before_fit(self) -> None:
@@ -123,7 +117,7 @@ class HywiaCLI(LightningCLI):
         if trainer is not None:
             self._paths_in_run_folder(trainer)
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        check_stage_arguments(config)
+        check_stage_arguments(config, self.stages)
         check_weight_sharding(config)
         if self.subcommand in (None, "fit"):
             check_memory_plan(config)
@@ -152,16 +146,16 @@ class HywiaCLI(LightningCLI):
         for key, callback in keyed:
             if hasattr(callback, "config_key"):
                 callback.config_key = key
-        _refuse_second_stage(keyed)
+        _refuse_second_stage(keyed, self.stages)
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         return self._instantiate_trainer(trainer_config, list(stages.values()))
 
 
-def check_stage_arguments(config: Namespace) -> None:
+def check_stage_arguments(config: Namespace, stages: Mapping[str, type]) -> None:
     """Refuse what a stage refuses from its arguments alone (its class's ``check_arguments(init_args,
     key)``, e.g. an unknown zero-shot task), before any class is built: the model, built first,
     loads its weights in its constructor."""
-    keyed = [(key, config.get(key)) for key in stage_groups()]
+    keyed = [(key, config.get(key)) for key in stages]
     keyed += [(f"trainer.callbacks[{i}]", c) for i, c in enumerate(_as_list((config.get("trainer") or {}).get("callbacks")))]
     for key, node in keyed:
         if not isinstance(node, Namespace) or not node.get("class_path") or node.get("init_args") is None:
@@ -184,7 +178,7 @@ SHARDED_STRATEGY = "lightning.pytorch.strategies.ModelParallelStrategy"
 def check_weight_sharding(config: Namespace) -> None:
     """Refuse ``shard_weights`` in a job of one process before the model, which loads its weights
     when built, exists (the pruning stage's own check refuses it again where no process group is)."""
-    from .memory_plan_config import job_settings
+    from .memory_plan.job import job_settings
 
     try:
         job = job_settings(config)[0]
@@ -210,11 +204,11 @@ def check_weight_sharding(config: Namespace) -> None:
 
 
 def check_memory_plan(config: Namespace) -> None:
-    """Refuse a job whose memory plan (:mod:`hywia_lightning.memory_plan`) exceeds one device, before
+    """Refuse a job whose memory plan (:mod:`hywia_lightning.memory_plan.stages`) exceeds one device, before
     any weight is loaded. Only where the plan is known offline (the model's shape from a local
     ``config.json``, the bundled model, the HF cache or the shipped table) and the device memory is
     known; ``HYWIA_MEMORY_CHECK=0`` skips it."""
-    from .memory_plan_config import CHECK_VARIABLE, device_bytes, job_plan, refusal
+    from .memory_plan.job import CHECK_VARIABLE, device_bytes, job_plan, refusal
 
     if os.environ.get(CHECK_VARIABLE, "1") == "0":
         return
@@ -236,7 +230,7 @@ def check_memory_plan(config: Namespace) -> None:
              planned.plan.peak.stage if planned.plan.peak else "-", limit / 2**30, source)
 
 
-def parse_job(args: list[str]) -> Namespace:
+def parse_job(args: list[str], stages: Mapping[str, type]) -> Namespace:
     """A job's config as ``main.py fit`` parses it (``--config`` files and overrides, defaults filled),
     with nothing instantiated and no memory check: what the memory plan reads."""
 
@@ -250,14 +244,16 @@ def parse_job(args: list[str]) -> Namespace:
         def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
             pass
 
-    return ParsedOnly(args=args, run=False).config
+    return ParsedOnly(args=args, run=False, stages=stages).config
 
 
-def _refuse_second_stage(keyed: list[tuple[str, Any]]) -> None:
+def _refuse_second_stage(keyed: list[tuple[str, Any]], stages: Mapping[str, type]) -> None:
     """Two callbacks of one stage (a ``pruning`` group and a pruning callback in ``trainer.callbacks``)
     would prune twice or export twice: refuse, naming both keys."""
     for group in ("pruning", "reconstruction", "export"):
-        kind = stage_groups()[group]
+        if group not in stages:
+            continue
+        kind = stages[group]
         keys = [key.removesuffix(".init_args") for key, callback in keyed if isinstance(callback, kind)]
         if len(keys) > 1:
             raise ValueError(f"{' and '.join(keys)} are both a {kind.__name__} stage; keep one (usually {group!r})")

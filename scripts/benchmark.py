@@ -51,7 +51,7 @@ ZEROSHOT_TASKS = ["piqa", "arc_easy"]
 def zeroshot_row(export_dir: Path, data_dir: str, limit: int | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hywia_lightning.zeroshot import evaluate_zeroshot
+    from hywia_lightning.evaluation.zeroshot import evaluate_zeroshot
 
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(export_dir)

@@ -76,11 +76,11 @@ def setup(args, rank: int = 0, world_size: int = 1) -> dict:
     """Load the model and this rank's windows; resident sizes before and after the weights."""
     import torch
 
-    from hywia_lightning.calibration import CalibrationData
-    from hywia_lightning.models import load_causal_lm
-    from hywia_lightning.resident_memory import current_rss
-    from hywia_lightning.pipeline import target_layers
-    from hywia_lightning.unit_groups import prunable_linears
+    from hywia_lightning.data.calibration import CalibrationData
+    from hywia_lightning.models.loading import load_causal_lm
+    from hywia_lightning.memory_plan.resident_memory import current_rss
+    from hywia_lightning.core.structures import target_layers
+    from hywia_lightning.core.unit_groups import prunable_linears
 
     torch.set_num_threads(args.threads)
     rss_start = current_rss()
@@ -102,7 +102,7 @@ def setup(args, rank: int = 0, world_size: int = 1) -> dict:
 
 def run_plain(args, s: dict) -> dict:
     """The floor's time: the same passes with the prunable weights trainable and no hooks."""
-    from hywia_lightning.lm_loss import language_model_loss
+    from hywia_lightning.core.lm_loss import language_model_loss
 
     model, windows = s["model"], s["windows"]
     tracked = {id(m.weight) for m in s["linears"]}
@@ -118,7 +118,7 @@ def run_plain(args, s: dict) -> dict:
 
 def run_activations(args, s: dict) -> dict:
     """One forward + backward of one batch whose weight gradients are freed on arrival."""
-    from hywia_lightning.lm_loss import language_model_loss
+    from hywia_lightning.core.lm_loss import language_model_loss
 
     model = s["model"]
     tracked = [m.weight for m in s["linears"]]
@@ -136,7 +136,7 @@ def run_activations(args, s: dict) -> dict:
 def run_estimation(args, s: dict, all_reduce=None) -> dict:
     import torch
 
-    from hywia_lightning.estimation import Estimator, accumulate_dtype_named
+    from hywia_lightning.core.estimation import Estimator, accumulate_dtype_named
 
     # the statistics Element¹ and Element² read (what the cost table's rows estimate)
     estimator = Estimator(s["model"], s["linears"], {"gradients", "squared_gradients", "input_moments"},
@@ -162,7 +162,7 @@ def run_estimation(args, s: dict, all_reduce=None) -> dict:
 
 
 def measured(fn, args, s: dict, **kwargs) -> dict:
-    from hywia_lightning.resident_memory import current_rss, peak_rss, reset_peak
+    from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
 
     rss_ready = current_rss()
     reset_peak()

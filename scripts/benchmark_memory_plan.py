@@ -4,7 +4,7 @@ Each row is a real job (``main.py fit``'s CLI on ``configs/prune_smollm2.yaml`` 
 fresh process with 1 thread. Before it runs, the worker computes the job's plan
 (``scripts/memory_plan.py``'s numbers); while it runs, the peak resident memory is reset at each
 stage boundary (estimation, scoring, fusion training, reconstruction, perplexity: the library calls
-are wrapped in the worker process only, ``hywia_lightning/resident_memory.py``) and each stage's
+are wrapped in the worker process only, ``hywia_lightning/memory_plan/resident_memory.py``) and each stage's
 absolute peak is recorded. The plan includes the process's runtime, so the two are compared as
 they are. A stage's measured peak includes what the C allocator keeps from earlier stages.
 
@@ -62,7 +62,7 @@ class Phases:
     """The peak resident memory of each phase: the peak is reset whenever a phase starts."""
 
     def __init__(self) -> None:
-        from hywia_lightning.resident_memory import current_rss, peak_rss, reset_peak
+        from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
 
         self.peak_rss, self.reset_peak, self.current_rss = peak_rss, reset_peak, current_rss
         self.current, self.peaks, self.entered = "loading", {}, {}
@@ -96,12 +96,15 @@ def worker(result_path: str, job_args: list[str]) -> None:
 
     import callbacks.perplexity as perplexity_callback
     from callbacks import StructuredPruning
-    from hywia_lightning import fusion_training, pipeline, reconstruction_modes
+    from hywia_lightning.core import pipeline
+    from hywia_lightning.fusion import training as fusion_training
+    from hywia_lightning.reconstruction import modes as reconstruction_modes
+    from callbacks import STAGES as PIPELINE_STAGES
     from hywia_lightning.cli import HywiaCLI, parse_job
-    from hywia_lightning.memory_plan_config import job_plan
+    from hywia_lightning.memory_plan.job import job_plan
 
     torch.set_num_threads(1)
-    planned = job_plan(parse_job(job_args))
+    planned = job_plan(parse_job(job_args, PIPELINE_STAGES))
     phases = Phases()
     phases.wrap(pipeline, "estimate", "estimation")
     phases.wrap(StructuredPruning, "score", "scoring")
@@ -111,7 +114,7 @@ def worker(result_path: str, job_args: list[str]) -> None:
     phases.wrap(reconstruction_modes.Sequential, "after_slicing", "reconstruction")
     phases.wrap(perplexity_callback, "perplexity", "perplexity")
     phases.wrap(_FitLoop, "run", "recovery")  # the training steps (and their validations) of a recovery job
-    cli = HywiaCLI(args=["fit", *job_args])
+    cli = HywiaCLI(args=["fit", *job_args], stages=PIPELINE_STAGES)
     phases.enter("end")
     export = Path(cli.trainer.default_root_dir) / "export"
     report = json.loads((export / "report.json").read_text()) if (export / "report.json").is_file() else {}
@@ -129,7 +132,7 @@ def tiny_model(folder: Path) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from hywia_lightning.models import resolve_model_path
+    from hywia_lightning.models.loading import resolve_model_path
 
     bundled = resolve_model_path("bundled:SmolLM2-135M-Instruct")
     config = AutoConfig.from_pretrained(bundled)

@@ -59,9 +59,10 @@ def parse_args() -> argparse.Namespace:
 def worker(config_path: str, result_path: str) -> None:
     import torch
 
-    from hywia_lightning import report as report_module
+    from hywia_lightning.report import run_report as report_module
+    from callbacks import STAGES as PIPELINE_STAGES
     from hywia_lightning.cli import HywiaCLI
-    from hywia_lightning.resident_memory import current_rss, peak_rss, reset_peak
+    from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
 
     torch.set_num_threads(1)
     stages: dict[str, dict] = {}
@@ -79,9 +80,9 @@ def worker(config_path: str, result_path: str) -> None:
         seen["cpu_seconds"] += time.process_time() - cpu  # 1 thread: the work, whatever the load
 
     report_module.RunReport.stage = measured_stage
-    cli = HywiaCLI(args=["fit", "--config", config_path])
+    cli = HywiaCLI(args=["fit", "--config", config_path], stages=PIPELINE_STAGES)
     sections = cli.model.report.sections
-    from hywia_lightning.plan import count_parameters
+    from hywia_lightning.core.plan import count_parameters
 
     Path(result_path).write_text(json.dumps({
         "seconds": sections["seconds"], "fusion": {k: v for k, v in sections.get("fusion", {}).items() if k != "weights"},
@@ -96,7 +97,7 @@ def random_model(name: str, overrides: dict, folder: Path) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from hywia_lightning.models import resolve_model_path
+    from hywia_lightning.models.loading import resolve_model_path
 
     bundled = resolve_model_path(BUNDLED)
     config = AutoConfig.from_pretrained(bundled)

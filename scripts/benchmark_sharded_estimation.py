@@ -3,14 +3,14 @@
 Each run prunes as configs/prune_smollm2.yaml does (HyWIA over ``--schemes``, heuristic fusion,
 layers 4..27, 20% of the parameters, uniform allocation) from ``--windows`` windows of
 builtin:python-docs/train × 128 tokens, each rank a fresh process with 1 thread (plain
-``torch.distributed`` on gloo, no Trainer: hywia_lightning/local_ranks.py). Per rank it records
+``torch.distributed`` on gloo, no Trainer: hywia_lightning/distributed/local_ranks.py). Per rank it records
 the bytes of ``g``/``g²`` held at the end of estimation (the tensors' numel × element size), the
-peak resident memory of estimation + scoring (``hywia_lightning/resident_memory.py``), the wall
+peak resident memory of estimation + scoring (``hywia_lightning/memory_plan/resident_memory.py``), the wall
 time and the plan; then whether every rank's plan is the 1-process plan. ``--device cuda``: rank r on
 GPU r over NCCL, the peak being ``torch.cuda.max_memory_allocated`` (scripts/gpu_checks.sh, on 2 GPUs).
 ``--shard-weights``: the N ranks also shard the model's weights with FSDP2 (``fully_shard`` per decoder
-layer, hywia_lightning/sharded_model.py) and slice it by gathering one layer at a time onto rank 0
-(hywia_lightning/gathered_slicing.py); each rank records the weight bytes it holds, and rank 0's
+layer, hywia_lightning/distributed/sharded_model.py) and slice it by gathering one layer at a time onto rank 0
+(hywia_lightning/distributed/gathered_slicing.py); each rank records the weight bytes it holds, and rank 0's
 sliced weights are compared with the 1-process ones (largest absolute difference).
 
     python scripts/benchmark_sharded_estimation.py --out-dir docs/performance
@@ -51,12 +51,13 @@ def rank_run(out: Path, windows: int, schemes: list[str], device: str, args: arg
     import torch.distributed as dist
 
     from hywia_lightning import BUNDLED_MODEL, CalibrationData, HyWIA, PruningScope, UniformAllocation, load_causal_lm
-    from hywia_lightning.collective import process_group_collective
-    from hywia_lightning.gathered_slicing import gathered_pruned
-    from hywia_lightning.pipeline import prune, target_layers
-    from hywia_lightning.resident_memory import current_rss, peak_rss, reset_peak
-    from hywia_lightning.sharded_model import local_bytes, shard_model
-    from hywia_lightning.slicing import apply_plan
+    from hywia_lightning.distributed.collective import process_group_collective
+    from hywia_lightning.distributed.gathered_slicing import gathered_pruned
+    from hywia_lightning.core.pipeline import prune
+    from hywia_lightning.core.structures import target_layers
+    from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
+    from hywia_lightning.distributed.sharded_model import local_bytes, shard_model
+    from hywia_lightning.core.slicing import apply_plan
 
     world, rank = dist.get_world_size(), dist.get_rank()
     collective = process_group_collective() if world > 1 else None
@@ -101,7 +102,7 @@ def rank_run(out: Path, windows: int, schemes: list[str], device: str, args: arg
 
 
 def run(processes: int, windows: int, schemes: list[str], device: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
-    from hywia_lightning.local_ranks import run_ranks
+    from hywia_lightning.distributed.local_ranks import run_ranks
 
     out = tmp / f"world{processes}"
     out.mkdir()

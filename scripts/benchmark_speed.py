@@ -1,5 +1,5 @@
 """Forward and ``generate`` throughput of pruned models against the dense one, in one run, against
-the ideal speedup from the matrix-multiply FLOP ratio (hywia_lightning/flops.py).
+the ideal speedup from the matrix-multiply FLOP ratio (hywia_lightning/evaluation/flops.py).
 
 Models are timed in alternation (dense, pruned, dense, ...; median of the repetitions), so load
 from other processes hits all of them alike. Pruned models come from:
@@ -51,7 +51,8 @@ def _library() -> None:
 
 
 _library()
-from hywia_lightning import flops, modeling_pruned, throughput  # noqa: E402
+from hywia_lightning.evaluation import flops, throughput  # noqa: E402
+from hywia_lightning.export import modeling_pruned  # noqa: E402
 
 PRESETS = {  # dense configs for --random-weights (shapes of the public models; weights random)
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -159,8 +160,8 @@ def uniform_widths(dense, layers: range, spec: str) -> dict[int, tuple[int, int,
 
 def allocated_widths(dense, layers: range, target: float, round_to: int) -> dict[int, tuple[int, int, int]]:
     """The widths the pruning callback would give (needs this package)."""
-    from hywia_lightning.plan import allocate_widths, count_parameters
-    from hywia_lightning.structures import discover_structures
+    from hywia_lightning.core.plan import allocate_widths, count_parameters
+    from hywia_lightning.core.structures import discover_structures
 
     structures = discover_structures(dense)
     widths = allocate_widths([structures[i] for i in layers], count_parameters(dense), target, "query_heads",
@@ -182,7 +183,7 @@ def main() -> None:
         dense = random_dense(args.random_weights, dtype, args.device)
         dense_name = f"random:{args.random_weights}"
     else:
-        from hywia_lightning.models import load_causal_lm
+        from hywia_lightning.models.loading import load_causal_lm
 
         dense = load_causal_lm(args.dense, None, args.dtype)[0].to(device)
         dense_name = args.dense

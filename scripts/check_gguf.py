@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hywia_lightning.gguf_export import export_gguf  # noqa: E402
-from hywia_lightning.perplexity import chunk_tokens, perplexity  # noqa: E402
+from hywia_lightning.export.gguf import export_gguf  # noqa: E402
+from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity  # noqa: E402
 from hywia_lightning.progress import Progress  # noqa: E402
-from hywia_lightning.text_sources import read_text, token_ids  # noqa: E402
+from hywia_lightning.data.text_sources import read_text, token_ids  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -102,7 +102,7 @@ def greedy(llm, ids: list[int], new_tokens: int) -> list[int]:
 
 
 def llama_perplexity(llm, chunks: torch.Tensor, name: str) -> float:
-    """The same quantity as :func:`hywia_lightning.perplexity.perplexity`: exp of the mean next-token
+    """The same quantity as :func:`hywia_lightning.evaluation.perplexity.perplexity`: exp of the mean next-token
     loss over every predicted token of every chunk."""
     total, count = 0.0, 0
     for chunk in Progress(f"perplexity {name}", len(chunks), unit="chunk").iterate(chunks.tolist()):
@@ -125,10 +125,10 @@ def quantize(source: Path, target: Path, name: str) -> Path:
 
 def stress_export(export_dir: Path, out_dir: Path) -> Path:
     """The export with the shapes llama.cpp treats specially (see the module docstring)."""
-    from hywia_lightning.export import export_pretrained
-    from hywia_lightning.models import load_causal_lm
-    from hywia_lightning.plan import LayerPlan, PruningPlan
-    from hywia_lightning.slicing import apply_plan, record_layer_widths
+    from hywia_lightning.export.huggingface import export_pretrained
+    from hywia_lightning.models.loading import load_causal_lm
+    from hywia_lightning.core.plan import LayerPlan, PruningPlan
+    from hywia_lightning.core.slicing import apply_plan, record_layer_widths
 
     model, tokenizer = load_causal_lm(str(export_dir))
     layers = model.model.layers

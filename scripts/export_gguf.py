@@ -3,7 +3,7 @@
     python scripts/export_gguf.py runs/prune_smollm2/export runs/prune_smollm2/model.gguf --dtype float16
 
 Per-layer widths become llama.cpp's ``deci`` architecture, uniform widths ``llama``
-(hywia_lightning/gguf_export.py says why and how). ``--dtype``: float16 (default), bfloat16, float32,
+(hywia_lightning/export/gguf.py says why and how). ``--dtype``: float16 (default), bfloat16, float32,
 q8_0; llama.cpp's ``llama-quantize`` takes the float16 file to its other types.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hywia_lightning.gguf_export import DTYPES, export_gguf  # noqa: E402
+from hywia_lightning.export.gguf import DTYPES, export_gguf  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,7 +42,7 @@ POOL = ["element2", "fluctuation"]
 DEFAULT = {"granularity": "fluctuation", "allocation": "uniform"}  # the base of the one-change rows
 HYWIA_DEFAULT = {"schemes": ["wanda", "fluctuation"], "mode": "compensated", "grid": 4, "allocation": "uniform"}
 # the KL to the dense model on 32 held-out valid.txt windows (the protocol's one exception), and the
-# per-layer widths searched against it from the uniform ones (hywia_lightning.width_search)
+# per-layer widths searched against it from the uniform ones (hywia_lightning.core.width_search)
 DISTILLATION = {"windows": 32, "top_k": 64, "batch_size": 8}
 WIDTH_SEARCH = {"levels": 4, "rounds": 2, "search_windows": 8, "judge_windows": 16, "judgements": 6, "damping": 0.1,
                 "batch_size": 8}
@@ -112,7 +112,7 @@ EVALUATION = "../shared/data/wikitext-2/test.txt"
 # hywia_default itself is the WikiText-2 valid row. name -> the data keys that differ from the protocol's.
 CALIBRATIONS = {
     "pydocs": {"source": "builtin:python-docs/train"},   # the Python documentation that ships with CPython
-    "generated": {"source": "generated"},                # text the dense model samples (hywia_lightning.self_generation)
+    "generated": {"source": "generated"},                # text the dense model samples (hywia_lightning.data.self_generation)
     "generated128": {"source": "generated", "num_windows": 128},  # 4x the tokens: configs/prune_smollm2.yaml's
     "mix": {"source": ["generated", "builtin:python-docs/train"]},  # half of the windows from each
 }

@@ -7,7 +7,7 @@ The job's ``--config`` files and overrides are read as ``main.py fit`` reads the
 should take; nothing is instantiated, no weight is read, keys are not validated: ``main.py fit``
 parses them and checks the same plan before loading), the model's shape comes from its
 ``config.json``, the bundled model's shipped shape, the Hugging Face cache or the shapes shipped for
-common hub models (hywia_lightning/model_shapes.py), never from the network. It prints a table per
+common hub models (hywia_lightning/models/shapes.py), never from the network. It prints a table per
 stage and, as its last line, one JSON object: ``peak_gib`` (the largest per-rank peak over the
 stages), ``fits`` (for ``--device-gib``, default: the smallest visible GPU, or on a CPU the
 machine's RAM divided over the job's processes) and every stage's parts in GiB.
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
         return 0
     from hywia_lightning.input_errors import InputError
     from hywia_lightning.job_config import read_job
-    from hywia_lightning.memory_plan_config import device_bytes, job_plan
+    from hywia_lightning.memory_plan.job import device_bytes, job_plan
 
     try:
         config = read_job(job_args)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     if planned is None:
         model = config.get("model", {}).get("init_args", {}).get("model_name_or_path")
         print(f"the shape of {model!r} is not known offline: give a local folder with its config.json "
-              "(or add it to hywia_lightning/model_shapes.py)")
+              "(or add it to hywia_lightning/models/shapes.py)")
         print(json.dumps({"peak_gib": None, "fits": None, "model": model}))
         return 2
     plan, job = planned.plan, planned.plan.job

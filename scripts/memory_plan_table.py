@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hywia_lightning.memory_plan import (EstimationSettings, EvaluationSettings, JobSettings, ReconstructionSettings,  # noqa: E402
+from hywia_lightning.memory_plan.stages import (EstimationSettings, EvaluationSettings, JobSettings, ReconstructionSettings,  # noqa: E402
                                          RecoverySettings, plan_memory)
-from hywia_lightning.model_shapes import resolve_shape  # noqa: E402
+from hywia_lightning.models.shapes import resolve_shape  # noqa: E402
 
 MODELS = {"Llama-2-7B": "meta-llama/Llama-2-7b-hf", "Llama-2-13B": "meta-llama/Llama-2-13b-hf",
           "Llama-2-70B": "meta-llama/Llama-2-70b-hf"}

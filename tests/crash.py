@@ -1,5 +1,5 @@
 """Callbacks that kill their process abruptly, as a preempted node would. (The export's swap has
-its own kill points, set by the environment: ``HYWIA_TEST_KILL_AT`` in :mod:`hywia_lightning.export`.)"""
+its own kill points, set by the environment: ``HYWIA_TEST_KILL_AT`` in :mod:`hywia_lightning.export.huggingface`.)"""
 
 import os
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from callbacks import STAGES
 from hywia_lightning.cli import HywiaCLI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ def run_fit(config: dict, workdir: Path) -> HywiaCLI:
     path = workdir / "job.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(copy.deepcopy(config)))
-    return HywiaCLI(args=["fit", "--config", str(path)])
+    return HywiaCLI(args=["fit", "--config", str(path)], stages=STAGES)
 
 
 def run_two_processes(config: dict, tmp_path: Path, strategy: str | dict = "ddp") -> None:

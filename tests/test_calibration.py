@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from hywia_lightning.calibration import CalibrationData, token_windows
-from hywia_lightning.text_sources import read_text
+from hywia_lightning.data.calibration import CalibrationData, token_windows
+from hywia_lightning.data.text_sources import read_text
 
 
 def test_windows_are_seeded_distinct_and_of_the_requested_shape():

@@ -9,7 +9,8 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
 
 from callbacks import StructuredPruning
-from hywia_lightning.cli import HywiaCLI, stage_groups
+from callbacks import STAGES
+from hywia_lightning.cli import HywiaCLI
 
 from .conftest import REPO
 from .test_zeroshot import HAND_WRITTEN, write_items
@@ -59,11 +60,11 @@ def test_config_starts_with_its_command_and_instantiates(path: Path, tiny_model_
         args += ["--pruning.init_args.shard_weights", "false"]  # it needs the config's several processes
     if merged.get("zeroshot") and not (REPO / merged["zeroshot"]["data_dir"]).is_dir():
         args += ["--zeroshot.data_dir", str(local_zeroshot_data(merged["zeroshot"]["tasks"], tmp_path / "zeroshot"))]
-    cli = HywiaCLI(args=args, run=False)
+    cli = HywiaCLI(args=args, run=False, stages=STAGES)
     assert cli.model.model.config.num_hidden_layers == 4
     expected = [c["class_path"] for c in merged["trainer"].get("callbacks", []) if c["class_path"].startswith("callbacks.")]
     expected += [merged[key].get("class_path", f"callbacks.{stage.__name__}")
-                 for key, stage in stage_groups().items() if merged.get(key) is not None]
+                 for key, stage in STAGES.items() if merged.get(key) is not None]
     built = [f"callbacks.{type(c).__name__}" for c in cli.trainer.callbacks if type(c).__module__.startswith("callbacks.")]
     assert built == expected
     assert sum(isinstance(c, StructuredPruning) for c in cli.trainer.callbacks) <= 1
@@ -78,8 +79,8 @@ def test_config_starts_with_its_command_and_instantiates(path: Path, tiny_model_
 def test_fsdp_recovery_config_shards_decoder_layers_with_lora():
     """The FSDP config builds its strategy on the CPU: one unit per decoder layer (found from the
     model, a peft-wrapped one too), activation checkpointing, original parameters kept apart."""
-    from hywia_lightning.lora import add_lora
-    from hywia_lightning.strategies import DecoderLayerFSDP, decoder_layer_classes
+    from hywia_lightning.recovery.lora import add_lora
+    from hywia_lightning.distributed.strategies import DecoderLayerFSDP, decoder_layer_classes
     from peft import LoraConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 

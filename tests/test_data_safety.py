@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from hywia_lightning.export import KILL_AT, MARKER
+from hywia_lightning.export.huggingface import KILL_AT, MARKER
 
 from .conftest import REPO
 from .pipeline import prune_job, recovery_job, run_main

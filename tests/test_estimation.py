@@ -5,10 +5,10 @@ import torch
 
 from callbacks import StructuredPruning
 
-from hywia_lightning.estimation import ACCUMULATE_DTYPES, Estimator, accumulate_dtype_named
-from hywia_lightning.statistics import NEEDS
-from hywia_lightning.structures import discover_structures
-from hywia_lightning.unit_groups import GroupKey, prunable_linears, unit_groups
+from hywia_lightning.core.estimation import ACCUMULATE_DTYPES, Estimator, accumulate_dtype_named
+from hywia_lightning.core.statistics import NEEDS
+from hywia_lightning.core.structures import discover_structures
+from hywia_lightning.core.unit_groups import GroupKey, prunable_linears, unit_groups
 
 from .conftest import tiny_llama
 from .pipeline import prune_job, run_fit

@@ -1,12 +1,12 @@
-"""The FLOP count of hywia_lightning.flops equals what torch counts, dense and pruned."""
+"""The FLOP count of hywia_lightning.evaluation.flops equals what torch counts, dense and pruned."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hywia_lightning import flops
-from hywia_lightning.plan import LayerPlan, PruningPlan
-from hywia_lightning.slicing import apply_plan
+from hywia_lightning.evaluation import flops
+from hywia_lightning.core.plan import LayerPlan, PruningPlan
+from hywia_lightning.core.slicing import apply_plan
 
 from .conftest import tiny_llama
 

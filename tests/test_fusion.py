@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from callbacks.hybrid_pruning import HybridPruning
-from hywia_lightning.fusion import FusionAttention, GroupScores, standardized_log
-from hywia_lightning.fusion_training import FusionTraining, MaskTarget, hard_mask, soft_mask
-from hywia_lightning.hywia import FusionTrainingArgs, HyWIA
+from hywia_lightning.fusion.attention import FusionAttention, GroupScores, standardized_log
+from hywia_lightning.fusion.training import FusionTraining, MaskTarget, hard_mask, soft_mask
+from hywia_lightning.fusion.hywia import FusionTrainingArgs, HyWIA
 
 from .conftest import tiny_llama
 
@@ -132,7 +132,7 @@ def test_a_scheme_returning_nan_is_refused_naming_it(tiny_model_dir, tmp_path):
         run_fit(job, tmp_path)
 
 
-from hywia_lightning.granularities import Granularity, Wanda  # noqa: E402
+from hywia_lightning.core.granularities import Granularity, Wanda  # noqa: E402
 
 
 class NaNScheme(Granularity):
@@ -158,11 +158,11 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
     """Each group's blend is the grid point whose kept units leave the least output error after the
     least-squares refit, computed here again from independently estimated covariances."""
     from hywia_lightning import PruningScope, UniformAllocation, prune, target_layers
-    from hywia_lightning.compensation import compensated_error, damped
-    from hywia_lightning.fusion import fuse
-    from hywia_lightning.pipeline import estimate
-    from hywia_lightning.plan import kept_output_columns
-    from hywia_lightning.unit_groups import unit_groups
+    from hywia_lightning.core.compensation import compensated_error, damped
+    from hywia_lightning.fusion.attention import fuse
+    from hywia_lightning.core.pipeline import estimate
+    from hywia_lightning.core.plan import kept_output_columns
+    from hywia_lightning.core.unit_groups import unit_groups
 
     model = tiny_llama(num_key_value_heads=2, num_hidden_layers=4)
     windows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -187,7 +187,7 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
         assert record[group.name]["uniform"] == pytest.approx(errors[(0.5, 0.5)], rel=1e-5)
         picked_obs += result.scorer["weights"][group.name] == [0.0, 1.0]
     assert picked_obs >= 2  # the scheme that prices the refit wins somewhere over random scores
-    from hywia_lightning.report_markdown import render_markdown
+    from hywia_lightning.report.markdown import render_markdown
 
     assert "Compensated fusion: the chosen blends leave" in render_markdown({"fusion": result.scorer})
     with pytest.raises(ValueError, match="damping=0.0 must be positive"):

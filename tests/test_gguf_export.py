@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from hywia_lightning.export import export_pretrained, written_files
-from hywia_lightning.gguf_export import export_gguf
-from hywia_lightning.plan import LayerPlan, PruningPlan
-from hywia_lightning.slicing import apply_plan, record_layer_widths
+from hywia_lightning.export.huggingface import export_pretrained, written_files
+from hywia_lightning.export.gguf import export_gguf
+from hywia_lightning.core.plan import LayerPlan, PruningPlan
+from hywia_lightning.core.slicing import apply_plan, record_layer_widths
 
 from .conftest import REPO, tiny_llama
 from .pipeline import prune_job, run_fit
@@ -154,7 +154,7 @@ def test_what_cannot_be_written_is_refused_with_the_reason(tiny_tokenizer):
     from tokenizers import pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from hywia_lightning.gguf_export import check_exportable
+    from hywia_lightning.export.gguf import check_exportable
 
     config = {"model_type": "llama"}
     check_exportable(config, tiny_tokenizer)

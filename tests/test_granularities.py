@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from hywia_lightning.granularities import (
+from hywia_lightning.core.granularities import (
     OBS, Element1, Element2, Fluctuation, Granularity, Magnitude, Random, Vector, Vector2, Wanda, check_scores,
     make_granularity,
 )
-from hywia_lightning.compensation import compensated_error, damped
-from hywia_lightning.unit_groups import GroupKey, UnitGroup
+from hywia_lightning.core.compensation import compensated_error, damped
+from hywia_lightning.core.unit_groups import GroupKey, UnitGroup
 
 
 def group(weights, grads=None, sq_grads=None, layer=0, **statistics):

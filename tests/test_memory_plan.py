@@ -14,17 +14,17 @@ import pytest
 import torch
 import yaml
 
-from hywia_lightning.estimation import Estimator
+from hywia_lightning.core.estimation import Estimator
 from hywia_lightning.input_errors import InputError
 from hywia_lightning.job_config import read_job
-from hywia_lightning.layer_stream import LayerStream
-from hywia_lightning.memory_plan import (EstimationSettings, gram_bytes, JobSettings, ReconstructionSettings, RecoverySettings,
+from hywia_lightning.reconstruction.layer_stream import LayerStream
+from hywia_lightning.memory_plan.stages import (EstimationSettings, gram_bytes, JobSettings, ReconstructionSettings, RecoverySettings,
                                          accumulator_bytes, estimation_peak, plan_memory, recovery_peak)
-from hywia_lightning.memory_plan_config import job_settings
-from hywia_lightning.model_shapes import ModelShape, resolve_shape
-from hywia_lightning.pipeline import target_layers
-from hywia_lightning.reconstruction import dense_grams
-from hywia_lightning.unit_groups import prunable_linears
+from hywia_lightning.memory_plan.job import job_settings
+from hywia_lightning.models.shapes import ModelShape, resolve_shape
+from hywia_lightning.core.structures import target_layers
+from hywia_lightning.reconstruction.least_squares import dense_grams
+from hywia_lightning.core.unit_groups import prunable_linears
 
 from .conftest import REPO, tiny_config, tiny_llama
 from .test_configs import config_command
@@ -227,15 +227,16 @@ def test_a_job_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_model_
 
 
 def test_the_check_runs_in_the_cli_and_can_be_switched_off(monkeypatch, tiny_model_dir):
+    from callbacks import STAGES
     from hywia_lightning.cli import HywiaCLI
 
     args = ["--config", str(REPO / "configs" / "prune_smollm2.yaml"), "--model.init_args.model_name_or_path",
             str(tiny_model_dir), "--pruning.init_args.layer_start", "0"]
     monkeypatch.setenv("HYWIA_DEVICE_GIB", "0.05")
     with pytest.raises(InputError, match="accumulate_dtype"):
-        HywiaCLI(args=args, run=False)
+        HywiaCLI(args=args, run=False, stages=STAGES)
     monkeypatch.setenv("HYWIA_MEMORY_CHECK", "0")
-    assert HywiaCLI(args=args, run=False).model is not None
+    assert HywiaCLI(args=args, run=False, stages=STAGES).model is not None
 
 
 # every shipped job as its first line runs it (an overlay on top of its base config)
@@ -249,12 +250,13 @@ JOBS += [["--config", "configs/prune_smollm2.yaml", "--pruning.accumulate_dtype"
 @pytest.mark.parametrize("args", JOBS, ids=lambda args: " ".join(a.removeprefix("configs/") for a in args[1::2]))
 def test_the_scripts_reader_plans_the_jobs_as_the_clis_parser_does(args, monkeypatch):
     """scripts/memory_plan.py reads the YAML without the CLI's parser (which imports Lightning): the same plan."""
+    from callbacks import STAGES
     from hywia_lightning.cli import parse_job
     from hywia_lightning.job_config import read_job
-    from hywia_lightning.memory_plan_config import job_plan
+    from hywia_lightning.memory_plan.job import job_plan
 
     monkeypatch.chdir(REPO)
-    parsed, read = job_plan(parse_job(args)), job_plan(read_job(args))
+    parsed, read = job_plan(parse_job(args, STAGES)), job_plan(read_job(args))
     assert (parsed is None) == (read is None)
     if parsed is not None:
         assert read.plan.job == parsed.plan.job and read.plan.to_dict() == parsed.plan.to_dict()
@@ -263,7 +265,7 @@ def test_the_scripts_reader_plans_the_jobs_as_the_clis_parser_does(args, monkeyp
 def test_the_class_table_is_the_classes():
     from jsonargparse.typing import import_object
 
-    from hywia_lightning.memory_plan_config import KINDS, PROJECT_CLASSES
+    from hywia_lightning.memory_plan.job import KINDS, PROJECT_CLASSES
 
     for path, kinds in PROJECT_CLASSES.items():
         cls = import_object(path)

@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from hywia_lightning import throughput
+from hywia_lightning.evaluation import throughput
 
 from .conftest import REPO, tiny_llama
 
 
 PEAK_CHECK = r"""
 import torch
-from hywia_lightning.resident_memory import current_rss, peak_rss, reset_peak
+from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
 block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
 del block
 if not reset_peak():

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, UniformAllocation, apply_plan, prune, target_layers
-from hywia_lightning.plan import TOLERANCE, LayerPlan, PruningPlan, count_parameters
-from hywia_lightning.reconstruction_modes import Independent, Sequential
-from hywia_lightning.structures import discover_structures
-from hywia_lightning.unit_groups import GroupKey
+from hywia_lightning.core.plan import TOLERANCE, LayerPlan, PruningPlan, count_parameters
+from hywia_lightning.reconstruction.modes import Independent, Sequential
+from hywia_lightning.core.structures import discover_structures
+from hywia_lightning.core.unit_groups import GroupKey
 
 from .conftest import tiny_llama
 
@@ -80,7 +80,7 @@ def test_a_floor_keeps_every_structure_and_no_floor_can_remove_one():
 def test_a_layer_without_attention_or_mlp_runs_exports_and_reloads(tmp_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from hywia_lightning.export import export_pretrained
+    from hywia_lightning.export.huggingface import export_pretrained
 
     model = tiny_llama(num_key_value_heads=2, num_hidden_layers=3)
     apply_plan(model, PruningPlan("query_heads", {1: LayerPlan(heads=[], kv_heads=[], channels=[])}))
@@ -100,7 +100,7 @@ def test_a_layer_without_attention_or_mlp_runs_exports_and_reloads(tmp_path, tin
 def test_the_intercept_refit_lowers_the_error_and_travels_with_the_export(mode, tmp_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from hywia_lightning.export import export_pretrained
+    from hywia_lightning.export.huggingface import export_pretrained
 
     errors = {}
     for intercept in (False, True):

@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from hywia_lightning.plan import (
+from hywia_lightning.core.plan import (
     PruningPlan, LayerPlan, TOLERANCE, allocate_widths, count_parameters, select_heads, top_units,
 )
-from hywia_lightning.structures import discover_structures
+from hywia_lightning.core.structures import discover_structures
 
 from .conftest import tiny_llama
 
 
 def removed_fraction(layers, widths, total):
-    from hywia_lightning.plan import channel_params, head_params, kv_head_params
+    from hywia_lightning.core.plan import channel_params, head_params, kv_head_params
 
     removed = sum(
         (s.attention.num_heads - widths[s.layer].num_heads) * head_params(s.attention)
@@ -74,7 +74,7 @@ def test_top_units_keeps_the_highest_scores_and_breaks_ties_by_index():
 
 def test_query_heads_are_kept_in_equal_numbers_per_kv_group():
     attn = discover_structures(tiny_llama(num_key_value_heads=2))[0].attention
-    from hywia_lightning.plan import LayerWidths
+    from hywia_lightning.core.plan import LayerWidths
 
     heads, kv = select_heads(torch.tensor([4.0, 3.0, 2.0, 1.0]), attn, LayerWidths(2, 2, 96), "query_heads")
     assert (heads, kv) == ([0, 2], [0, 1])  # the best head of each group, not the two best overall

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from callbacks import Preflight
-from hywia_lightning.plan import TOLERANCE
-from hywia_lightning.structures import discover_structures
+from hywia_lightning.core.plan import TOLERANCE
+from hywia_lightning.core.structures import discover_structures
 
 from .pipeline import logits_in_fresh_process, prune_job, run_fit
 

@@ -10,12 +10,12 @@ import torch
 from lightning import Trainer
 
 from callbacks import LeastSquaresReconstruction
-from hywia_lightning.calibration import CalibrationData
-from hywia_lightning.layer_stream import LayerStream
-from hywia_lightning.plan import LayerPlan, PruningPlan
-from hywia_lightning.reconstruction import RefitStatistics, dense_grams, solve_refit
-from hywia_lightning.report import RunReport
-from hywia_lightning.slicing import apply_plan
+from hywia_lightning.data.calibration import CalibrationData
+from hywia_lightning.reconstruction.layer_stream import LayerStream
+from hywia_lightning.core.plan import LayerPlan, PruningPlan
+from hywia_lightning.reconstruction.least_squares import RefitStatistics, dense_grams, solve_refit
+from hywia_lightning.report.run_report import RunReport
+from hywia_lightning.core.slicing import apply_plan
 
 from .conftest import REPO, tiny_llama
 from .pipeline import prune_job, run_fit
@@ -142,8 +142,8 @@ MEMORY_PROBE = r"""
 import resource, sys, torch
 sys.path.insert(0, sys.argv[2])
 from tests.conftest import tiny_llama
-from hywia_lightning.layer_stream import LayerStream
-from hywia_lightning.reconstruction import dense_grams
+from hywia_lightning.reconstruction.layer_stream import LayerStream
+from hywia_lightning.reconstruction.least_squares import dense_grams
 model = tiny_llama(intermediate_size=1536, num_hidden_layers=2)
 windows = torch.randint(0, 300, (int(sys.argv[1]), 128), generator=torch.Generator().manual_seed(0))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

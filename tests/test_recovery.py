@@ -140,7 +140,7 @@ def test_instruction_file_without_alpaca_fields_names_file_and_line(tiny_model_d
 
 def test_fsdp_on_cpu_is_refused_before_any_work(tiny_model_dir, tmp_path):
     config = recovery_job(tiny_model_dir, tmp_path)
-    config["trainer"]["strategy"] = {"class_path": "hywia_lightning.strategies.DecoderLayerFSDP"}
+    config["trainer"]["strategy"] = {"class_path": "hywia_lightning.distributed.strategies.DecoderLayerFSDP"}
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
         run_fit(config, tmp_path)
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from hywia_lightning.instruction_data import PROMPT_NO_INPUT, alpaca_prompt, read_instructions, tokenize_instruction
-from hywia_lightning.lm_loss import IGNORE_INDEX, scored_tokens
-from hywia_lightning.recovery_data import RecoveryData, ResumableSampler
+from hywia_lightning.data.instruction_data import PROMPT_NO_INPUT, alpaca_prompt, read_instructions, tokenize_instruction
+from hywia_lightning.core.lm_loss import IGNORE_INDEX, scored_tokens
+from hywia_lightning.data.recovery_data import RecoveryData, ResumableSampler
 
 RECORDS = [
     {"instruction": "Name a prime number.", "input": "", "output": "Seven."},
@@ -103,7 +103,7 @@ def test_bad_settings_are_refused_with_the_key():
 def test_merging_from_a_state_dict_equals_peft_in_place_and_keeps_tied_embeddings():
     from peft import LoraConfig
 
-    from hywia_lightning.lora import add_lora, merge_lora
+    from hywia_lightning.recovery.lora import add_lora, merge_lora
 
     from .conftest import tiny_llama
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from hywia_lightning.distillation import kl_to_logits, kl_per_position, top_k_targets
-from hywia_lightning.recovery_data import RECOVERY_SEED, RecoveryData
-from hywia_lightning.self_generation import Generation, sample_windows
+from hywia_lightning.core.distillation import kl_to_logits, kl_per_position, top_k_targets
+from hywia_lightning.data.recovery_data import RECOVERY_SEED, RecoveryData
+from hywia_lightning.data.self_generation import Generation, sample_windows
 
 from .conftest import tiny_llama
 from .pipeline import recovery_job, run_fit

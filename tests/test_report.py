@@ -14,12 +14,13 @@ import pytest
 import torch
 import yaml
 
+from callbacks import STAGES
 from hywia_lightning.cli import HywiaCLI
-from hywia_lightning.perplexity import chunk_tokens, perplexity
-from hywia_lightning.plots import write_plots
+from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity
+from hywia_lightning.report.plots import write_plots
 from hywia_lightning.progress import Progress, use_bar
-from hywia_lightning.report_markdown import render_markdown
-from hywia_lightning.text_sources import read_text
+from hywia_lightning.report.markdown import render_markdown
+from hywia_lightning.data.text_sources import read_text
 
 from .conftest import tiny_llama
 from .pipeline import prune_job, run_fit
@@ -57,7 +58,7 @@ def logged(root: Path) -> dict[str, float]:
 
 
 def dense_tiny_perplexity(model_dir: Path) -> float:
-    from hywia_lightning.models import load_causal_lm
+    from hywia_lightning.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(model_dir))
     ids = torch.tensor(tokenizer(read_text("builtin:python-docs/test", "test", split="test"), add_special_tokens=False)["input_ids"])
@@ -151,7 +152,7 @@ def run(command: str, config: dict, workdir: Path) -> HywiaCLI:
     path = workdir / "job.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(copy.deepcopy(config)))
-    return HywiaCLI(args=[command, "--config", str(path)])
+    return HywiaCLI(args=[command, "--config", str(path)], stages=STAGES)
 
 
 @pytest.mark.parametrize("command,limit_batches", [
@@ -297,7 +298,7 @@ def test_perplexity_reports_progress(caplog, monkeypatch):
     ("builtin:python-docs/train", "../shared/data/wikitext-2/test.txt", None),
 ])
 def test_in_domain_perplexity_is_warned_about(calibration, evaluation, warned):
-    from hywia_lightning.report import evaluation_warnings
+    from hywia_lightning.report.run_report import evaluation_warnings
 
     sections = {"pruning": {"calibration": {"source": calibration, "num_windows": 4, "seq_len": 8, "seed": 0}},
                 "perplexity": {"source": evaluation, "value": 3.0, "tokens": 64}}

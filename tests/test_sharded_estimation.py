@@ -16,18 +16,18 @@ from transformers import AutoTokenizer
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, prune, target_layers
 from hywia_lightning.cli import SHARDED_STRATEGY
-from hywia_lightning.collective import Collective, process_group_collective
-from hywia_lightning.export import export_pretrained
-from hywia_lightning.gathered_copy import gathered_copy
-from hywia_lightning.gathered_slicing import pruned
+from hywia_lightning.distributed.collective import Collective, process_group_collective
+from hywia_lightning.export.huggingface import export_pretrained
+from hywia_lightning.distributed.gathered_copy import gathered_copy
+from hywia_lightning.distributed.gathered_slicing import pruned
 from hywia_lightning.input_errors import InputError
-from hywia_lightning.local_ranks import run_ranks
-from hywia_lightning.memory_plan import EstimationSettings, accumulator_bytes, weights
-from hywia_lightning.model_shapes import ModelShape
-from hywia_lightning.pipeline import accumulator_shards
-from hywia_lightning.reconstruction_modes import RECONSTRUCTION_MODES, Independent
-from hywia_lightning.sharded_model import local_bytes, shard_model
-from hywia_lightning.unit_groups import prunable_linears
+from hywia_lightning.distributed.local_ranks import run_ranks
+from hywia_lightning.memory_plan.stages import EstimationSettings, accumulator_bytes, weights
+from hywia_lightning.models.shapes import ModelShape
+from hywia_lightning.core.pipeline import accumulator_shards
+from hywia_lightning.reconstruction.modes import RECONSTRUCTION_MODES, Independent
+from hywia_lightning.distributed.sharded_model import local_bytes, shard_model
+from hywia_lightning.core.unit_groups import prunable_linears
 
 from .conftest import tiny_config, tiny_llama
 from .pipeline import prune_job, run_fit, run_two_processes

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hywia_lightning.plan import LayerPlan, PruningPlan
-from hywia_lightning.slicing import apply_plan
-from hywia_lightning.structures import discover_structures
+from hywia_lightning.core.plan import LayerPlan, PruningPlan
+from hywia_lightning.core.slicing import apply_plan
+from hywia_lightning.core.structures import discover_structures
 
 from .conftest import tiny_llama
 

@@ -1,7 +1,7 @@
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hywia_lightning.structures import SUPPORTED_MODEL_TYPES, discover_structures
+from hywia_lightning.core.structures import SUPPORTED_MODEL_TYPES, discover_structures
 
 from .conftest import tiny_llama
 

@@ -15,7 +15,7 @@ import yaml
 from transformers import LlamaForCausalLM
 
 from hywia_lightning.input_errors import InputError, marked
-from hywia_lightning.zeroshot import (
+from hywia_lightning.evaluation.zeroshot import (
     ZEROSHOT_TASKS, evaluate_zeroshot, local_tasks, prepare_tasks, read_items, run_zeroshot, zeroshot_scores,
 )
 
@@ -199,12 +199,12 @@ def test_unknown_task(no_forward_pass, tiny_tokenizer, tmp_path):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import hywia_lightning.causal_lm
+    import hywia_lightning.models.causal_lm
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(hywia_lightning.causal_lm, "load_causal_lm", forbidden)
+    monkeypatch.setattr(hywia_lightning.models.causal_lm, "load_causal_lm", forbidden)
 
 
 def test_an_unknown_task_is_refused_before_the_model_is_loaded(no_model_load, tiny_model_dir, tmp_path):
@@ -360,7 +360,7 @@ def test_the_callback_checks_its_data_before_pruning(no_forward_pass, tmp_path):
 
 
 def test_report_rows_for_lm_evals_metrics():
-    from hywia_lightning.report_markdown import render_markdown
+    from hywia_lightning.report.markdown import render_markdown
 
     zeroshot = {"limit": None, "lm_eval_results": "zeroshot_lm_eval.json",
                 "mmlu": {"acc": 0.25, "acc_stderr": 0.01, "items": 14042, "source": "lm-eval's mmlu: ..."},

@@ -1,0 +1,1 @@
+"""LightningDataModules and their text: calibration windows, recovery data, text sources, the model's own samples."""

@@ -1,0 +1,1 @@
+"""How ranks talk (collectives, local process groups), sharded sums and models (FSDP2), strategies."""

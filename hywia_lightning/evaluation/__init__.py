@@ -1,0 +1,1 @@
+"""Perplexity, zero-shot accuracy through lm-eval, the dense baseline, FLOPs and throughput."""

@@ -1,0 +1,243 @@
+"""Reconstruction modes: when the refit's moments are taken, as small strategy classes.
+
+Both refit the output projection of every pruned structure (``o_proj`` of attention that lost
+heads, ``down_proj`` of an MLP that lost channels) with :func:`solve_refit`:
+
+- :class:`Independent`: every layer sees the dense model's activations; before slicing, the dense
+  layers run one at a time over the windows' cached hidden states (:class:`LayerStream`), each
+  layer's ``X Xᵀ`` solved and dropped before the next (one layer's Gram matrices at a time), the
+  solutions assigned after slicing.
+- :class:`Sequential`: layer after layer, each structure (attention, then MLP) is calibrated on the
+  inputs produced by the already pruned and refit earlier ones, against the dense structure applied
+  to those same inputs; it keeps a copy of the dense pruned-range blocks meanwhile, and the
+  windows' hidden states are carried from layer to layer (:class:`LayerStream`), so it costs
+  about three forward passes of the pruned range in all.
+
+With FSDP2-sharded weights (``StructuredPruning.shard_weights``) the model is sharded before and
+after slicing (:func:`~hywia_lightning.distributed.gathered_slicing.sharded_pruned`), and every rank pads its
+windows to one count (each layer call is a collective; the padding is left out of the moments).
+:class:`Independent` gathers each projection's weight for its solve and keeps only this rank's rows
+of each refit until slicing, which gathers them one layer at a time and writes them into the pruned
+layer while it is whole (:meth:`ReconstructionMode.prepare_layer`): so no rank holds every layer's
+refit whole, and the refit needs no parameter FSDP2 did not shard. :class:`Sequential`'s dense
+copies stay sharded until each structure's turn; slicing gives each pruned structure's output
+projection a zero bias where an intercept will be fitted (FSDP2 takes no new parameter later), and
+each refit is written into the pruned shards (:func:`~hywia_lightning.distributed.sharded_model.write_full`).
+
+A damping given as a list of candidates is chosen per structure by held-out windows
+(:func:`~hywia_lightning.reconstruction.least_squares.choose_damping`), in :class:`Sequential` mode: its moments
+are taken per structure, so one fold's moments per structure is all it holds more.
+
+A new mode subclasses :class:`ReconstructionMode` and overrides the two hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .layer_stream import LayerStream
+from ..core.plan import PruningPlan, unit_indices
+from ..progress import Progress
+from .least_squares import (MOMENTS, RefitResult, RefitStatistics, choose_damping, dense_grams, sequential_statistics,
+                             solve_refit)
+from ..distributed.sharded_model import full_weight, gather_module, has_sharded_weights, is_sharded, keep_sharded_like, write_full
+from ..core.slicing import record_layer_widths
+from ..core.structures import LayerStructures, decoder_layers, discover_structures
+from ..core.unit_groups import GroupKey, MODULE_NAME
+
+log = logging.getLogger(__name__)
+Reduce = Callable[[Tensor], Tensor]
+
+
+def pruned_structures(plan: PruningPlan) -> list[GroupKey]:
+    """The structures of the plan that lose units, layer by layer, attention before MLP."""
+    keys = []
+    for i in sorted(plan.layers):
+        if plan.layers[i].heads is not None:
+            keys.append(GroupKey(i, "attention"))
+        if plan.layers[i].channels is not None:
+            keys.append(GroupKey(i, "mlp"))
+    return keys
+
+
+PROJECTION = {"attention": "o_proj", "mlp": "down_proj"}  # each structure's refit output projection
+
+
+def output_projection(s: LayerStructures, kind: str) -> nn.Linear:
+    return s.attention.o_proj if kind == "attention" else s.mlp.down_proj
+
+
+def layer_projection(layer: nn.Module, kind: str) -> nn.Linear:
+    """A decoder layer's output projection of structure ``kind``."""
+    return getattr(getattr(layer, MODULE_NAME[kind]), PROJECTION[kind])
+
+
+def kept_inputs(s: LayerStructures, plan: PruningPlan, kind: str) -> list[int]:
+    """The output projection's input features the plan keeps."""
+    layer = plan.layers[s.layer]
+    return unit_indices(layer.heads, s.attention.head_dim) if kind == "attention" else layer.channels
+
+
+def assign(linear: nn.Linear, result: RefitResult) -> None:
+    """Write a refit into a (sliced) projection; an intercept becomes (or adds to) its bias. Into
+    FSDP2's shards where the projection is sharded (its bias must exist: FSDP2 takes no new one)."""
+    if linear.weight.shape != result.weight.shape:
+        raise RuntimeError(f"refit weight {tuple(result.weight.shape)} does not fit {tuple(linear.weight.shape)}")
+    if is_sharded(linear.weight):
+        write_full(linear.weight, result.weight)
+        if result.bias is not None:
+            if linear.bias is None:
+                raise RuntimeError("a sharded projection has no bias to take the refit's intercept: slicing gives "
+                                   "it one (ReconstructionMode.prepare_layer)")
+            write_full(linear.bias, result.bias.to(linear.bias.device) + full_weight(linear.bias))
+        return
+    with torch.no_grad():
+        linear.weight.copy_(result.weight.to(linear.weight.device))
+        if result.bias is not None:
+            bias = result.bias.to(linear.weight.device)
+            if linear.bias is not None:
+                bias = bias + linear.bias
+            linear.bias = nn.Parameter(bias, linear.weight.requires_grad)
+
+
+class ReconstructionMode:
+    """``damping``: one relative damping, or candidates to choose from per structure by ``folds``
+    folds of held-out windows (modes that support it; the others refuse a list)."""
+
+    chooses_damping = False  # whether the mode can choose its damping from candidates
+
+    def __init__(self, damping: float | Sequence[float] = 0.01, intercept: bool = False, batch_size: int = 1,
+                 prior: str = "zero", folds: int = 4) -> None:
+        candidates = isinstance(damping, (list, tuple))
+        if candidates and not self.chooses_damping:
+            raise ValueError(f"damping={list(damping)}: choosing the damping by held-out windows needs mode: sequential; "
+                             f"give {type(self).__name__.lower()} mode one number")
+        self.damping = [float(d) for d in damping] if candidates else damping
+        self.intercept, self.batch_size, self.prior, self.folds = intercept, batch_size, prior, folds
+
+    def before_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce) -> None:
+        """The plan is final and the model still dense."""
+
+    def prepare_layer(self, plan: PruningPlan, index: int, layer: nn.Module) -> None:
+        """Sharded weights only: decoder layer ``index`` is pruned and whole, about to be sharded."""
+
+    def after_slicing(self, model: nn.Module, plan: PruningPlan, windows: Tensor, reduce: Reduce,
+                      ids: Tensor | None = None) -> dict[GroupKey, RefitResult]:
+        """The model is pruned: refit and assign; returns every structure's result. ``ids``: the
+        windows' ids among every rank's (default 0, 1, ...), which fold each window is in."""
+        raise NotImplementedError
+
+    def solve(self, dense: nn.Linear | Tensor, sliced: Tensor, stats: RefitStatistics, key: GroupKey) -> RefitResult:
+        weight = dense.weight if isinstance(dense, nn.Linear) else dense
+        return solve_refit(weight, sliced, stats, self.damping, str(key), intercept=self.intercept, prior=self.prior)
+
+
+def padded_share(windows: Tensor, reduce: Reduce) -> int:
+    """The window count every rank pads its share to where FSDP2 shards the weights (each layer
+    call a collective): the largest share of the ranks' strided split, ``⌈total / ranks⌉``."""
+    ranks = int(reduce(torch.tensor(1.0)).item())
+    share = -(-int(reduce(torch.tensor(float(len(windows)))).item()) // ranks)
+    if not 0 < len(windows) <= share:
+        raise ValueError(f"reconstruction with sharded weights needs every rank's windows split evenly (at most "
+                         f"{share} and at least 1 per rank); this rank has {len(windows)}")
+    return share
+
+
+class Independent(ReconstructionMode):
+    def before_slicing(self, model, plan, windows, reduce):
+        structures = discover_structures(model)
+        keys = pruned_structures(plan)
+        tokens = int(reduce(torch.tensor(float(windows.numel()))).item())
+        self._results, self._assigned = {}, set()
+        if not keys:
+            return
+        sharded = has_sharded_weights(model)
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size,
+                             padded_share(windows, reduce) if sharded else None)
+        progress = Progress("reconstruction: refit", len(keys), unit="projection")
+        while stream.next <= keys[-1].layer:
+            layer = stream.next
+            projections = {key: output_projection(structures[layer], key.kind) for key in keys if key.layer == layer}
+            grams, sums = dense_grams(projections, stream.advance, (lambda: stream.valid) if sharded else None)
+            for key, proj in projections.items():
+                keep = kept_inputs(structures[layer], plan, key.kind)
+                stats = RefitStatistics.from_dense_gram(reduce(grams.pop(key)), reduce(sums.pop(key)), keep, tokens)
+                weight = full_weight(proj.weight)  # gathered where sharded: every rank solves, in the same order
+                result = self.solve(weight, weight[:, keep], stats, key)
+                if sharded:  # this rank's rows only, until slicing gathers them (prepare_layer)
+                    result.weight = keep_sharded_like(result.weight, proj.weight)
+                    if result.bias is not None:
+                        result.bias = keep_sharded_like(result.bias, proj.weight)
+                self._results[key] = result
+                progress.update()
+
+    def prepare_layer(self, plan, index, layer):
+        for key, result in self._results.items():
+            if key.layer == index:
+                result.weight = full_weight(result.weight)  # a collective: every rank, keys in the same order
+                result.bias = None if result.bias is None else full_weight(result.bias)
+                assign(layer_projection(layer, key.kind), result)
+                self._assigned.add(key)
+
+    def after_slicing(self, model, plan, windows, reduce, ids=None):
+        structures = discover_structures(model)
+        for key, result in self._results.items():
+            if key not in self._assigned:
+                assign(output_projection(structures[key.layer], key.kind), result)
+        record_layer_widths(model)
+        results, self._results, self._assigned = self._results, {}, set()
+        return results
+
+
+class Sequential(ReconstructionMode):
+    chooses_damping = True
+
+    def before_slicing(self, model, plan, windows, reduce):
+        layers = decoder_layers(model)
+        self._dense = {key: copy.deepcopy(getattr(layers[key.layer], MODULE_NAME[key.kind]))
+                       for key in pruned_structures(plan)}
+
+    def prepare_layer(self, plan, index, layer):
+        for key in pruned_structures(plan):
+            projection = layer_projection(layer, key.kind)
+            if key.layer == index and self.intercept and projection.bias is None:  # zero: the intercept adds to it
+                projection.bias = nn.Parameter(projection.weight.new_zeros(projection.out_features),
+                                               projection.weight.requires_grad)
+
+    def after_slicing(self, model, plan, windows, reduce, ids=None):
+        results = {}
+        keys = pruned_structures(plan)
+        progress = Progress("reconstruction (sequential)", len(keys), unit="structure")
+        sharded = has_sharded_weights(model)  # the pruned model's shards: every layer call a collective
+        stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size,
+                             padded_share(windows, reduce) if sharded else None, ids) if keys else None
+        folds = self.folds if isinstance(self.damping, list) else 1
+        for key in keys:
+            while stream.next < key.layer:
+                stream.advance()
+            dense = gather_module(self._dense.pop(key))  # a copy of a sharded block: gathered for this structure only
+            pruned = getattr(decoder_layers(model)[key.layer], MODULE_NAME[key.kind])
+            projection = PROJECTION[key.kind]
+            parts = sequential_statistics(stream.run, pruned, dense, projection, lambda: stream.batch_ids, folds)
+            for stats in parts:
+                for name in MOMENTS:
+                    setattr(stats, name, reduce(getattr(stats, name)))
+                stats.tokens = int(reduce(torch.tensor(float(stats.tokens))).item())
+            dense_weight, sliced = getattr(dense, projection).weight, full_weight(getattr(pruned, projection).weight)
+            if folds > 1:
+                result = choose_damping(dense_weight, sliced, parts, self.damping, str(key), self.intercept, self.prior)
+            else:
+                result = self.solve(dense_weight, sliced, parts[0], key)
+            assign(getattr(pruned, projection), result)
+            results[key] = result
+            progress.update()
+        record_layer_widths(model)
+        return results
+
+
+RECONSTRUCTION_MODES = {"independent": Independent, "sequential": Sequential}

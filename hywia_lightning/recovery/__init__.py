@@ -1,0 +1,1 @@
+"""LoRA recovery of a pruned model: the adapters (peft) and the LightningModule that trains them."""

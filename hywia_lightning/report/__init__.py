@@ -1,0 +1,1 @@
+"""One report per run (report.json, report.md) and its plots."""
