@@ -37,6 +37,7 @@ from hywia_lightning.core.granularities import Granularity, make_granularity
 from hywia_lightning.core.pipeline import accumulator_shards, prune
 from hywia_lightning.core.plan import PruningPlan, count_parameters
 from hywia_lightning.core.scoring import ScoringContext
+from hywia_lightning.local_loop import LocalLoop
 from hywia_lightning.distributed.sharded_model import local_bytes, shard_model, world_mesh
 from hywia_lightning.core.slicing import add_saved_output_biases, apply_plan
 from hywia_lightning.core.structures import LayerStructures, target_layers
@@ -65,6 +66,7 @@ class StructuredPruning(Preflight, Callback):
         seed: int = 0,
         accumulate_dtype: Literal["float32", "float64", "bfloat16"] = "float32",
         estimation_batch_size: PositiveInt = 1,
+        estimation_checkpoint_every: PositiveInt | None = None,
         shard_accumulators: bool | None = None,
         shard_weights: bool = False,
         distillation: Distillation | None = None,
@@ -91,6 +93,11 @@ class StructuredPruning(Preflight, Callback):
                 about 3 significant digits).
             estimation_batch_size: calibration windows per forward + backward of the estimation;
                 the statistics are the same for any value (per-window gradients are exact).
+            estimation_checkpoint_every: estimation batches (per rank) between checkpoints of the
+                statistics' sums in ``<default_root_dir>/estimation/``: an estimation stopped midway
+                (hours on a 70B model) resumes from its last one when the job runs again, and the files
+                go once it is complete. ``None``: no checkpoint (each holds the sums: ``g``/``g²`` are
+                as large as the prunable weights).
             shard_accumulators: under several processes each keeps only its 1/N shard of the
                 ``g``/``g²`` accumulators (reduce-scattered per batch, gathered one unit group at a
                 time for scoring: the same plan); ``None`` shards whenever there are several ranks,
@@ -118,6 +125,7 @@ class StructuredPruning(Preflight, Callback):
             raise ValueError(f"attention_unit={attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
         self.accumulate_dtype = accumulate_dtype_named(accumulate_dtype)
         self.estimation_batch_size = estimation_batch_size
+        self.estimation_checkpoint_every = estimation_checkpoint_every
         self.shard_accumulators = shard_accumulators
         self.shard_weights = shard_weights
         self.scope = PruningScope(target_ratio, attention_unit, heads_to_keep, round_to)
@@ -181,7 +189,8 @@ class StructuredPruning(Preflight, Callback):
         result = prune(model, windows, self.granularity, self.scope, self.allocation, layers, self.accumulate_dtype,
                        self.estimation_batch_size, trainer_collective(trainer), self.seed, score=self.score,
                        shard_accumulators=self.shard_accumulators, width_search=self.width_search,
-                       distillation=distillation)
+                       distillation=distillation, loop=LocalLoop.of(trainer),
+                       checkpoint_every=self.estimation_checkpoint_every)
         for name, seconds in result.seconds.items():
             report.record("seconds", {name: round(report.sections["seconds"].get(name, 0.0) + seconds, 3)})
         report.record("importance", result.importance)

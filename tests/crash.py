@@ -28,3 +28,24 @@ class CrashAfterCheckpoint(CrashAtStep):
             self.saves += 1
             if self.saves > 1:
                 os._exit(13)
+
+
+class CrashInEstimation(Callback):
+    """Killed after ``steps`` batches of importance estimation, as a preempted node would be midway
+    through it (registered first, its ``setup`` runs before the pruning stage's)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from hywia_lightning.core.estimation import Estimator
+
+        step, done = Estimator.step, []
+
+        def counted(estimator, batch, indices):
+            step(estimator, batch, indices)
+            done.append(1)
+            if len(done) == self.steps:
+                os._exit(13)
+
+        Estimator.step = counted

@@ -106,6 +106,7 @@ def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path)
     extra = {"learned": {"training": {"epochs": 2, "holdout": 2}},
              "fixed": {"weights": {"element1": 1.0, "vector": 1.0, "userwanda": 2.0}}}.get(mode, {})
     job = prune_job(tiny_model_dir, tmp_path, data={"num_windows": 6})
+    job["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
     job["pruning"] = {"class_path": "callbacks.HybridPruning", "init_args": {
         "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"schemes": schemes, "mode": mode, **extra}}}
     run_fit(job, tmp_path)
@@ -117,8 +118,17 @@ def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path)
         assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-4
     assert report["pruning"]["granularity"] == f"hywia-{mode}(element1+vector+userwanda)"
     assert (tmp_path / "export" / "fusion_weights.png").stat().st_size > 1000
-    if mode == "learned":
-        assert report["fusion"]["training"]["epochs_run"] >= 1
+    if mode == "learned":  # trained by Lightning: its curves in the job's logger and in the report
+        training = report["fusion"]["training"]
+        assert 1 <= training["epochs_run"] == len(training["train_loss_per_epoch"]) <= 2
+        assert training["best_held_out_loss"] == pytest.approx(min(training["held_out_loss_per_epoch"]), abs=1e-5)
+        import csv
+
+        rows = list(csv.DictReader((tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").open()))
+        logged = [float(r["fusion/val_loss"]) for r in rows if r.get("fusion/val_loss")]
+        assert logged == pytest.approx(training["held_out_loss_per_epoch"], abs=1e-5)
+        assert "| epoch | train loss (soft masks) | held-out loss (hard masks) |" in (tmp_path / "export" / "report.md").read_text()
+        assert (tmp_path / "fusion" / "best.ckpt").is_file()  # ModelCheckpoint kept the best fusion state
 
 
 def test_a_scheme_returning_nan_is_refused_naming_it(tiny_model_dir, tmp_path):

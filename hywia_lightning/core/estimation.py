@@ -37,6 +37,9 @@ from ..progress import Progress
 from ..distributed.sharded_sums import Sums
 from .statistics import GRADIENT_NEEDS, InputStatistics, ParameterStatistics, Statistics, check_needs
 
+#: the sums a checkpoint keeps (whole, or this rank's shards), besides the counts
+STATE_FIELDS = ("input_sum", "input_sq_sum", "gram_sum", "grad_sum", "sq_grad_sum", "rows", "cols")
+
 # float16 cannot hold g² (≈1e-12 on real models, below its smallest subnormal 6e-8)
 ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -81,55 +84,106 @@ class Estimator:
         self._inputs: dict[nn.Linear, Tensor] = {}  # this pass's input of each prunable Linear, until its δ arrives
         self._window_index: list[int | None] = []    # global index of each window of the current batch
         self._real: Tensor | None = None              # which of them weigh (None: all)
+        self._handles: list = []                      # the hooks, from begin() to end()
+        self._trainable: dict[nn.Parameter, bool] = {}
+        self._was_training = False
 
     @property
     def needs_backward(self) -> bool:
         return bool(self.needs & GRADIENT_NEEDS)
 
     def accumulate(self, windows: Tensor, indices: Sequence[int | None] | None = None) -> None:
-        """Forward (+ backward) over ``batch_size`` windows at a time (all of one length).
+        """Every window, ``batch_size`` at a time, on this process: the plain driver of :meth:`step`
+        (a job's estimation runs the same steps in Lightning's loop, :mod:`hywia_lightning.core.estimation_loop`).
 
         ``indices``: each window's position among all calibration windows (default ``0..N-1``),
         the row its per-window saliency goes to; ``None`` for a zero-weight window."""
-        if self._spent:
-            raise RuntimeError("accumulate() after statistics(): the sums were already turned into means")
         windows = windows.reshape(len(windows), -1) if len(windows) else windows
         indices = list(range(len(windows))) if indices is None else list(indices)
-        if len(windows) == 0:
-            return  # a rank with no window contributes zeros to the sums
-        trainable = {p: p.requires_grad for p in self.model.parameters()}
+        self.begin(len(windows))
+        try:
+            for start in range(0, len(windows), self.batch_size):
+                self.step(windows[start : start + self.batch_size], indices[start : start + self.batch_size])
+        finally:
+            self.end()
+
+    def begin(self, total: int, done: int = 0) -> None:
+        """Freeze every weight and hook the prunable Linears, until :meth:`end`; ``total`` windows
+        will pass (``done`` of them already have, in a resumed estimation)."""
+        if self._spent:
+            raise RuntimeError("accumulate() after statistics(): the sums were already turned into means")
+        self._trainable = {p: p.requires_grad for p in self.model.parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)  # weight gradients are formed per window by the hooks, never by autograd
-        handles = [m.register_forward_pre_hook(self._before_linear) for m in self.linears]
+        self._handles = [m.register_forward_pre_hook(self._before_linear) for m in self.linears]
         if self.needs_backward:
-            handles += [m.register_forward_hook(self._after_linear) for m in self.linears]
-        was_training = self.model.training
+            self._handles += [m.register_forward_hook(self._after_linear) for m in self.linears]
+        self._was_training = self.model.training
         self.model.eval()  # no dropout: the statistics are those of the deployed model
+        self._progress = Progress("estimation", total, unit="window")
+        self._progress.update(done)
+
+    def step(self, batch: Tensor, indices: Sequence[int | None]) -> None:
+        """One forward (+ backward) of a batch of equally long windows; ``indices`` as in :meth:`accumulate`."""
+        if not len(batch):
+            return  # a rank with no window contributes zeros to the sums
+        device = self.linears[0].weight.device
+        batch = batch.to(device)
+        self._window_index = list(indices)
+        real = [i is not None for i in self._window_index]
+        self._real = None if all(real) else torch.tensor(real, device=device)
         try:
-            device = self.linears[0].weight.device
-            progress = Progress("estimation", len(windows), unit="window")
-            for start in range(0, len(windows), self.batch_size):
-                batch = windows[start : start + self.batch_size].to(device)
-                self._window_index = indices[start : start + len(batch)]
-                real = [i is not None for i in self._window_index]
-                self._real = None if all(real) else torch.tensor(real, device=device)
-                if self.needs_backward:
-                    # the loss is the mean over equally long windows, so B·loss has window i's own loss as its i-th term
-                    (language_model_loss(self.model, batch) * len(batch)).backward()
-                else:
-                    with torch.no_grad():
-                        self.model(input_ids=batch, use_cache=False)
-                self.windows_seen += sum(real)
-                self.tokens += sum(real) * batch.shape[1]
-                progress.update(len(batch))
-                self._inputs.clear()
+            if self.needs_backward:
+                # the loss is the mean over equally long windows, so B·loss has window i's own loss as its i-th term
+                (language_model_loss(self.model, batch) * len(batch)).backward()
+            else:
+                with torch.no_grad():
+                    self.model(input_ids=batch, use_cache=False)
         finally:
             self._inputs.clear()
-            for handle in handles:
-                handle.remove()
-            for p, flag in trainable.items():
-                p.requires_grad_(flag)
-            self.model.train(was_training)
+        self.windows_seen += sum(real)
+        self.tokens += sum(real) * batch.shape[1]
+        self._progress.update(len(batch))
+
+    def end(self) -> None:
+        """Remove the hooks and give the weights back their ``requires_grad`` and the model its mode."""
+        self._inputs.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for p, flag in self._trainable.items():
+            p.requires_grad_(flag)
+        self.model.train(self._was_training)
+
+    # -- the sums as a checkpoint's entry -----------------------------------------------------------
+    def state(self) -> dict:
+        """The sums so far (this rank's shards when sharded) and their counts, keyed by module names:
+        what a checkpoint keeps of an estimation stopped between two batches."""
+        names = {module: name for name, module in self.model.named_modules()}
+
+        def named(key) -> str:
+            return f"{names[key[0]]}:{key[1]}" if isinstance(key, tuple) else names[key]
+
+        return {"windows_seen": self.windows_seen, "tokens": self.tokens,
+                **{field: {named(k): v for k, v in self._table(field).items()} for field in STATE_FIELDS}}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` of an estimation of the same model, windows and needs."""
+        modules = dict(self.model.named_modules())
+
+        def key(name: str):
+            module, _, param = name.partition(":")
+            return (modules[module], param) if param else modules[module]
+
+        self.windows_seen, self.tokens = state["windows_seen"], state["tokens"]
+        for field in STATE_FIELDS:
+            table = self._table(field)
+            table.clear()
+            table.update({key(name): value for name, value in state[field].items()})
+
+    def _table(self, field: str) -> dict:
+        value = getattr(self, field)
+        return value.held if isinstance(value, Sums) else value
 
     def _before_linear(self, module: nn.Linear, args) -> None:
         x = args[0].detach()

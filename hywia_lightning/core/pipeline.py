@@ -22,8 +22,10 @@ from torch import Tensor, nn
 
 from .allocation import Allocation, PruningScope
 from ..distributed.collective import Collective
+from ..local_loop import LocalLoop
 from .distillation import DistillationSet
 from .estimation import Estimator
+from .estimation_loop import run_estimation
 from .granularities import Granularity
 from .importance_summary import importance_summary
 from .plan import LayerWidths, PruningPlan, count_parameters, make_plan
@@ -50,10 +52,11 @@ def accumulator_shards(collective: Collective | None, shard_accumulators: bool |
 def estimate(
     model: nn.Module, layers: list[LayerStructures], windows: Tensor, needs: frozenset[str], attention_unit: str,
     accumulate_dtype: torch.dtype = torch.float32, batch_size: int = 1, collective: Collective | None = None,
-    shard_accumulators: bool | None = None,
+    shard_accumulators: bool | None = None, loop: LocalLoop | None = None, checkpoint_every: int | None = None,
 ) -> Statistics:
     """The statistics ``needs`` asks for, over this rank's share of ``windows``, summed over ranks
-    (see :func:`accumulator_shards` for ``shard_accumulators``)."""
+    (see :func:`accumulator_shards` for ``shard_accumulators``), passed by Lightning's loop on this
+    process (:func:`~hywia_lightning.core.estimation_loop.run_estimation`: ``loop``, ``checkpoint_every``)."""
     rank, world = (collective.rank, collective.world_size) if collective else (0, 1)
     sharded = accumulator_shards(collective, shard_accumulators)
     estimator = Estimator(model, prunable_linears(layers, attention_unit), needs, len(windows), accumulate_dtype,
@@ -61,7 +64,7 @@ def estimate(
     indices: list[int | None] = list(range(rank, len(windows), world))
     if sharded is not None:  # as many batches on every rank: each issues the same reduce-scatters
         indices += [None] * (-(-len(windows) // world) - len(indices))
-    estimator.accumulate(windows[[0 if i is None else i for i in indices]], indices)
+    run_estimation(estimator, windows[[0 if i is None else i for i in indices]], indices, loop, checkpoint_every, collective)
     return estimator.statistics(collective.all_reduce if collective and world > 1 else None)
 
 
@@ -93,6 +96,8 @@ def prune(
     shard_accumulators: bool | None = None,
     width_search: WidthSearch | None = None,
     distillation: DistillationSet | None = None,
+    loop: LocalLoop | None = None,
+    checkpoint_every: int | None = None,
 ) -> PruneResult:
     """The plan for ``layers`` of ``model`` at ``scope``: nothing is sliced (see ``apply_plan``).
 
@@ -100,7 +105,9 @@ def prune(
     statistics estimated are still the ones ``scorer.needs``. ``shard_accumulators``: see
     :func:`accumulator_shards`. ``width_search``: the allocation's widths are only the start of a
     search against the KL to the dense model on ``distillation``'s windows (rank 0 searches; its
-    plan is every rank's)."""
+    plan is every rank's). ``loop``: where estimation and a scorer that trains run their Trainers (a
+    job's run folder and loggers; ``None``: on the model's device, writing nothing);
+    ``checkpoint_every``: estimation batches between checkpoints of its sums (needs ``loop``'s run folder)."""
     seconds = {}
     total = count_parameters(model)
     start = time.perf_counter()
@@ -109,13 +116,13 @@ def prune(
         if windows is None:
             raise ValueError(f"granularity {scorer.name!r} needs calibration windows ({', '.join(sorted(scorer.needs))})")
         statistics = estimate(model, layers, windows, scorer.needs, scope.attention_unit, accumulate_dtype,
-                              batch_size, collective, shard_accumulators)
+                              batch_size, collective, shard_accumulators, loop, checkpoint_every)
     seconds["estimation"] = time.perf_counter() - start
     start = time.perf_counter()
     accumulators = (statistics.accumulator_bytes, statistics.accumulator_shards) if statistics else (0, 1)
     groups = unit_groups(layers, scope.attention_unit, model.config.num_hidden_layers, statistics)
     del statistics
-    context = ScoringContext(model, layers, scope, windows, lambda s: allocation.widths(layers, total, scope, s), seed)
+    context = ScoringContext(model, layers, scope, windows, lambda s: allocation.widths(layers, total, scope, s), seed, loop)
     scores = (score or scorer.score_groups)(groups, context)
     seconds["scoring"] = time.perf_counter() - start
     start = time.perf_counter()

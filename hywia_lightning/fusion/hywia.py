@@ -193,10 +193,11 @@ class HyWIA(Granularity):
             mask_targets(context, keys, widths), self.training.lr, self.training.temperatures,
         )
         initial = module.weights()
-        module.fit(train, held_out, self.training.epochs, self.training.patience, self.seed)
+        module.fit(train, held_out, self.training.epochs, self.training.patience, self.seed, context.loop)
         weights = module.weights().double()
         return weights, {
             "epochs_run": len(module.val_history),
+            "train_loss_per_epoch": [round(v, 5) for v in module.train_history],
             "held_out_loss_per_epoch": [round(v, 5) for v in module.val_history],
             "best_held_out_loss": module.best_val_loss,
             "weights_moved": float((weights - initial.double()).abs().max()),

@@ -5,24 +5,29 @@ scores, ``τ`` the midpoint between the k-th and (k+1)-th largest (k = the units
 ``T`` a temperature annealed geometrically from ``T₀`` to ``T₁`` over the epochs. The masks scale
 the units' inputs to ``o_proj`` / ``down_proj`` of the frozen model, and the calibration language
 model loss trains only the fusion. Validation applies the *hard* masks, the exact pruning decision
-(before reconstruction), on held-out windows; the best fusion state is kept, and training stops
-when the held-out loss has not improved for ``patience`` epochs.
+(before reconstruction), on held-out windows.
 
-A plain loop on the current process (no Trainer): it runs inside the pruning stage, where an
-outer distributed run may already exist; every rank trains the same fusion from the same seed.
+:class:`FusionTraining` is a LightningModule trained by Lightning: Adam by ``configure_optimizers``,
+``EarlyStopping`` on the held-out loss (``patience`` epochs without a better one), ``ModelCheckpoint``
+keeping the best fusion state, the curves in the job's loggers (``fusion/train_loss``,
+``fusion/val_loss``). Its Trainer runs on this process (:mod:`hywia_lightning.local_loop`): every rank
+trains the same fusion from the same seed, on the same windows.
 """
 
 from __future__ import annotations
 
-import copy
+import tempfile
 from dataclasses import dataclass
 
 import torch
+from lightning import LightningModule
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from .attention import FusionAttention, GroupScores
 from ..core.lm_loss import language_model_loss
-from ..progress import Progress
+from ..local_loop import LocalLoop
+from .attention import FusionAttention, GroupScores
 
 
 @dataclass
@@ -55,26 +60,37 @@ def hard_mask(fused: Tensor, target: MaskTarget) -> Tensor:
     return (fused.view(target.blocks, -1) > tau).to(fused.dtype).reshape(-1)
 
 
-class FusionTraining:
-    """Trains a :class:`FusionAttention` against the frozen model's calibration loss."""
+class FusionTraining(LightningModule):
+    """Trains a :class:`FusionAttention` against the frozen model's calibration loss.
+
+    The model is held outside the module's children: Lightning never moves, casts or checkpoints
+    it, and the fusion attention is the module's only state."""
 
     def __init__(
         self, model: nn.Module, fusion: FusionAttention, groups: list[GroupScores], targets: list[MaskTarget],
         lr: float, temperatures: tuple[float, float],
     ) -> None:
-        self.model, self.fusion, self.groups, self.targets = model, fusion, groups, targets
+        super().__init__()
+        self.fusion, self.groups, self.targets = fusion, groups, targets
+        self._model = [model]  # a list: not a registered child
         self.lr, self.temperatures = lr, temperatures
         device = next(model.parameters()).device
         self.fusion.to(device)
-        self.shared = torch.stack([g.shared_features() for g in groups]).to(device)
-        self.schemes = torch.stack([g.scheme_features() for g in groups]).to(device)
+        self.register_buffer("shared", torch.stack([g.shared_features() for g in groups]).to(device), persistent=False)
+        self.register_buffer("schemes", torch.stack([g.scheme_features() for g in groups]).to(device), persistent=False)
         self.normalized = [g.normalized.float().to(device) for g in groups]
         self._masks: list[Tensor | None] = [None] * len(groups)
-        self.best_val_loss = float("inf")
+        self._handles: list = []
+        self._frozen: dict[nn.Parameter, bool] = {}
+        self.train_history: list[float] = []
         self.val_history: list[float] = []
 
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
     def fused(self) -> list[Tensor]:
-        return self.fusion(self.shared, self.schemes, self.normalized)
+        return self.fusion(self.shared, self.schemes, [z.to(self.shared.device) for z in self.normalized])
 
     def weights(self) -> Tensor:
         """Blend weights of every group (G × S) with the current fusion state."""
@@ -91,50 +107,66 @@ class FusionTraining:
             return (args[0] * mask.repeat_interleave(target.unit_size).to(args[0].dtype),) + tuple(args[1:])
         return apply
 
-    def held_out_loss(self, windows: Tensor) -> float:
-        """Calibration loss with the hard masks: the exact pruning decision of the current fusion."""
-        with torch.no_grad():
-            self._masks = [hard_mask(f, t) for f, t in zip(self.fused(), self.targets)]
-            return sum(float(language_model_loss(self.model, w[None])) for w in windows) / len(windows)
-
-    def fit(self, train: Tensor, held_out: Tensor, epochs: int, patience: int, seed: int) -> None:
-        """Adam on the soft-masked loss, one window per step, windows shuffled per epoch by ``seed``."""
-        frozen = {p: p.requires_grad for p in self.model.parameters()}
+    # -- the frozen model under masks, for the span of the fit --------------------------------
+    def on_fit_start(self) -> None:
+        self._frozen = {p: p.requires_grad for p in self.model.parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
-        handles = [t.projection.register_forward_pre_hook(self._mask_hook(i)) for i, t in enumerate(self.targets)]
-        was_training = self.model.training
+        self._handles = [t.projection.register_forward_pre_hook(self._mask_hook(i)) for i, t in enumerate(self.targets)]
+        self._was_training = self.model.training
         self.model.eval()
-        optimizer = torch.optim.Adam(self.fusion.parameters(), lr=self.lr)
-        generator = torch.Generator().manual_seed(seed)
-        progress = Progress("fusion training", epochs, unit="epoch", every=0)
-        best_state, stale = None, 0
-        device = self.shared.device
-        try:
-            for epoch in range(epochs):
-                t0, t1 = self.temperatures
-                temperature = t0 * (t1 / t0) ** (epoch / max(epochs - 1, 1))
-                for index in torch.randperm(len(train), generator=generator).tolist():
-                    self._masks = [soft_mask(f, t, temperature) for f, t in zip(self.fused(), self.targets)]
-                    loss = language_model_loss(self.model, train[index][None].to(device))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                value = self.held_out_loss(held_out.to(device))
-                self.val_history.append(value)
-                if value < self.best_val_loss:
-                    self.best_val_loss, best_state, stale = value, copy.deepcopy(self.fusion.state_dict()), 0
-                else:
-                    stale += 1
-                progress.update(note=f"held-out loss {value:.4f} (best {self.best_val_loss:.4f})")
-                if stale >= patience:
-                    break
-        finally:
-            for handle in handles:
-                handle.remove()
-            for p, flag in frozen.items():
-                p.requires_grad_(flag)
-            self.model.train(was_training)
-            self._masks = [None] * len(self.groups)
-        if best_state is not None:
-            self.fusion.load_state_dict(best_state)
+
+    def on_fit_end(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for p, flag in self._frozen.items():
+            p.requires_grad_(flag)
+        self.model.train(self._was_training)
+        self._masks = [None] * len(self.groups)
+
+    def temperature(self) -> float:
+        """The soft masks' temperature of this epoch, annealed geometrically from the first to the last."""
+        t0, t1 = self.temperatures
+        return t0 * (t1 / t0) ** (self.current_epoch / max(self.trainer.max_epochs - 1, 1))
+
+    # -- Lightning's steps ----------------------------------------------------------------------
+    def training_step(self, window: Tensor, index: int) -> Tensor:
+        self._masks = [soft_mask(f, t, self.temperature()) for f, t in zip(self.fused(), self.targets)]
+        loss = language_model_loss(self.model, window)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=1)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._masks = [hard_mask(f.detach(), t) for f, t in zip(self.fused(), self.targets)]
+
+    def validation_step(self, window: Tensor, index: int) -> None:
+        """Calibration loss with the hard masks: the exact pruning decision of the current fusion."""
+        self.log("val_loss", language_model_loss(self.model, window), on_step=False, on_epoch=True, batch_size=1)
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        self.train_history.append(float(metrics["train_loss"]))
+        self.val_history.append(float(metrics["val_loss"]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.fusion.parameters(), lr=self.lr)
+
+    # -- the whole training ---------------------------------------------------------------------
+    def fit(self, train: Tensor, held_out: Tensor, epochs: int, patience: int, seed: int,
+            loop: LocalLoop | None = None) -> None:
+        """One window per step, the windows shuffled per epoch by ``seed``; the best held-out state is kept."""
+        loop = loop or LocalLoop.on_device_of(self.model)
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = loop.folder("fusion") if loop.rank == 0 else None  # every rank trains the same fusion
+            best = ModelCheckpoint(dirpath=str(folder or scratch), filename="best", monitor="val_loss", mode="min",
+                                   save_top_k=1, enable_version_counter=False)
+            trainer = loop.trainer("fusion", callbacks=[EarlyStopping("val_loss", patience=patience, mode="min"), best],
+                                   max_epochs=epochs)
+            shuffled = DataLoader(train, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(seed))
+            trainer.fit(self, shuffled, DataLoader(held_out, batch_size=1))
+            state = torch.load(best.best_model_path, map_location=self.shared.device, weights_only=True)["state_dict"]
+        self.load_state_dict(state)
+
+    @property
+    def best_val_loss(self) -> float:
+        return min(self.val_history, default=float("inf"))

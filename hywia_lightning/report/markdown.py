@@ -191,6 +191,11 @@ def _fusion(s: dict) -> list[str]:
     if training:
         lines += [f"Fusion training: {training['epochs_run']} epochs, best held-out loss "
                   f"{_num(training['best_held_out_loss'], 4)}, weights moved by up to {_num(training['weights_moved'], 3)}.", ""]
+        curves = list(zip(training.get("train_loss_per_epoch", []), training["held_out_loss_per_epoch"]))
+        if curves:
+            lines += _table(["epoch", "train loss (soft masks)", "held-out loss (hard masks)"],
+                            [[str(i + 1), _num(train, 4), _num(held_out, 4)] for i, (train, held_out) in enumerate(curves)])
+            lines += [""]
     refit = fusion.get("refit_error")
     if refit:
         chosen, uniform = sum(e["chosen"] for e in refit.values()), sum(e["uniform"] for e in refit.values())
