@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.checks import check_context
+from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.distributed.collective import trainer_collective
 
 

@@ -32,11 +32,12 @@ from typing import Any
 
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.evaluation.baseline import (baseline_key, cached_baseline, dense_reference, measure_baseline, model_identity,
-                                      read_baseline, store_baseline)
-from hywia_lightning.models.loading import load_causal_lm
 from hywia_lightning.core.plan import PruningPlan
 from hywia_lightning.distributed.sharded_model import has_sharded_weights
+from hywia_lightning.evaluation.baseline import (
+    baseline_key, cached_baseline, dense_reference, measure_baseline, model_identity, read_baseline, store_baseline,
+)
+from hywia_lightning.models.loading import load_causal_lm
 
 from .pruning_hooks import PruningHooks
 from .stage_end import StageEnd

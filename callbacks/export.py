@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Literal
 
 from lightning import LightningModule, Trainer
+from typing_extensions import override
 
-from hywia_lightning.export.huggingface import check_replaceable, export_kind, export_pretrained, recover_interrupted, written_files
-from hywia_lightning.files import run_folder, write_json_atomic
 from hywia_lightning.distributed.gathered_copy import gathered_copy
 from hywia_lightning.distributed.sharded_model import has_sharded_weights
 from hywia_lightning.export.gguf import GGUF_NAME, check_exportable, export_gguf, model_name
+from hywia_lightning.export.huggingface import (
+    check_replaceable, export_kind, export_pretrained, recover_interrupted, written_files,
+)
+from hywia_lightning.files import run_folder, write_json_atomic
 
 from .preflight import Preflight
 from .report import write_report
@@ -78,6 +81,7 @@ class Export(Preflight):
         if hasattr(pl_module, "write_artifacts"):
             pl_module.write_artifacts(folder)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         start = time.perf_counter()
         model = pl_module.model

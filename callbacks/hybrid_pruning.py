@@ -13,7 +13,11 @@ hywia_lightning.HyWIA, init_args: {schemes: ..., mode: ...}}``. Every other key 
 
 from __future__ import annotations
 
+from typing import Any
+
+from hywia_lightning.core.granularities import GRANULARITIES, unknown_granularity
 from hywia_lightning.fusion.hywia import HyWIA
+from hywia_lightning.input_errors import InputError, did_you_mean
 
 from .pruning import StructuredPruning
 
@@ -27,3 +31,14 @@ class HybridPruning(StructuredPruning):
             kwargs: :class:`StructuredPruning`'s keys (all but ``granularity``).
         """
         super().__init__(target_ratio, granularity=fusion or HyWIA(), **kwargs)
+
+    @staticmethod
+    def check_arguments(init_args: dict[str, Any], key: str) -> None:
+        """The fusion's granularity names, before any class is built (the CLI loads the model first)."""
+        fusion = init_args.get("fusion")
+        fusion = fusion.get("init_args") or fusion if hasattr(fusion, "get") else None
+        for i, scheme in enumerate((fusion.get("schemes") if fusion is not None else None) or []):
+            if isinstance(scheme, str) and scheme not in GRANULARITIES:
+                setting = f"{key.removesuffix('.init_args')}.init_args.fusion.schemes[{i}]"
+                raise InputError(setting, unknown_granularity(scheme),
+                                 did_you_mean(scheme, GRANULARITIES) or f"change {setting} in the YAML")

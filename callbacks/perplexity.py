@@ -10,11 +10,11 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.evaluation.baseline import file_fingerprint
 from hywia_lightning.checks import check_context
+from hywia_lightning.data.text_sources import check_source, read_text, token_ids
+from hywia_lightning.evaluation.baseline import file_fingerprint
 from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity
 from hywia_lightning.progress import show_info_logs
-from hywia_lightning.data.text_sources import check_source, read_text, token_ids
 
 from .evaluation import Evaluation
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 
 from hywia_lightning.input_errors import mark_input_error
 
@@ -30,9 +31,11 @@ class Preflight(Callback):
             return own
         return f"{own} ({self.config_key}.{name})"
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         run_preflight(trainer, pl_module)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if hasattr(trainer, _CHECKED):
             delattr(trainer, _CHECKED)  # a later fit/validate/test of this trainer checks again

@@ -25,24 +25,25 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
-from hywia_lightning.core.allocation import Allocation, PruningScope, make_allocation
-from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.checkpoints import callback_state, saved_parameter_names
-from hywia_lightning.distributed.collective import trainer_collective
+from hywia_lightning.core.allocation import Allocation, PruningScope, make_allocation
 from hywia_lightning.core.distillation import Distillation, DistillationSet
 from hywia_lightning.core.estimation import accumulate_dtype_named
-from hywia_lightning.distributed.gathered_slicing import pruned
 from hywia_lightning.core.granularities import Granularity, make_granularity
 from hywia_lightning.core.pipeline import accumulator_shards, prune
 from hywia_lightning.core.plan import PruningPlan, count_parameters
-from hywia_lightning.core.scoring import ScoringContext
-from hywia_lightning.local_loop import LocalLoop
-from hywia_lightning.distributed.sharded_model import local_bytes, shard_model, world_mesh
+from hywia_lightning.core.scoring import Scored, ScoringContext
 from hywia_lightning.core.slicing import add_saved_output_biases, apply_plan
 from hywia_lightning.core.structures import LayerStructures, target_layers
-from hywia_lightning.core.unit_groups import ATTENTION_UNITS, GroupKey, UnitGroup, unit_groups
+from hywia_lightning.core.unit_groups import GroupKey, UnitGroup, unit_groups
 from hywia_lightning.core.width_search import WidthSearch
+from hywia_lightning.data.calibration import CalibrationData
+from hywia_lightning.distributed.collective import trainer_collective
+from hywia_lightning.distributed.gathered_slicing import pruned
+from hywia_lightning.distributed.sharded_model import local_bytes, shard_model, world_mesh
+from hywia_lightning.local_loop import LocalLoop
 
 from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
@@ -119,10 +120,6 @@ class StructuredPruning(Preflight, Callback):
         if width_search is not None and distillation is None:
             raise ValueError("width_search: the search chooses widths by the KL to the dense model; set distillation too "
                              "(e.g. distillation: {windows: 32}), or width_search: null")
-        if not 0 < target_ratio < 1:
-            raise ValueError(f"target_ratio={target_ratio} must be in (0, 1): the fraction of all parameters removed")
-        if attention_unit not in ATTENTION_UNITS:
-            raise ValueError(f"attention_unit={attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
         self.accumulate_dtype = accumulate_dtype_named(accumulate_dtype)
         self.estimation_batch_size = estimation_batch_size
         self.estimation_checkpoint_every = estimation_checkpoint_every
@@ -162,8 +159,7 @@ class StructuredPruning(Preflight, Callback):
             accumulator_shards(trainer_collective(trainer), self.shard_accumulators)  # ranks that cannot shard: refused
             data = checked_calibration(f"{type(self).__name__}(granularity={self.method!r})", self.calibration, trainer,
                                        pl_module)
-            if hasattr(self.granularity, "check"):
-                self.granularity.check(data.num_windows)
+            self.granularity.check(data.num_windows)
             if self.distillation is not None:
                 try:  # a text too short for them fails now
                     data.held_out_windows(self.distillation.windows)
@@ -172,6 +168,7 @@ class StructuredPruning(Preflight, Callback):
                                      f"{data.num_windows} calibration windows: {error}") from None
 
     # -- the stage ------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.plan is not None:
             return
@@ -236,8 +233,10 @@ class StructuredPruning(Preflight, Callback):
             values.update(kl_unseen_by_search=float(per_window[seen:].mean()), unseen_windows=len(per_window) - seen)
         return values
 
-    def score(self, groups: list[UnitGroup], context: ScoringContext) -> dict[GroupKey, Tensor]:
-        """One score per unit for every group; override to score groups your own way."""
+    def score(self, groups: list[UnitGroup], context: ScoringContext) -> Scored | dict[GroupKey, Tensor]:
+        """One score per unit for every group; override to score groups your own way (return the
+        scores as a dict by group key, or a :class:`~hywia_lightning.core.scoring.Scored` with what the
+        report should keep of how they were made)."""
         return self.granularity.score_groups(groups, context)
 
     def record(self, trainer: Trainer, pl_module: LightningModule, layers: list[LayerStructures], params_before: int,
@@ -290,9 +289,11 @@ class StructuredPruning(Preflight, Callback):
         log.info("resuming from %s: pruned architecture rebuilt from the saved plan, estimation skipped", trainer.ckpt_path)
         return True
 
+    @override
     def state_dict(self) -> dict:
         return {} if self.plan is None else {"plan": self.plan.to_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict) -> None:
         """Nothing to do: :meth:`resume` already applied the saved plan in ``setup``, before the weights were loaded."""
 

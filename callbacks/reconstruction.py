@@ -13,9 +13,10 @@ from typing import Literal
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 
-from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.core.plan import PruningPlan
+from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.progress import show_info_logs
 from hywia_lightning.reconstruction.least_squares import check_refit_settings
 from hywia_lightning.reconstruction.modes import RECONSTRUCTION_MODES
@@ -71,6 +72,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                              f"fold empty: lower folds to at most {windows} or give more windows")
         checked_calibration("LeastSquaresReconstruction", self.calibration, trainer, pl_module)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         run_preflight(trainer, pl_module)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from lightning import LightningModule, Trainer
 
-from hywia_lightning.files import run_folder
 from hywia_lightning.core.plan import count_parameters
+from hywia_lightning.files import run_folder
 from hywia_lightning.report.plots import figures, save
 
 from .stage_end import StageEnd

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from lightning import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 from .preflight import Preflight
 
@@ -26,15 +27,19 @@ class StageEnd(Preflight):
     def at_stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         raise NotImplementedError
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.at_stage_end(trainer, pl_module, "fit")
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_of_evaluation(trainer, pl_module)
 
+    @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_of_evaluation(trainer, pl_module)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         evaluation = EVALUATION_STAGES.get(trainer.state.fn)
         if evaluation is not None and self._stage_done != evaluation:

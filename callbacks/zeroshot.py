@@ -13,8 +13,8 @@ from jsonargparse.typing import PositiveInt
 from lightning import LightningModule, Trainer
 
 from hywia_lightning.evaluation.lm_eval_registry import results_json
-from hywia_lightning.progress import show_info_logs
 from hywia_lightning.evaluation.zeroshot import ZeroShotTask, check_tasks, prepare_tasks, run_zeroshot, zeroshot_scores
+from hywia_lightning.progress import show_info_logs
 
 from .evaluation import Evaluation
 

@@ -13,8 +13,8 @@ from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .data.calibration import CalibrationData
 from .checkpoints import checkpoint_metadata
+from .data.calibration import CalibrationData
 from .input_errors import (
     InputError, from_instantiation_error, from_parse_error, is_union_report, mark_input_error, show_tracebacks,
 )

@@ -47,7 +47,10 @@ class InputError(ValueError):
 def mark_input_error(error: BaseException, config_key: str | None = None) -> BaseException:
     """Mark ``error`` (raised by a check of the run's input, before heavy work) as the user's to fix;
     ``config_key`` (e.g. ``pruning.init_args``) is where the YAML holds the arguments of whoever
-    refused: the key of a message that starts with ``name=value`` is found from it."""
+    refused: the key of a message that starts with ``name=value`` is found from it. An
+    :class:`InputError` already names its key."""
+    if isinstance(error, InputError):
+        return error
     name = re.match(_ARGUMENT, str(error))
     key = f"{config_key}.{name.group(1)}" if config_key and name and config_key not in str(error) else None
     setattr(error, _MARK, InputError(key, str(error).strip()))

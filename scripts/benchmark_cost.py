@@ -76,11 +76,11 @@ def setup(args, rank: int = 0, world_size: int = 1) -> dict:
     """Load the model and this rank's windows; resident sizes before and after the weights."""
     import torch
 
-    from hywia_lightning.data.calibration import CalibrationData
-    from hywia_lightning.models.loading import load_causal_lm
-    from hywia_lightning.memory_plan.resident_memory import current_rss
     from hywia_lightning.core.structures import target_layers
     from hywia_lightning.core.unit_groups import prunable_linears
+    from hywia_lightning.data.calibration import CalibrationData
+    from hywia_lightning.memory_plan.resident_memory import current_rss
+    from hywia_lightning.models.loading import load_causal_lm
 
     torch.set_num_threads(args.threads)
     rss_start = current_rss()

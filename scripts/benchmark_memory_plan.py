@@ -91,17 +91,16 @@ class Phases:
 
 def worker(result_path: str, job_args: list[str]) -> None:
     import torch
-
     from lightning.pytorch.loops.fit_loop import _FitLoop
 
     import callbacks.perplexity as perplexity_callback
+    from callbacks import STAGES as PIPELINE_STAGES
     from callbacks import StructuredPruning
+    from hywia_lightning.cli import HywiaCLI, parse_job
     from hywia_lightning.core import pipeline
     from hywia_lightning.fusion import training as fusion_training
-    from hywia_lightning.reconstruction import modes as reconstruction_modes
-    from callbacks import STAGES as PIPELINE_STAGES
-    from hywia_lightning.cli import HywiaCLI, parse_job
     from hywia_lightning.memory_plan.job import job_plan
+    from hywia_lightning.reconstruction import modes as reconstruction_modes
 
     torch.set_num_threads(1)
     planned = job_plan(parse_job(job_args, PIPELINE_STAGES))

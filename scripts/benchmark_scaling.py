@@ -59,10 +59,10 @@ def parse_args() -> argparse.Namespace:
 def worker(config_path: str, result_path: str) -> None:
     import torch
 
-    from hywia_lightning.report import run_report as report_module
     from callbacks import STAGES as PIPELINE_STAGES
     from hywia_lightning.cli import HywiaCLI
     from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
+    from hywia_lightning.report import run_report as report_module
 
     torch.set_num_threads(1)
     stages: dict[str, dict] = {}

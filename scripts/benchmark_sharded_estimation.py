@@ -51,13 +51,13 @@ def rank_run(out: Path, windows: int, schemes: list[str], device: str, args: arg
     import torch.distributed as dist
 
     from hywia_lightning import BUNDLED_MODEL, CalibrationData, HyWIA, PruningScope, UniformAllocation, load_causal_lm
+    from hywia_lightning.core.pipeline import prune
+    from hywia_lightning.core.slicing import apply_plan
+    from hywia_lightning.core.structures import target_layers
     from hywia_lightning.distributed.collective import process_group_collective
     from hywia_lightning.distributed.gathered_slicing import gathered_pruned
-    from hywia_lightning.core.pipeline import prune
-    from hywia_lightning.core.structures import target_layers
-    from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
     from hywia_lightning.distributed.sharded_model import local_bytes, shard_model
-    from hywia_lightning.core.slicing import apply_plan
+    from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak
 
     world, rank = dist.get_world_size(), dist.get_rank()
     collective = process_group_collective() if world > 1 else None

@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hywia_lightning.export.gguf import export_gguf  # noqa: E402
-from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity  # noqa: E402
-from hywia_lightning.progress import Progress  # noqa: E402
 from hywia_lightning.data.text_sources import read_text, token_ids  # noqa: E402
+from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity  # noqa: E402
+from hywia_lightning.export.gguf import export_gguf  # noqa: E402
+from hywia_lightning.progress import Progress  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -125,10 +125,10 @@ def quantize(source: Path, target: Path, name: str) -> Path:
 
 def stress_export(export_dir: Path, out_dir: Path) -> Path:
     """The export with the shapes llama.cpp treats specially (see the module docstring)."""
-    from hywia_lightning.export.huggingface import export_pretrained
-    from hywia_lightning.models.loading import load_causal_lm
     from hywia_lightning.core.plan import LayerPlan, PruningPlan
     from hywia_lightning.core.slicing import apply_plan, record_layer_widths
+    from hywia_lightning.export.huggingface import export_pretrained
+    from hywia_lightning.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(export_dir))
     layers = model.model.layers

@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hywia_lightning.memory_plan.stages import (EstimationSettings, EvaluationSettings, JobSettings, ReconstructionSettings,  # noqa: E402
-                                         RecoverySettings, plan_memory)
+from hywia_lightning.memory_plan.stages import (  # noqa: E402
+    EstimationSettings, EvaluationSettings, JobSettings, ReconstructionSettings, RecoverySettings, plan_memory,
+)
 from hywia_lightning.models.shapes import resolve_shape  # noqa: E402
 
 MODELS = {"Llama-2-7B": "meta-llama/Llama-2-7b-hf", "Llama-2-13B": "meta-llama/Llama-2-13b-hf",

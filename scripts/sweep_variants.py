@@ -25,23 +25,23 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from hywia_lightning import GlobalAllocation, HyWIA, UniformAllocation, apply_plan  # noqa: E402
-from hywia_lightning.data.calibration import CalibrationData  # noqa: E402
-from hywia_lightning.core.granularities import make_granularity  # noqa: E402
-from hywia_lightning.reconstruction.layer_stream import LayerStream  # noqa: E402
-from hywia_lightning.models.loading import load_causal_lm  # noqa: E402
-from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity  # noqa: E402
-from hywia_lightning.core.pipeline import estimate  # noqa: E402
-from hywia_lightning.core.structures import target_layers  # noqa: E402
 from hywia_lightning.core.allocation import PruningScope  # noqa: E402
+from hywia_lightning.core.granularities import make_granularity  # noqa: E402
+from hywia_lightning.core.pipeline import estimate  # noqa: E402
 from hywia_lightning.core.plan import count_parameters, make_plan  # noqa: E402
-from hywia_lightning.reconstruction.least_squares import RefitStatistics, dense_grams, solve_refit  # noqa: E402
-from hywia_lightning.reconstruction.modes import assign, kept_inputs, output_projection, pruned_structures  # noqa: E402
 from hywia_lightning.core.scoring import ScoringContext  # noqa: E402
 from hywia_lightning.core.slicing import record_layer_widths  # noqa: E402
 from hywia_lightning.core.statistics import NEEDS  # noqa: E402
 from hywia_lightning.core.structures import discover_structures  # noqa: E402
-from hywia_lightning.data.text_sources import read_text, token_ids  # noqa: E402
+from hywia_lightning.core.structures import target_layers  # noqa: E402
 from hywia_lightning.core.unit_groups import unit_groups  # noqa: E402
+from hywia_lightning.data.calibration import CalibrationData  # noqa: E402
+from hywia_lightning.data.text_sources import read_text, token_ids  # noqa: E402
+from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity  # noqa: E402
+from hywia_lightning.models.loading import load_causal_lm  # noqa: E402
+from hywia_lightning.reconstruction.layer_stream import LayerStream  # noqa: E402
+from hywia_lightning.reconstruction.least_squares import RefitStatistics, dense_grams, solve_refit  # noqa: E402
+from hywia_lightning.reconstruction.modes import assign, kept_inputs, output_projection, pruned_structures  # noqa: E402
 
 SCHEMES = ["element1", "element2", "vector", "vector2", "wanda", "fluctuation"]
 
@@ -167,7 +167,7 @@ def main() -> None:
             scorer = make_scorer(variant["scorer"])
             context = ScoringContext(model, layers, scope, windows, lambda s: allocation.widths(layers, total, scope, s))
             try:
-                scores = scorer.score_groups(groups, context)
+                scores = scorer.score_groups(groups, context).scores
                 widths = allocation.widths(layers, total, scope, scores)
             except ValueError as error:  # a target this variant cannot reach
                 print(json.dumps({**variant, "target": target, "skipped": str(error)[:200]}), flush=True)

@@ -108,3 +108,21 @@ def test_export_that_would_overwrite_the_input_model(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="overwriting the input model model_name_or_path=.*choose another trainer.default_root_dir"):
         run_fit(prune_job(model_dir, tmp_path), tmp_path)
     assert (model_dir / "config.json").is_file()
+
+
+def test_a_misspelled_fusion_scheme_names_its_key_and_the_close_name_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                                                             monkeypatch):
+    from hywia_lightning.models import causal_lm
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the model loaded before the misspelled scheme was reported")
+
+    monkeypatch.setattr(causal_lm, "load_causal_lm", not_yet)
+    job = prune_job(tiny_model_dir, tmp_path)
+    job["pruning"] = {"class_path": "callbacks.HybridPruning", "init_args": {
+        "target_ratio": 0.1, "fusion": {"schemes": ["wanda", "fluctuaton"], "mode": "heuristic"}}}
+    with pytest.raises(InputError) as refused:
+        run_fit(job, tmp_path)
+    assert refused.value.key == "pruning.init_args.fusion.schemes[1]"
+    assert refused.value.problem.startswith("'fluctuaton' is unknown; allowed: random, magnitude")
+    assert refused.value.hint == "did you mean 'fluctuation'?"

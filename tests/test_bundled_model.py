@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from hywia_lightning.models import loading as models
 from hywia_lightning.core.plan import TOLERANCE
 from hywia_lightning.core.structures import discover_structures
+from hywia_lightning.models import loading as models
 
 from .conftest import REPO
 from .pipeline import logits_in_fresh_process, run_fit

@@ -8,8 +8,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
 
-from callbacks import StructuredPruning
-from callbacks import STAGES
+from callbacks import STAGES, StructuredPruning
 from hywia_lightning.cli import HywiaCLI
 
 from .conftest import REPO
@@ -79,10 +78,11 @@ def test_config_starts_with_its_command_and_instantiates(path: Path, tiny_model_
 def test_fsdp_recovery_config_shards_decoder_layers_with_lora():
     """The FSDP config builds its strategy on the CPU: one unit per decoder layer (found from the
     model, a peft-wrapped one too), activation checkpointing, original parameters kept apart."""
-    from hywia_lightning.recovery.lora import add_lora
-    from hywia_lightning.distributed.strategies import DecoderLayerFSDP, decoder_layer_classes
     from peft import LoraConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from hywia_lightning.distributed.strategies import DecoderLayerFSDP, decoder_layer_classes
+    from hywia_lightning.recovery.lora import add_lora
 
     from .conftest import tiny_llama
 

@@ -2,13 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from .pipeline import prune_job, run_fit, run_two_processes
-
-
-import pytest
 
 LEARNED_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
     "target_ratio": 0.1, "layer_start": 1, "layer_end": -1,

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from callbacks import StructuredPruning
-
 from hywia_lightning.core.estimation import ACCUMULATE_DTYPES, Estimator, accumulate_dtype_named
 from hywia_lightning.core.statistics import NEEDS
 from hywia_lightning.core.structures import discover_structures

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from hywia_lightning.export.huggingface import export_pretrained
 from hywia_lightning.core.plan import LayerPlan, PruningPlan
 from hywia_lightning.core.slicing import apply_plan
+from hywia_lightning.export.huggingface import export_pretrained
 
 from .pipeline import logits_in_fresh_process
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hywia_lightning.evaluation import flops
 from hywia_lightning.core.plan import LayerPlan, PruningPlan
 from hywia_lightning.core.slicing import apply_plan
+from hywia_lightning.evaluation import flops
 
 from .conftest import tiny_llama
 

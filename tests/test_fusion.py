@@ -5,8 +5,8 @@ import torch
 
 from callbacks.hybrid_pruning import HybridPruning
 from hywia_lightning.fusion.attention import FusionAttention, GroupScores, standardized_log
-from hywia_lightning.fusion.training import FusionTraining, MaskTarget, hard_mask, soft_mask
 from hywia_lightning.fusion.hywia import FusionTrainingArgs, HyWIA
+from hywia_lightning.fusion.training import FusionTraining, MaskTarget, hard_mask, soft_mask
 
 from .conftest import tiny_llama
 
@@ -169,10 +169,10 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
     least-squares refit, computed here again from independently estimated covariances."""
     from hywia_lightning import PruningScope, UniformAllocation, prune, target_layers
     from hywia_lightning.core.compensation import compensated_error, damped
-    from hywia_lightning.fusion.attention import fuse
     from hywia_lightning.core.pipeline import estimate
     from hywia_lightning.core.plan import kept_output_columns
     from hywia_lightning.core.unit_groups import unit_groups
+    from hywia_lightning.fusion.attention import fuse
 
     model = tiny_llama(num_key_value_heads=2, num_hidden_layers=4)
     windows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from hywia_lightning.export.huggingface import export_pretrained, written_files
-from hywia_lightning.export.gguf import export_gguf
 from hywia_lightning.core.plan import LayerPlan, PruningPlan
 from hywia_lightning.core.slicing import apply_plan, record_layer_widths
+from hywia_lightning.export.gguf import export_gguf
+from hywia_lightning.export.huggingface import export_pretrained, written_files
 
 from .conftest import REPO, tiny_llama
 from .pipeline import prune_job, run_fit

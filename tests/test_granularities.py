@@ -1,11 +1,11 @@
 import pytest
 import torch
 
+from hywia_lightning.core.compensation import compensated_error, damped
 from hywia_lightning.core.granularities import (
     OBS, Element1, Element2, Fluctuation, Granularity, Magnitude, Random, Vector, Vector2, Wanda, check_scores,
     make_granularity,
 )
-from hywia_lightning.core.compensation import compensated_error, damped
 from hywia_lightning.core.unit_groups import GroupKey, UnitGroup
 
 
@@ -131,3 +131,26 @@ def test_obs_removes_several_units_per_step_and_refuses_bad_settings():
         OBS(damping=0.0)
     with pytest.raises(ValueError, match="needs output_covariance"):
         OBS()(group(W))
+
+
+def test_a_granularity_must_score_one_group_or_all_groups():
+    from hywia_lightning.core.granularities import Granularity
+
+    with pytest.raises(TypeError, match="Nothing must implement __call__.group. .* or score_groups"):
+        type("Nothing", (Granularity,), {})
+    joint = type("Joint", (Granularity,), {"score_groups": lambda self, groups, context: None})
+    with pytest.raises(TypeError, match="granularity 'joint' scores all groups jointly"):
+        joint()(None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_ratio": 1.0}, r"target_ratio=1.0 must be in \(0, 1\)"),
+    ({"target_ratio": 0.2, "attention_unit": "heads"}, "attention_unit='heads' is unknown; allowed: query_heads"),
+    ({"target_ratio": 0.2, "heads_to_keep": 0}, "heads_to_keep=0 must be at least 1"),
+    ({"target_ratio": 0.2, "round_to": 0}, "round_to=0 must be at least 1"),
+])
+def test_a_pruning_scope_refuses_what_no_plan_can_meet(kwargs, message):
+    from hywia_lightning import PruningScope
+
+    with pytest.raises(ValueError, match=message):
+        PruningScope(**kwargs)

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from callbacks import LeastSquaresReconstruction
-from hywia_lightning.reconstruction.layer_stream import LayerStream
 from hywia_lightning.memory_plan.stages import ReconstructionSettings, plan_memory
 from hywia_lightning.models.shapes import ModelShape
-from hywia_lightning.reconstruction.least_squares import MOMENTS, RefitStatistics, choose_damping, sequential_statistics, solve_refit
+from hywia_lightning.reconstruction.layer_stream import LayerStream
+from hywia_lightning.reconstruction.least_squares import (
+    MOMENTS, RefitStatistics, choose_damping, sequential_statistics, solve_refit,
+)
 
 from .conftest import tiny_config, tiny_llama
 from .pipeline import prune_job, run_fit

@@ -15,16 +15,18 @@ import torch
 import yaml
 
 from hywia_lightning.core.estimation import Estimator
+from hywia_lightning.core.structures import target_layers
+from hywia_lightning.core.unit_groups import prunable_linears
 from hywia_lightning.input_errors import InputError
 from hywia_lightning.job_config import read_job
-from hywia_lightning.reconstruction.layer_stream import LayerStream
-from hywia_lightning.memory_plan.stages import (EstimationSettings, gram_bytes, JobSettings, ReconstructionSettings, RecoverySettings,
-                                         accumulator_bytes, estimation_peak, plan_memory, recovery_peak)
 from hywia_lightning.memory_plan.job import job_settings
+from hywia_lightning.memory_plan.stages import (
+    EstimationSettings, JobSettings, ReconstructionSettings, RecoverySettings, accumulator_bytes, estimation_peak,
+    gram_bytes, plan_memory, recovery_peak,
+)
 from hywia_lightning.models.shapes import ModelShape, resolve_shape
-from hywia_lightning.core.structures import target_layers
+from hywia_lightning.reconstruction.layer_stream import LayerStream
 from hywia_lightning.reconstruction.least_squares import dense_grams
-from hywia_lightning.core.unit_groups import prunable_linears
 
 from .conftest import REPO, tiny_config, tiny_llama
 from .test_configs import config_command

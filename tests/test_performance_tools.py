@@ -11,7 +11,6 @@ from hywia_lightning.evaluation import throughput
 
 from .conftest import REPO, tiny_llama
 
-
 PEAK_CHECK = r"""
 import torch
 from hywia_lightning.memory_plan.resident_memory import current_rss, peak_rss, reset_peak

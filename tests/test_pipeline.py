@@ -5,9 +5,9 @@ import torch
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, UniformAllocation, apply_plan, prune, target_layers
 from hywia_lightning.core.plan import TOLERANCE, LayerPlan, PruningPlan, count_parameters
-from hywia_lightning.reconstruction.modes import Independent, Sequential
 from hywia_lightning.core.structures import discover_structures
 from hywia_lightning.core.unit_groups import GroupKey
+from hywia_lightning.reconstruction.modes import Independent, Sequential
 
 from .conftest import tiny_llama
 

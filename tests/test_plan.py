@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hywia_lightning.core.plan import (
-    PruningPlan, LayerPlan, TOLERANCE, allocate_widths, count_parameters, select_heads, top_units,
+    TOLERANCE, LayerPlan, PruningPlan, allocate_widths, count_parameters, select_heads, top_units,
 )
 from hywia_lightning.core.structures import discover_structures
 

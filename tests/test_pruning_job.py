@@ -12,7 +12,6 @@ from hywia_lightning.core.structures import discover_structures
 from .pipeline import logits_in_fresh_process, prune_job, run_fit
 
 
-
 @pytest.fixture(scope="module")
 def pruned_job(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("job")

@@ -10,12 +10,12 @@ import torch
 from lightning import Trainer
 
 from callbacks import LeastSquaresReconstruction
+from hywia_lightning.core.plan import LayerPlan, PruningPlan
+from hywia_lightning.core.slicing import apply_plan
 from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.reconstruction.layer_stream import LayerStream
-from hywia_lightning.core.plan import LayerPlan, PruningPlan
 from hywia_lightning.reconstruction.least_squares import RefitStatistics, dense_grams, solve_refit
 from hywia_lightning.report.run_report import RunReport
-from hywia_lightning.core.slicing import apply_plan
 
 from .conftest import REPO, tiny_llama
 from .pipeline import prune_job, run_fit

@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from hywia_lightning.data.instruction_data import PROMPT_NO_INPUT, alpaca_prompt, read_instructions, tokenize_instruction
 from hywia_lightning.core.lm_loss import IGNORE_INDEX, scored_tokens
+from hywia_lightning.data.instruction_data import (
+    PROMPT_NO_INPUT, alpaca_prompt, read_instructions, tokenize_instruction,
+)
 from hywia_lightning.data.recovery_data import RecoveryData, ResumableSampler
 
 RECORDS = [

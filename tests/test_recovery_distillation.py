@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hywia_lightning.core.distillation import kl_to_logits, kl_per_position, top_k_targets
+from hywia_lightning.core.distillation import kl_per_position, kl_to_logits, top_k_targets
 from hywia_lightning.data.recovery_data import RECOVERY_SEED, RecoveryData
 from hywia_lightning.data.self_generation import Generation, sample_windows
 

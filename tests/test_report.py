@@ -16,11 +16,11 @@ import yaml
 
 from callbacks import STAGES
 from hywia_lightning.cli import HywiaCLI
+from hywia_lightning.data.text_sources import read_text
 from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity
-from hywia_lightning.report.plots import write_plots
 from hywia_lightning.progress import Progress, use_bar
 from hywia_lightning.report.markdown import render_markdown
-from hywia_lightning.data.text_sources import read_text
+from hywia_lightning.report.plots import write_plots
 
 from .conftest import tiny_llama
 from .pipeline import prune_job, run_fit

@@ -3,15 +3,14 @@
 import json
 
 import pytest
-
-from hywia_lightning.input_errors import InputError
 import torch
 
 import hywia_lightning.data.calibration as calibration
 from hywia_lightning.data.calibration import CalibrationData, split_count
 from hywia_lightning.data.generation_cache import generation_key, generation_path
-from hywia_lightning.distributed.collective import Collective
 from hywia_lightning.data.self_generation import Generation, sample_windows
+from hywia_lightning.distributed.collective import Collective
+from hywia_lightning.input_errors import InputError
 
 from .conftest import tiny_llama
 from .pipeline import prune_job, run_fit

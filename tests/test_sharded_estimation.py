@@ -16,18 +16,18 @@ from transformers import AutoTokenizer
 
 from hywia_lightning import GlobalAllocation, HyWIA, PruningScope, apply_plan, prune, target_layers
 from hywia_lightning.cli import SHARDED_STRATEGY
+from hywia_lightning.core.pipeline import accumulator_shards
+from hywia_lightning.core.unit_groups import prunable_linears
 from hywia_lightning.distributed.collective import Collective, process_group_collective
-from hywia_lightning.export.huggingface import export_pretrained
 from hywia_lightning.distributed.gathered_copy import gathered_copy
 from hywia_lightning.distributed.gathered_slicing import pruned
-from hywia_lightning.input_errors import InputError
 from hywia_lightning.distributed.local_ranks import run_ranks
+from hywia_lightning.distributed.sharded_model import local_bytes, shard_model
+from hywia_lightning.export.huggingface import export_pretrained
+from hywia_lightning.input_errors import InputError
 from hywia_lightning.memory_plan.stages import EstimationSettings, accumulator_bytes, weights
 from hywia_lightning.models.shapes import ModelShape
-from hywia_lightning.core.pipeline import accumulator_shards
 from hywia_lightning.reconstruction.modes import RECONSTRUCTION_MODES, Independent
-from hywia_lightning.distributed.sharded_model import local_bytes, shard_model
-from hywia_lightning.core.unit_groups import prunable_linears
 
 from .conftest import tiny_config, tiny_llama
 from .pipeline import prune_job, run_fit, run_two_processes
@@ -100,7 +100,7 @@ def prune_and_export(collective: Collective | None, tokenizer_dir: Path, out: Pa
     plain = model if collective is None else gathered_copy(model, receive=rank == 0)
     if plain is not None:
         export_pretrained(plain, AutoTokenizer.from_pretrained(tokenizer_dir), out / "export")
-    element1 = scorer.distributions(result.scores)["element1"]  # one scheme's own scores, before the fusion
+    element1 = result.by_scheme["element1"]  # one scheme's own scores, before the fusion
     torch.save({"plan": result.plan.to_dict(), "element1": {str(k): v for k, v in element1.items()},
                 "accumulator_bytes": result.accumulator_bytes, "weight_bytes": weight_bytes}, out / f"rank{rank}.pt")
 

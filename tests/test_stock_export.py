@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from hywia_lightning.export.huggingface import export_kind, export_pretrained
 from hywia_lightning.core.plan import LayerPlan, PruningPlan
 from hywia_lightning.core.slicing import apply_plan, record_layer_widths
+from hywia_lightning.export.huggingface import export_kind, export_pretrained
 
 from .conftest import tiny_llama
 from .pipeline import logits_in_fresh_process

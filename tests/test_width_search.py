@@ -10,17 +10,19 @@ import pytest
 import torch
 
 from hywia_lightning.core.allocation import PruningScope, UniformAllocation
-from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.core.distillation import DistillationSet, kl_per_position, top_k_targets
 from hywia_lightning.core.granularities import make_granularity
-from hywia_lightning.memory_plan.stages import DistillationSettings, plan_memory
-from hywia_lightning.models.shapes import ModelShape
 from hywia_lightning.core.pipeline import prune
-from hywia_lightning.core.structures import target_layers
 from hywia_lightning.core.plan import count_parameters
 from hywia_lightning.core.slicing import apply_plan
-from hywia_lightning.core.width_search import WidthSearch, _MaskedModel, _Structure, _structures, moved_parameters, propose
+from hywia_lightning.core.structures import target_layers
 from hywia_lightning.core.unit_groups import GroupKey
+from hywia_lightning.core.width_search import (
+    WidthSearch, _MaskedModel, _Structure, _structures, moved_parameters, propose,
+)
+from hywia_lightning.data.calibration import CalibrationData
+from hywia_lightning.memory_plan.stages import DistillationSettings, plan_memory
+from hywia_lightning.models.shapes import ModelShape
 
 from .conftest import tiny_llama
 from .pipeline import prune_job, run_fit

@@ -14,10 +14,10 @@ import torch
 import yaml
 from transformers import LlamaForCausalLM
 
-from hywia_lightning.input_errors import InputError, marked
 from hywia_lightning.evaluation.zeroshot import (
     ZEROSHOT_TASKS, evaluate_zeroshot, local_tasks, prepare_tasks, read_items, run_zeroshot, zeroshot_scores,
 )
+from hywia_lightning.input_errors import InputError, marked
 
 from .conftest import SHARED_DATA, tiny_llama
 from .pipeline import prune_job, run_fit

@@ -28,7 +28,7 @@ from .plan import (
     TOLERANCE, LayerWidths, allocate_widths, allowed_head_counts, channel_params, head_params, kv_head_params,
 )
 from .structures import LayerStructures
-from .unit_groups import GroupKey, effective_attention_unit
+from .unit_groups import ATTENTION_UNITS, GroupKey, effective_attention_unit
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,17 @@ class PruningScope:
     attention_unit: str = "query_heads"
     heads_to_keep: int | None = None
     round_to: int = 1
+
+    def __post_init__(self) -> None:
+        """Refuse what no plan can meet, for library callers as for the pruning callback's keys."""
+        if not 0 < self.target_ratio < 1:
+            raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1): the fraction of all parameters removed")
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"attention_unit={self.attention_unit!r} is unknown; allowed: {', '.join(ATTENTION_UNITS)}")
+        if self.heads_to_keep is not None and self.heads_to_keep < 1:
+            raise ValueError(f"heads_to_keep={self.heads_to_keep} must be at least 1 (or None: the allocation decides)")
+        if self.round_to < 1:
+            raise ValueError(f"round_to={self.round_to} must be at least 1")
 
 
 class Allocation:

@@ -26,7 +26,6 @@ import torch
 from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
-
 REST_FLOOR = -40.0  # the student's rest bucket's log-mass is taken as at least this (a smaller KL: still a bound)
 
 

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed.collective import Collective
-from .lm_loss import language_model_loss
-from ..progress import Progress
 from ..distributed.sharded_sums import Sums
+from ..progress import Progress
+from .lm_loss import language_model_loss
 from .statistics import GRADIENT_NEEDS, InputStatistics, ParameterStatistics, Statistics, check_needs
 
 #: the sums a checkpoint keeps (whole, or this rank's shards), besides the counts

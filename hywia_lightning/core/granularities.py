@@ -19,22 +19,26 @@ A new scheme subclasses :class:`Granularity` and implements ``__call__`` (docs/e
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Literal
+from abc import ABC
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ..input_errors import did_you_mean
 from .compensation import damped
+from .scoring import Scored, ScoringContext
 from .unit_groups import UnitGroup
-
-if TYPE_CHECKING:
-    from .scoring import ScoringContext
 
 Grain = Literal["fine", "coarse"] | None
 
 
-class Granularity:
-    """Score every unit of a group; higher means more important (kept first)."""
+class Granularity(ABC):
+    """Scores the units of unit groups; higher means more important (kept first).
+
+    A scheme implements :meth:`__call__` (one group's scores); a scorer that scores all groups
+    jointly (the HyWIA fusion) implements :meth:`score_groups` instead. :meth:`check` is the
+    optional hook that refuses settings before any heavy work."""
 
     #: The statistics the scores read (see :data:`hywia_lightning.core.statistics.NEEDS`).
     needs: frozenset[str] = frozenset()
@@ -42,25 +46,27 @@ class Granularity:
     #: fusion weighs the scheme along depth (front layers fine, back layers coarse).
     grain: Grain = None
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__call__ is Granularity.__call__ and cls.score_groups is Granularity.score_groups:
+            raise TypeError(f"{cls.__name__} must implement __call__(group) (one group's scores) or "
+                            "score_groups(groups, context) (all groups jointly)")
+
     @property
     def name(self) -> str:
         return type(self).__name__.lower()
 
     def __call__(self, group: UnitGroup) -> Tensor:  # [num_units]
-        raise NotImplementedError
+        raise TypeError(f"granularity {self.name!r} scores all groups jointly: call score_groups(groups, context)")
 
-    def score_groups(self, groups: list[UnitGroup], context: "ScoringContext") -> dict:
+    def score_groups(self, groups: list[UnitGroup], context: ScoringContext) -> Scored:
         """Scores of every group, keyed by :class:`~hywia_lightning.core.unit_groups.GroupKey`. The
         override point for schemes that score all groups jointly (the HyWIA fusion)."""
-        return {g.key: check_scores(self(g), g, self) for g in groups}
+        return Scored({g.key: check_scores(self(g), g, self) for g in groups})
 
-    def describe(self) -> dict:
-        """What the report records about this scorer (besides its score distributions)."""
-        return {}
-
-    def distributions(self, scores: dict) -> dict[str, dict[str, Tensor]]:
-        """``{scheme: {group name: scores}}`` for the report's importance plot (after :meth:`score_groups`)."""
-        return {self.name: {str(key): value for key, value in scores.items()}}
+    def check(self, num_windows: int) -> None:
+        """Optional hook: refuse settings that ``num_windows`` calibration windows cannot serve,
+        before any heavy work (the pruning callback's preflight calls it). By default nothing."""
 
 
 def _require(group: UnitGroup, name: str, *fields: str) -> None:
@@ -228,16 +234,19 @@ GRANULARITIES: dict[str, type[Granularity]] = {
 }
 
 
-def make_granularity(spec: str | Granularity, seed: int = 0) -> Granularity:
-    """A granularity from its registered name, or the given instance itself."""
+def make_granularity(spec: str | Granularity, seed: int = 0, key: str = "granularity") -> Granularity:
+    """A granularity from its registered name, or the given instance itself; ``key`` names the
+    setting in a refusal (``schemes[1]`` inside a fusion)."""
     if isinstance(spec, Granularity):
         return spec
     if spec not in GRANULARITIES:
-        raise ValueError(
-            f"granularity={spec!r} is unknown; allowed: {', '.join(GRANULARITIES)}, "
-            "or a Granularity subclass given by class_path"
-        )
+        close = did_you_mean(spec, GRANULARITIES)
+        raise ValueError(f"{key}={unknown_granularity(spec)}{' (' + close + ')' if close else ''}")
     return Random(seed) if spec == "random" else GRANULARITIES[spec]()
+
+
+def unknown_granularity(name: str) -> str:
+    return f"{name!r} is unknown; allowed: {', '.join(GRANULARITIES)}, or a Granularity subclass given by class_path"
 
 
 def check_scores(scores: Tensor, group: UnitGroup, granularity: Granularity) -> Tensor:

@@ -20,16 +20,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .allocation import Allocation, PruningScope
 from ..distributed.collective import Collective
 from ..local_loop import LocalLoop
+from .allocation import Allocation, PruningScope
 from .distillation import DistillationSet
 from .estimation import Estimator
 from .estimation_loop import run_estimation
 from .granularities import Granularity
 from .importance_summary import importance_summary
 from .plan import LayerWidths, PruningPlan, count_parameters, make_plan
-from .scoring import ScoringContext
+from .scoring import Scored, ScoringContext
 from .statistics import Statistics
 from .structures import LayerStructures
 from .unit_groups import GroupKey, output_projections, prunable_linears, unit_groups
@@ -79,6 +79,7 @@ class PruneResult:
     accumulator_bytes: int = 0  # g and g² this rank held after estimation (its shards when sharded)
     accumulator_shards: int = 1  # the ranks they were sharded over
     width_search: dict | None = None  # what the width search measured and chose (rank 0)
+    by_scheme: dict | None = None  # each scheme's own scores where the scores blend several (Scored.by_scheme)
 
 
 def prune(
@@ -92,7 +93,7 @@ def prune(
     batch_size: int = 1,
     collective: Collective | None = None,
     seed: int = 0,
-    score: Callable[[list, ScoringContext], dict] | None = None,
+    score: Callable[[list, ScoringContext], Scored | dict] | None = None,
     shard_accumulators: bool | None = None,
     width_search: WidthSearch | None = None,
     distillation: DistillationSet | None = None,
@@ -123,7 +124,9 @@ def prune(
     groups = unit_groups(layers, scope.attention_unit, model.config.num_hidden_layers, statistics)
     del statistics
     context = ScoringContext(model, layers, scope, windows, lambda s: allocation.widths(layers, total, scope, s), seed, loop)
-    scores = (score or scorer.score_groups)(groups, context)
+    scored = (score or scorer.score_groups)(groups, context)
+    scored = scored if isinstance(scored, Scored) else Scored(scored)  # a plain dict of scores from an override
+    scores = scored.scores
     seconds["scoring"] = time.perf_counter() - start
     start = time.perf_counter()
     widths = allocation.widths(layers, total, scope, scores)
@@ -141,5 +144,5 @@ def prune(
     if collective is not None and collective.world_size > 1:  # the summed statistics agree; rank 0's plan rules
         plan = PruningPlan.from_dict(collective.broadcast(plan.to_dict()))
     seconds["pruning"] += time.perf_counter() - start
-    return PruneResult(plan, widths, scores, importance_summary(scorer.distributions(scores)), scorer.describe(), seconds,
-                       *accumulators, searched)
+    return PruneResult(plan, widths, scores, importance_summary(scored.distributions(scorer.name)), scored.record, seconds,
+                       *accumulators, searched, scored.by_scheme)

@@ -1,9 +1,9 @@
-"""What a scorer may read besides the unit groups: the model, the windows, the allocation, and
-where a scorer that trains runs its Trainer."""
+"""What a scorer may read besides the unit groups (the model, the windows, the allocation, and
+where a scorer that trains runs its Trainer), and what it returns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from torch import Tensor, nn
@@ -33,3 +33,19 @@ class ScoringContext:
     widths: Callable[[dict[GroupKey, Tensor]], dict[int, LayerWidths]]
     seed: int = 0
     loop: "LocalLoop | None" = None
+
+
+@dataclass
+class Scored:
+    """What :meth:`Granularity.score_groups` returns: one score per unit of every group, and what the
+    report keeps of how they were made."""
+
+    scores: dict[GroupKey, Tensor]
+    record: dict = field(default_factory=dict)
+    """What the report records about the scorer (the HyWIA fusion's weights per group); empty for one scheme."""
+    by_scheme: dict[str, dict[str, Tensor]] | None = None
+    """``{scheme: {group name: scores}}`` for the report's importance plot, where the scores are a
+    blend of several schemes; ``None``: the scores themselves, under the scorer's name."""
+
+    def distributions(self, name: str) -> dict[str, dict[str, Tensor]]:
+        return self.by_scheme if self.by_scheme is not None else {name: {str(k): v for k, v in self.scores.items()}}

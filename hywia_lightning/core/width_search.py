@@ -41,14 +41,15 @@ import torch
 from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
-from .allocation import PruningScope
-from .distillation import DistillationSet, kl_per_position
-from ..reconstruction.layer_stream import LayerStream
-from .plan import (TOLERANCE, LayerWidths, allowed_head_counts, channel_params, head_params, kept_output_columns,
-                   kv_head_params)
 from ..progress import Progress
+from ..reconstruction.layer_stream import LayerStream
 from ..reconstruction.least_squares import RefitStatistics, dense_grams, solve_refit
 from ..reconstruction.modes import output_projection
+from .allocation import PruningScope
+from .distillation import DistillationSet, kl_per_position
+from .plan import (
+    TOLERANCE, LayerWidths, allowed_head_counts, channel_params, head_params, kept_output_columns, kv_head_params,
+)
 from .structures import LayerStructures
 from .unit_groups import GroupKey
 

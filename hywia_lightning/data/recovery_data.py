@@ -27,13 +27,13 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from .calibration import CalibrationData, source_list
 from ..checks import check_context
-from ..distributed.collective import trainer_collective
-from ..input_errors import mark_input_error
-from .instruction_data import read_instructions, tokenize_instruction
 from ..core.lm_loss import IGNORE_INDEX
+from ..distributed.collective import trainer_collective
 from ..evaluation.perplexity import chunk_tokens
+from ..input_errors import mark_input_error
+from .calibration import CalibrationData, source_list
+from .instruction_data import read_instructions, tokenize_instruction
 from .self_generation import GENERATED, Generation
 from .text_sources import check_source, read_text, token_ids
 

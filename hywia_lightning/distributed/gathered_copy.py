@@ -16,8 +16,8 @@ import copy
 import torch
 from transformers import PreTrainedModel
 
-from .gathered_slicing import finish_gathered, plain_skeleton
 from ..export.modeling_pruned import apply_layer_widths
+from .gathered_slicing import finish_gathered, plain_skeleton
 from .sharded_model import full_weight
 
 

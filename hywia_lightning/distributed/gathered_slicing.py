@@ -29,9 +29,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..core.plan import PruningPlan
-from .sharded_model import full_weight, has_sharded_weights, is_sharded, shard_unit
 from ..core.slicing import apply_plan, record_layer_widths
 from ..core.structures import decoder_layers
+from .sharded_model import full_weight, has_sharded_weights, is_sharded, shard_unit
 
 
 def _plain_class(model: nn.Module) -> type:

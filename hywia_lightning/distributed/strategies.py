@@ -60,8 +60,9 @@ def full_state_dict(strategy: Strategy) -> dict[str, torch.Tensor]:
     """The LightningModule's complete state on global rank 0 (on the CPU under FSDP; empty on other
     ranks there). Every rank must call it: under FSDP it gathers the shards."""
     if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullStateDictConfig
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import StateDictType
 
         config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
         with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..models.loading import keyed_cache_file
 from ..files import write_json_atomic
+from ..models.loading import keyed_cache_file
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from .baseline import file_fingerprint
 from ..checks import require_positive
 from ..input_errors import InputError
-from .lm_eval_registry import build_registry_task, describe_loads, leaf_tasks, task_manager, unknown_name
 from ..progress import Progress
+from .baseline import file_fingerprint
+from .lm_eval_registry import build_registry_task, describe_loads, leaf_tasks, task_manager, unknown_name
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from . import modeling_pruned
+from ..core.structures import check_supported, discover_structures
 from ..files import file_mode, write_json_atomic
 from ..input_errors import mark_input_error
+from . import modeling_pruned
 from .modeling_pruned import BIAS_KEY, WIDTH_KEYS
-from ..core.structures import check_supported, discover_structures
 
 log = logging.getLogger(__name__)
 

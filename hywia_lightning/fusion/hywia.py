@@ -30,12 +30,11 @@ from jsonargparse.typing import PositiveInt
 from torch import Tensor
 
 from ..core.compensation import compensated_error, damped
-from .attention import FusionAttention, GroupScores, fuse, standardize_across_groups
-from .training import FusionTraining, MaskTarget
 from ..core.granularities import Granularity, check_scores, make_granularity
 from ..core.plan import kept_output_columns
-from ..core.scoring import ScoringContext
-from ..core.unit_groups import GroupKey, UnitGroup, effective_attention_unit
+from ..core.scoring import Scored, ScoringContext
+from ..core.unit_groups import GroupKey, UnitGroup
+from .attention import FusionAttention, GroupScores, fuse, standardize_across_groups
 
 FusionMode = Literal["fixed", "heuristic", "learned", "compensated"]
 FUSION_MODES = ("fixed", "heuristic", "learned", "compensated")
@@ -98,7 +97,7 @@ class HyWIA(Granularity):
         """
         if mode not in FUSION_MODES:
             raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(FUSION_MODES)}")
-        self.schemes = [make_granularity(s, seed) for s in schemes]
+        self.schemes = [make_granularity(s, seed, f"schemes[{i}]") for i, s in enumerate(schemes)]
         names = [s.name for s in self.schemes]
         if len(self.schemes) < 2:
             raise ValueError(f"schemes={names} fuses fewer than two granularities; list at least two")
@@ -115,15 +114,10 @@ class HyWIA(Granularity):
             raise ValueError(f"damping={damping} must be positive (it keeps the refit's system invertible)")
         self.seed, self.grid, self.damping = seed, grid, damping
         self.needs = frozenset().union(*(s.needs for s in self.schemes), MODE_NEEDS.get(mode, ()))
-        self._record: dict = {}
-        self._raw: dict = {}
 
     @property
     def name(self) -> str:
         return f"hywia-{self.mode}({'+'.join(s.name for s in self.schemes)})"
-
-    def __call__(self, group: UnitGroup) -> Tensor:
-        raise TypeError("HyWIA fuses across groups: call score_groups(groups, context)")
 
     def check(self, num_windows: int) -> None:
         """Refuse a holdout that leaves nothing to train or to stop on (before any heavy work)."""
@@ -143,7 +137,7 @@ class HyWIA(Granularity):
             standardize_across_groups(list(scored.values()))
         return scored
 
-    def score_groups(self, groups: Sequence[UnitGroup], context: ScoringContext) -> dict:
+    def score_groups(self, groups: Sequence[UnitGroup], context: ScoringContext) -> Scored:
         scored = self.scheme_scores(groups)
         keys, fused_groups = list(scored), list(scored.values())
         start = time.perf_counter()
@@ -154,21 +148,15 @@ class HyWIA(Granularity):
             weights, extra["refit_error"] = self.compensated_weights(groups, scored, context)
         else:
             weights = self.rule_weights(fused_groups)
-        self._record = {
+        record = {
             "mode": self.mode,
             "schemes": [s.name for s in self.schemes],
             "weights": {fg.name: [round(float(w), 6) for w in weights[i]] for i, fg in enumerate(fused_groups)},
             **extra,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        self._raw = {s.name: {fg.name: fg.raw[i] for fg in fused_groups} for i, s in enumerate(self.schemes)}
-        return {key: fuse(weights[i], fg.normalized) for i, (key, fg) in enumerate(scored.items())}
-
-    def describe(self) -> dict:
-        return self._record
-
-    def distributions(self, scores: dict) -> dict:
-        return self._raw  # every scheme's own scores: what the fusion blended
+        raw = {s.name: {fg.name: fg.raw[i] for fg in fused_groups} for i, s in enumerate(self.schemes)}  # what was blended
+        return Scored({key: fuse(weights[i], fg.normalized) for i, (key, fg) in enumerate(scored.items())}, record, raw)
 
     def rule_weights(self, groups: list[GroupScores]) -> Tensor:
         """``fixed`` and ``heuristic`` blends, G × S."""
@@ -188,6 +176,8 @@ class HyWIA(Granularity):
         holdout = self.training.holdout
         train, held_out = context.windows[:-holdout], context.windows[-holdout:]
         torch.manual_seed(self.seed)
+        from .training import FusionTraining, mask_targets  # Lightning: not for the memory plan, which reads needs
+
         module = FusionTraining(
             context.model, FusionAttention(len(self.schemes), self.training.width), scored,
             mask_targets(context, keys, widths), self.training.lr, self.training.temperatures,
@@ -244,19 +234,3 @@ def _compositions(parts: int, total: int) -> list[tuple[int, ...]]:
     if parts == 1:
         return [(total,)]
     return [(first, *rest) for first in range(total, -1, -1) for rest in _compositions(parts - 1, total - first)]
-
-
-def mask_targets(context: ScoringContext, keys: list[GroupKey], widths: dict) -> list[MaskTarget]:
-    """Where each group's soft mask acts, and how many units it keeps."""
-    by_layer = {s.layer: s for s in context.layers}
-    targets = []
-    for key in keys:
-        s, w = by_layer[key.layer], widths[key.layer]
-        attn = s.attention
-        if key.kind == "mlp":
-            targets.append(MaskTarget(s.mlp.down_proj, 1, w.num_channels))
-        elif effective_attention_unit(attn, context.scope.attention_unit) == "kv_groups":
-            targets.append(MaskTarget(attn.o_proj, attn.group_size * attn.head_dim, w.num_kv_heads))
-        else:
-            targets.append(MaskTarget(attn.o_proj, attn.head_dim, w.num_heads // attn.num_kv_heads, attn.num_kv_heads))
-    return targets

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..core.lm_loss import language_model_loss
+from ..core.scoring import ScoringContext
+from ..core.unit_groups import GroupKey, effective_attention_unit
 from ..local_loop import LocalLoop
 from .attention import FusionAttention, GroupScores
 
@@ -170,3 +172,19 @@ class FusionTraining(LightningModule):
     @property
     def best_val_loss(self) -> float:
         return min(self.val_history, default=float("inf"))
+
+
+def mask_targets(context: ScoringContext, keys: list[GroupKey], widths: dict) -> list[MaskTarget]:
+    """Where each group's soft mask acts, and how many units it keeps."""
+    by_layer = {s.layer: s for s in context.layers}
+    targets = []
+    for key in keys:
+        s, w = by_layer[key.layer], widths[key.layer]
+        attn = s.attention
+        if key.kind == "mlp":
+            targets.append(MaskTarget(s.mlp.down_proj, 1, w.num_channels))
+        elif effective_attention_unit(attn, context.scope.attention_unit) == "kv_groups":
+            targets.append(MaskTarget(attn.o_proj, attn.group_size * attn.head_dim, w.num_kv_heads))
+        else:
+            targets.append(MaskTarget(attn.o_proj, attn.head_dim, w.num_heads // attn.num_kv_heads, attn.num_kv_heads))
+    return targets

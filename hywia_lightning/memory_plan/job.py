@@ -17,9 +17,11 @@ from typing import Any
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 
-from .stages import (DistillationSettings, EstimationSettings, EvaluationSettings, JobSettings, MemoryPlan,
-                          ReconstructionSettings, RecoverySettings, plan_memory)
 from ..models.shapes import ModelShape, resolve_shape
+from .stages import (
+    DistillationSettings, EstimationSettings, EvaluationSettings, JobSettings, MemoryPlan, ReconstructionSettings,
+    RecoverySettings, plan_memory,
+)
 
 #: the variable that sets the memory of one device (GiB) the plan is checked against
 DEVICE_GIB_VARIABLE = "HYWIA_DEVICE_GIB"

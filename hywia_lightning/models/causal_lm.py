@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from ..core.lm_loss import language_model_loss, scored_tokens
-from .loading import load_causal_lm, resolve_model_path
 from ..report.run_report import RunReport
+from .loading import load_causal_lm, resolve_model_path
 
 
 class CausalLM(LightningModule):

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..distributed.sharded_model import has_sharded_weights, reshard
 from ..core.structures import decoder_layers
+from ..distributed.sharded_model import has_sharded_weights, reshard
 
 
 class StopForward(Exception):

@@ -40,15 +40,18 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layer_stream import LayerStream
 from ..core.plan import PruningPlan, unit_indices
-from ..progress import Progress
-from .least_squares import (MOMENTS, RefitResult, RefitStatistics, choose_damping, dense_grams, sequential_statistics,
-                             solve_refit)
-from ..distributed.sharded_model import full_weight, gather_module, has_sharded_weights, is_sharded, keep_sharded_like, write_full
 from ..core.slicing import record_layer_widths
 from ..core.structures import LayerStructures, decoder_layers, discover_structures
-from ..core.unit_groups import GroupKey, MODULE_NAME
+from ..core.unit_groups import MODULE_NAME, GroupKey
+from ..distributed.sharded_model import (
+    full_weight, gather_module, has_sharded_weights, is_sharded, keep_sharded_like, write_full,
+)
+from ..progress import Progress
+from .layer_stream import LayerStream
+from .least_squares import (
+    MOMENTS, RefitResult, RefitStatistics, choose_damping, dense_grams, sequential_statistics, solve_refit,
+)
 
 log = logging.getLogger(__name__)
 Reduce = Callable[[Tensor], Tensor]

@@ -37,11 +37,11 @@ from peft import LoraConfig, PeftModel
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from ..models.causal_lm import CausalLM
 from ..core.distillation import kl_to_logits
-from .lora import add_lora, check_target_modules, merge_lora, save_adapter
-from ..models.loading import load_causal_lm
 from ..distributed.strategies import full_state_dict
+from ..models.causal_lm import CausalLM
+from ..models.loading import load_causal_lm
+from .lora import add_lora, check_target_modules, merge_lora, save_adapter
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any, Iterator
 
 import torch
 
+from ..data.text_sources import corpus_of
 from ..files import write_json_atomic, write_text_atomic
 from .markdown import render_markdown
-from ..data.text_sources import corpus_of
 
 
 def peak_memory() -> dict[str, float]:
