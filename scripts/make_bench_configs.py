@@ -34,12 +34,9 @@ RECONSTRUCTION = {"mode": "independent", "damping": 0.01, "batch_size": 16}
 # hywia_default_<target> is what the default job runs: the HyWIA compensated fusion of Wanda (fine)
 # and fluctuation (coarse), per group the blend whose kept units the refit recovers best, and the
 # sequential refit anchored on the pruned layers' own weights (prior: original) with its damping
-# chosen per structure by 4 folds of held-out windows. The rows measured with the refit of the
-# previous default (the same, its damping fixed at 0.1) keep their results under *_damping01 names;
-# the hywia_damping01_<change> rows change one component of the configuration measured before
-# that, fluctuation alone (fluctuation_damping01_<target>).
+# chosen per structure by 4 folds of held-out windows.
 POOL = ["element2", "fluctuation"]
-DEFAULT = {"granularity": "fluctuation", "allocation": "uniform"}  # the base of the one-change rows
+DEFAULT = {"granularity": "fluctuation", "allocation": "uniform"}  # fluctuation alone: the no-refit row's scheme
 HYWIA_DEFAULT = {"schemes": ["wanda", "fluctuation"], "mode": "compensated", "grid": 4, "allocation": "uniform"}
 # the KL to the dense model on 32 held-out valid.txt windows (the protocol's one exception), and the
 # per-layer widths searched against it from the uniform ones (hywia_lightning.core.width_search)
@@ -47,33 +44,14 @@ DISTILLATION = {"windows": 32, "top_k": 64, "batch_size": 8}
 WIDTH_SEARCH = {"levels": 4, "rounds": 2, "search_windows": 8, "judge_windows": 16, "judgements": 6, "damping": 0.1,
                 "batch_size": 8}
 HEURISTIC = {"schemes": POOL, "mode": "heuristic", "sharpness": 4.0, "allocation": "uniform"}
-# the previous default's refit: anchored on the pruned weights, one damping for every structure
+# the previous default's refit: anchored on the pruned weights, one damping for every structure (the
+# base of hywia_damping1 and of the default refit)
 DAMPING01 = {"mode": "sequential", "damping": 0.1, "prior": "original", "intercept": True, "batch_size": 16}
 # the default refit: its damping chosen per structure from half-decades by 4 folds of held-out windows
 DEFAULT_RECONSTRUCTION = {**DAMPING01, "damping": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "folds": 4}
-# the refit before that: ridge toward zero with a small damping
-RIDGE = {"mode": "sequential", "damping": 0.01, "intercept": True, "batch_size": 16}
 GLOBAL = {"class_path": "hywia_lightning.GlobalAllocation", "init_args": {"standardize": "group"}}
 
 
-def variants(recon: dict) -> dict:
-    """One-component changes of fluctuation alone, each with the refit ``recon``."""
-    return {
-        "heuristic": ("HybridPruning", HEURISTIC, recon),
-        "fixed": ("HybridPruning", {**HEURISTIC, "mode": "fixed", "weights": {s: 1.0 for s in POOL}}, recon),
-        "learned": ("HybridPruning", {**{k: v for k, v in HEURISTIC.items() if k != "sharpness"},
-                                      "mode": "learned", **LEARNED}, recon),
-        "pool4": ("HybridPruning", {**HEURISTIC, "schemes": ["element1", "element2", "vector2", "fluctuation"]}, recon),
-        # per group, the blend of the forward-only schemes that the refit recovers best
-        "compensated": ("HybridPruning", {"schemes": ["wanda", "fluctuation", "obs"], "mode": "compensated", "grid": 4,
-                                          "allocation": "uniform"}, recon),
-        "global": ("StructuredPruning", {**DEFAULT, "allocation": GLOBAL}, recon),
-        "nointercept": ("StructuredPruning", DEFAULT, {**recon, "intercept": False}),
-        "independent": ("StructuredPruning", DEFAULT, {**recon, "mode": "independent"}),
-    }
-
-
-SCHEMES = ("element1", "element2", "vector", "vector2", "wanda", "obs", "fluctuation")
 RERUN = ("wanda", "fluctuation", "obs", "element1", "element2", "vector2")  # single schemes also run with the default refit
 # at every target of DEFAULT_TARGETS: the default (hywia_default_<target>, uniform widths), its twin that
 # also measures the KL to the dense model on held-out windows (hywia_default_uniform_<target>: the same
@@ -88,23 +66,17 @@ DEFAULTS = {
     "hywia_default_uniform": ("HybridPruning", {**HYWIA_DEFAULT, "distillation": DISTILLATION}, DEFAULT_RECONSTRUCTION),
 }
 ABLATIONS = {
-    **{f"hywia_default_{name}": row for name, row in variants(DEFAULT_RECONSTRUCTION).items()
-       if name in ("heuristic", "fixed")},
+    "hywia_default_heuristic": ("HybridPruning", HEURISTIC, DEFAULT_RECONSTRUCTION),
+    "hywia_default_fixed": ("HybridPruning", {**HEURISTIC, "mode": "fixed", "weights": {s: 1.0 for s in POOL}},
+                            DEFAULT_RECONSTRUCTION),
     **{f"{scheme}_default": ("StructuredPruning", {"granularity": scheme, "allocation": "uniform"}, DEFAULT_RECONSTRUCTION)
        for scheme in RERUN},
     "hywia_damping1": ("HybridPruning", HYWIA_DEFAULT, {**DAMPING01, "damping": 1.0}),
-    # measured with the previous default's refit, the damping fixed at 0.1
-    "hywia_damping01": ("HybridPruning", HYWIA_DEFAULT, DAMPING01),
-    **{f"hywia_damping01_{name}": row for name, row in variants(DAMPING01).items()},
-    **{f"{scheme}_damping01": ("StructuredPruning", {"granularity": scheme, "allocation": "uniform"}, DAMPING01)
-       for scheme in SCHEMES},
     "hywia_default_norecon": ("StructuredPruning", DEFAULT, None),
-    # and with the ridge refit before that (hywia_default_ridge: fluctuation alone)
-    "hywia_default_ridge": ("StructuredPruning", DEFAULT, RIDGE),
-    **{f"hywia_ridge_{name}": row for name, row in variants(RIDGE).items()
-       if name in ("heuristic", "fixed", "nointercept", "independent")},
-    "element2_ridge": ("StructuredPruning", {"granularity": "element2", "allocation": "uniform"}, RIDGE),
 }
+# Superseded variants (the refit with its damping fixed at 0.1, *_damping01_*, and the ridge refit
+# before it, *_ridge_*) left configs/bench/; their results stay in docs/benchmark/results.json and
+# their configs in git history (e.g. `git show 2e30e79:configs/bench/hywia_damping01_20.yaml`).
 CALIBRATION = "../shared/data/wikitext-2/valid.txt"
 EVALUATION = "../shared/data/wikitext-2/test.txt"
 # The default configuration calibrated on other text (hywia_default_cal_<name>_<target>), judged on
