@@ -19,7 +19,7 @@ from hywia_lightning.core.plan import PruningPlan
 from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.progress import show_info_logs
 from hywia_lightning.reconstruction.least_squares import check_refit_settings
-from hywia_lightning.reconstruction.modes import RECONSTRUCTION_MODES
+from hywia_lightning.reconstruction.modes import reconstruction_mode
 
 from .calibration import calibration_for, checked_calibration
 from .preflight import Preflight, run_preflight
@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 
 class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
     def __init__(
-        self, mode: Literal["independent", "sequential"] = "independent", damping: float | list[float] = 0.01,
+        self, mode: str = "independent", damping: float | list[float] = 0.01,
         intercept: bool = False, prior: Literal["zero", "original"] = "zero", batch_size: PositiveInt = 1,
         calibration: CalibrationData | None = None, folds: PositiveInt = 4,
     ) -> None:
         """
         Args:
-            mode: ``independent`` or ``sequential`` (see :mod:`hywia_lightning.reconstruction.modes`).
+            mode: ``independent``, ``sequential`` (see :mod:`hywia_lightning.reconstruction.modes`),
+                or the import path of a ``ReconstructionMode`` subclass (``my_package.MyMode``), which
+                gets this stage's other keys.
             damping: λ relative to the mean diagonal of ``X Xᵀ``; raised (and logged) where the
                 system is not positive definite. A list: candidates, one chosen per structure by
                 held-out windows (``sequential`` mode; see :func:`hywia_lightning.reconstruction.least_squares.choose_damping`).
@@ -53,12 +55,11 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             folds: with a list of dampings, the windows' folds (window ``i`` in fold ``i % folds``):
                 each candidate is solved without one fold and judged on it.
         """
-        if mode not in RECONSTRUCTION_MODES:
-            raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(RECONSTRUCTION_MODES)}")
+        strategy = reconstruction_mode(mode)
         check_refit_settings(damping, prior, folds)
         self.mode, self.damping, self.intercept, self.calibration = mode, damping, intercept, calibration
         self.batch_size, self.prior, self.folds = batch_size, prior, folds
-        self.strategy = RECONSTRUCTION_MODES[mode](damping, intercept, batch_size, prior, folds)
+        self.strategy = strategy(damping, intercept, batch_size, prior, folds)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pruning = [c for c in trainer.callbacks if isinstance(c, StructuredPruning)]

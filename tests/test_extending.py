@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
-from callbacks import StructuredPruning
+from callbacks import LeastSquaresReconstruction, StructuredPruning
 from hywia_lightning import Granularity, Magnitude
+from hywia_lightning.reconstruction.modes import Sequential
 
 from .pipeline import prune_job, run_fit
 
@@ -46,3 +48,25 @@ def test_a_pruning_callback_that_overrides_score(tiny_model_dir, tmp_path):
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, RankProductPruning))
     assert callback.scored == ["layers.1.mlp", "layers.1.self_attn", "layers.2.mlp", "layers.2.self_attn"]
     assert plan(tmp_path) == callback.plan.to_dict()
+
+
+class BiasOnlySequential(Sequential):
+    """A user reconstruction mode: the sequential refit, keeping only its intercept (the weights stay sliced)."""
+
+    def solve(self, dense, sliced, stats, key):
+        result = super().solve(dense, sliced, stats, key)
+        result.weight = sliced.detach().clone()
+        return result
+
+
+def test_a_user_reconstruction_mode_by_import_path(tiny_model_dir, tmp_path):
+    job = prune_job(tiny_model_dir, tmp_path)
+    job["reconstruction"] = {"mode": "tests.test_extending.BiasOnlySequential", "damping": 0.1, "intercept": True,
+                             "prior": "original"}
+    cli = run_fit(job, tmp_path)
+    refit = next(c for c in cli.trainer.callbacks if isinstance(c, LeastSquaresReconstruction))
+    assert type(refit.strategy) is BiasOnlySequential
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert report["reconstruction"]["mode"] == "tests.test_extending.BiasOnlySequential"
+    with pytest.raises(ValueError, match="mode='tests.test_extending.LastUnitsFirst' is not a ReconstructionMode"):
+        LeastSquaresReconstruction(mode="tests.test_extending.LastUnitsFirst")

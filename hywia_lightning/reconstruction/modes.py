@@ -28,12 +28,14 @@ A damping given as a list of candidates is chosen per structure by held-out wind
 (:func:`~hywia_lightning.reconstruction.least_squares.choose_damping`), in :class:`Sequential` mode: its moments
 are taken per structure, so one fold's moments per structure is all it holds more.
 
-A new mode subclasses :class:`ReconstructionMode` and overrides the two hooks.
+A new mode subclasses :class:`ReconstructionMode`, overrides the two hooks, and is named by its
+import path in the reconstruction stage's ``mode`` (:func:`reconstruction_mode`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 from typing import Callable, Sequence
 
@@ -244,3 +246,21 @@ class Sequential(ReconstructionMode):
 
 
 RECONSTRUCTION_MODES = {"independent": Independent, "sequential": Sequential}
+
+
+def reconstruction_mode(name: str) -> type[ReconstructionMode]:
+    """A mode by its registered name, or a :class:`ReconstructionMode` subclass by its import path
+    (``my_package.WeightedSequential``): a new mode needs no registration."""
+    if name in RECONSTRUCTION_MODES:
+        return RECONSTRUCTION_MODES[name]
+    allowed = f"allowed: {', '.join(RECONSTRUCTION_MODES)}, or the import path of a ReconstructionMode subclass"
+    module, _, attribute = name.rpartition(".")
+    if not module:
+        raise ValueError(f"mode={name!r} is unknown; {allowed}")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"mode={name!r} cannot be imported ({error}); {allowed}") from None
+    if not (isinstance(found, type) and issubclass(found, ReconstructionMode)):
+        raise ValueError(f"mode={name!r} is not a ReconstructionMode subclass; {allowed}")
+    return found
