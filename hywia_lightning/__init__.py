@@ -15,7 +15,8 @@ _SOURCES = {
     "GRANULARITIES": "core.granularities", "Element1": "core.granularities", "Element2": "core.granularities",
     "Fluctuation": "core.granularities", "Granularity": "core.granularities", "Magnitude": "core.granularities",
     "Random": "core.granularities", "Vector": "core.granularities", "Vector2": "core.granularities", "Wanda": "core.granularities",
-    "FusionTrainingArgs": "fusion.hywia", "HyWIA": "fusion.hywia", "LoRARecovery": "recovery.lora_recovery",
+    "HyWIA": "fusion.hywia", "Fixed": "fusion.modes", "Heuristic": "fusion.modes", "Learned": "fusion.modes",
+    "Compensated": "fusion.modes", "FusionMode": "fusion.modes", "LoRARecovery": "recovery.lora_recovery",
     "BUNDLED_MODEL": "models.loading", "load_causal_lm": "models.loading", "prune": "core.pipeline", "target_layers": "core.structures",
     "RecoveryData": "data.recovery_data", "Generation": "data.self_generation", "apply_plan": "core.slicing",
 }

@@ -79,7 +79,7 @@ def fault_rows(work: Path) -> list[dict]:
     args = [*JOB, "--trainer.default_root_dir", str(root)]
     first = run_cli(args, root, ENV)
     assert first.returncode == 0, first.output[-3000:]
-    learned = ["--pruning.init_args.fusion.mode", "learned", "--pruning.init_args.fusion.training.holdout", "1"]
+    learned = ["--pruning.init_args.fusion.mode", "hywia_lightning.Learned", "--pruning.init_args.fusion.mode.init_args.holdout", "1"]
     faults = [
         ("kill -9 during estimation", args, "estimation", None),
         ("kill -9 during fusion training", args + learned, "fusion training", None),

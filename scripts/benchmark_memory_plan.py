@@ -32,8 +32,8 @@ ROWS = {
     "bundled": ([], None),
     "bundled_bf16": (["--pruning.init_args.accumulate_dtype", "bfloat16", "--model.init_args.dtype", "bfloat16"], None),
     "bundled_learned": (["--pruning.init_args.fusion.schemes", "[element1, element2, vector]",
-                         "--pruning.init_args.fusion.mode", "learned",
-                         "--pruning.init_args.fusion.training.epochs", "2"], None),
+                         "--pruning.init_args.fusion.mode", "hywia_lightning.Learned",
+                         "--pruning.init_args.fusion.mode.init_args.epochs", "2"], None),
     "tiny": ([], "tiny"),
     # prune by 50%, then 4 steps of LoRA distilled from the teacher (configs/recover_smollm2.yaml), on text
     # sources (its generated ones would spend minutes sampling; the memory is the same)

@@ -126,7 +126,8 @@ def job(row: str, model: str, windows: int, target: float, root: Path) -> dict:
     config.pop("perplexity"), config.pop("export")
     pruning = config["pruning"]["init_args"]
     pruning["layer_end"] = -2  # the protocol's 4..27 of 30 layers, for any depth
-    training = (pruning.get("fusion") or {}).get("training") or {}
+    mode = (pruning.get("fusion") or {}).get("mode")
+    training = mode.get("init_args", {}) if isinstance(mode, dict) else {}  # the Learned mode's keys
     if "holdout" in training:
         training["holdout"] = min(training["holdout"], windows // 4)  # the protocol's 8 of 32
     return config

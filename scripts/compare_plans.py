@@ -2,6 +2,7 @@
 
     python scripts/compare_plans.py --commit 356c022 --configs configs/prune_smollm2.yaml configs/bench/hywia_default_20.yaml
     python scripts/compare_plans.py --commit 356c022 --configs ... --weights   # also the exported weights
+    python scripts/compare_plans.py --commit 356c022 --configs ... --reuse     # the commit's runs already in --out
 
 Each config runs as ``python main.py fit --config CONFIG --perplexity null`` (and without the refit
 and with no export of weights unless ``--weights``) in a git worktree of ``--commit`` beside this
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", required=True, help="config paths relative to the repository")
     parser.add_argument("--weights", action="store_true", help="refit and export too, and compare the weights")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare_plans")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the commit's runs already in --out (compare a later checkout against them)")
     args = parser.parse_args()
     worktree = ROOT.parent / f"compare-{args.commit[:12]}"
     if not worktree.exists():
@@ -61,7 +64,8 @@ def main() -> None:
         name = Path(config).stem
         folders = {"then": args.out / "then" / name, "now": args.out / "now" / name}
         seconds = {key: run(checkout, config, folders[key], args.weights)
-                   for key, checkout in (("then", worktree), ("now", ROOT))}
+                   for key, checkout in (("then", worktree), ("now", ROOT))
+                   if not (key == "then" and args.reuse and (folders[key] / "export" / "pruning_plan.json").is_file())}
         plans = [(folders[key] / "export" / "pruning_plan.json").read_bytes() for key in ("then", "now")]
         row = {"config": config, "commit": args.commit, "same_plan": plans[0] == plans[1],
                "seconds": {k: round(v, 1) for k, v in seconds.items()}}

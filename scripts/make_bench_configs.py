@@ -113,7 +113,20 @@ RECOVERY_DATA = {"source": CALIBRATION, "format": "text", "seq_len": 128, "batch
 RECOVERY_STEPS = 200
 
 
-FUSION_KEYS = ("schemes", "mode", "weights", "sharpness", "training", "normalization", "grid", "damping")
+FUSION_KEYS = ("schemes", "mode", "normalization")
+# each fusion mode's own keys (hywia_lightning.fusion.modes), given in the rows beside ``mode``
+MODE_KEYS = {"fixed": ("weights",), "heuristic": ("sharpness",), "learned": ("training",), "compensated": ("grid", "damping")}
+
+
+def fusion_group(args: dict) -> dict:
+    """HybridPruning's ``fusion`` group of a row: the mode by ``class_path`` with its own keys."""
+    fusion = {k: args[k] for k in FUSION_KEYS if k in args}
+    mode = fusion.get("mode", "heuristic")
+    keys = {k: args[k] for k in MODE_KEYS[mode] if k in args}
+    keys = {**keys.pop("training", {}), **keys}  # the learned mode's keys are its training's
+    if keys:
+        fusion["mode"] = {"class_path": f"hywia_lightning.{mode.capitalize()}", "init_args": keys}
+    return fusion
 
 
 def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None = None,
@@ -122,8 +135,9 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None
     if pruning is not None:
         callback, args = pruning
         if callback == "HybridPruning":  # the scorer's keys go into its fusion group
-            args = {**{k: v for k, v in args.items() if k not in FUSION_KEYS},
-                    "fusion": {k: args[k] for k in FUSION_KEYS if k in args}}
+            mode_keys = {k for keys in MODE_KEYS.values() for k in keys}
+            args = {**{k: v for k, v in args.items() if k not in FUSION_KEYS and k not in mode_keys},
+                    "fusion": fusion_group(args)}
         stages["pruning"] = {
             "class_path": f"callbacks.{callback}",
             "init_args": {"layer_start": 4, "layer_end": 28, "attention_unit": "query_heads", "round_to": 1,

@@ -10,7 +10,7 @@ from .pipeline import prune_job, run_fit, run_two_processes
 
 LEARNED_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
     "target_ratio": 0.1, "layer_start": 1, "layer_end": -1,
-    "fusion": {"mode": "learned", "training": {"epochs": 2, "holdout": 2}}}}
+    "fusion": {"mode": {"class_path": "hywia_lightning.Learned", "init_args": {"epochs": 2, "holdout": 2}}}}}
 # every kind of statistic (per-window saliency rows included), a global allocation, an intercept refit
 GLOBAL_HYWIA = {"class_path": "callbacks.HybridPruning", "init_args": {
     "target_ratio": 0.2, "layer_start": 1, "layer_end": -1, "allocation": "global",

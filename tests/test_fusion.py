@@ -5,7 +5,8 @@ import torch
 
 from callbacks.hybrid_pruning import HybridPruning
 from hywia_lightning.fusion.attention import FusionAttention, GroupScores, standardized_log
-from hywia_lightning.fusion.hywia import FusionTrainingArgs, HyWIA
+from hywia_lightning.fusion.hywia import HyWIA
+from hywia_lightning.fusion.modes import Compensated, Fixed, Heuristic, Learned
 from hywia_lightning.fusion.training import FusionTraining, MaskTarget, hard_mask, soft_mask
 
 from .conftest import tiny_llama
@@ -38,8 +39,8 @@ def test_masks_keep_the_planned_count_per_block():
 
 def test_heuristic_blend_moves_from_fine_to_coarse_with_depth():
     scorer = HyWIA(["element1", "element2", "vector"], mode="heuristic")
-    groups = [GroupScores.build(f"layers.{i}.mlp", "mlp", i, 8, [torch.rand(6) for _ in range(3)]) for i in (0, 7)]
-    w = scorer.rule_weights(groups)  # schemes: element1 (fine), element2 (fine), vector (coarse)
+    groups = {i: GroupScores.build(f"layers.{i}.mlp", "mlp", i, 8, [torch.rand(6) for _ in range(3)]) for i in (0, 7)}
+    w, _ = Heuristic().blend(scorer.schemes, [], groups, None, 0)  # element1 (fine), element2 (fine), vector (coarse)
     assert w[0, 0] > w[0, 2] and w[1, 2] > w[1, 0]
     torch.testing.assert_close(w.sum(1), torch.ones(2, dtype=torch.float64))
 
@@ -47,15 +48,17 @@ def test_heuristic_blend_moves_from_fine_to_coarse_with_depth():
 def test_bad_fusion_keys_are_refused():
     with pytest.raises(ValueError, match="mode='average' is unknown; allowed: fixed, heuristic, learned"):
         HyWIA(mode="average")
+    with pytest.raises(ValueError, match="mode='fixed' needs its weights: mode: {class_path: hywia_lightning.fusion.modes.Fixed"):
+        HyWIA(mode="fixed")
     with pytest.raises(ValueError, match=r"schemes=\['vector'\] fuses fewer than two"):
         HyWIA(schemes=["vector"])
     with pytest.raises(ValueError, match=r"schemes=\[\] fuses fewer than two"):
         HyWIA(schemes=[])
-    with pytest.raises(ValueError, match="mode='fixed' needs weights: one non-negative weight for each of"):
-        HyWIA(mode="fixed", weights={"element1": 1.0})
+    with pytest.raises(ValueError, match="mode fixed needs weights: one non-negative weight for each of"):
+        HyWIA(mode=Fixed({"element1": 1.0}))
     assert HybridPruning(0.2).granularity.name == "hywia-heuristic(element1+element2+vector)"
-    with pytest.raises(ValueError, match=r"training.temperatures=\(1.0,\) must be two positive numbers"):
-        FusionTrainingArgs(temperatures=(1.0,))
+    with pytest.raises(ValueError, match=r"temperatures=\(1.0,\) must be two positive numbers"):
+        Learned(temperatures=(1.0,))
 
 
 def test_the_fusion_learns_which_granularity_is_right_per_layer():
@@ -103,12 +106,13 @@ def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path)
     from .pipeline import prune_job, run_fit
 
     schemes = ["element1", "vector", {"class_path": "tests.test_fusion.UserWanda"}]
-    extra = {"learned": {"training": {"epochs": 2, "holdout": 2}},
-             "fixed": {"weights": {"element1": 1.0, "vector": 1.0, "userwanda": 2.0}}}.get(mode, {})
+    modes = {"learned": {"class_path": "hywia_lightning.fusion.modes.Learned", "init_args": {"epochs": 2, "holdout": 2}},
+             "fixed": {"class_path": "hywia_lightning.fusion.modes.Fixed",
+                       "init_args": {"weights": {"element1": 1.0, "vector": 1.0, "userwanda": 2.0}}}}
     job = prune_job(tiny_model_dir, tmp_path, data={"num_windows": 6})
     job["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
     job["pruning"] = {"class_path": "callbacks.HybridPruning", "init_args": {
-        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"schemes": schemes, "mode": mode, **extra}}}
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"schemes": schemes, "mode": modes.get(mode, mode)}}}
     run_fit(job, tmp_path)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     fusion = report["fusion"]
@@ -159,7 +163,7 @@ def test_holdout_must_leave_training_windows(tiny_model_dir, tmp_path):
 
     job = prune_job(tiny_model_dir, tmp_path)  # 4 calibration windows
     job["pruning"] = {"class_path": "callbacks.HybridPruning", "init_args": {
-        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"mode": "learned", "training": {"holdout": 4}}}}
+        "target_ratio": 0.1, "layer_start": 1, "layer_end": -1, "fusion": {"mode": {"class_path": "hywia_lightning.Learned", "init_args": {"holdout": 4}}}}}
     with pytest.raises(ValueError, match=r"holdout=4 must leave windows .* allowed 1..3 with 4 calibration windows"):
         run_fit(job, tmp_path)
 
@@ -177,7 +181,7 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
     model = tiny_llama(num_key_value_heads=2, num_hidden_layers=4)
     windows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
     layers, scope = target_layers(model, 1, -1), PruningScope(0.25)
-    scorer = HyWIA(["random", "obs"], mode="compensated", grid=2)
+    scorer = HyWIA(["random", "obs"], mode=Compensated(grid=2))
     result = prune(model, windows, scorer, scope, UniformAllocation(), layers)
     record = result.scorer["refit_error"]
     stats = estimate(model, layers, windows, frozenset({"input_moments", "output_gram"}), "query_heads")
@@ -201,4 +205,4 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
 
     assert "Compensated fusion: the chosen blends leave" in render_markdown({"fusion": result.scorer})
     with pytest.raises(ValueError, match="damping=0.0 must be positive"):
-        HyWIA(["random", "obs"], mode="compensated", damping=0.0)
+        Compensated(damping=0.0)

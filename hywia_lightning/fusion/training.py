@@ -29,6 +29,7 @@ from ..core.lm_loss import language_model_loss
 from ..core.scoring import ScoringContext
 from ..core.unit_groups import GroupKey, effective_attention_unit
 from ..local_loop import LocalLoop
+from ..progress import Progress
 from .attention import FusionAttention, GroupScores
 
 
@@ -145,10 +146,14 @@ class FusionTraining(LightningModule):
         """Calibration loss with the hard masks: the exact pruning decision of the current fusion."""
         self.log("val_loss", language_model_loss(self.model, window), on_step=False, on_epoch=True, batch_size=1)
 
+    def on_train_start(self) -> None:
+        self._progress = Progress("fusion training", self.trainer.max_epochs, unit="epoch", every=0)
+
     def on_train_epoch_end(self) -> None:
         metrics = self.trainer.callback_metrics
         self.train_history.append(float(metrics["train_loss"]))
         self.val_history.append(float(metrics["val_loss"]))
+        self._progress.update(note=f"held-out loss {self.val_history[-1]:.4f} (best {self.best_val_loss:.4f})")
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.fusion.parameters(), lr=self.lr)

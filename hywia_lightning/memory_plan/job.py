@@ -89,7 +89,8 @@ def declared_needs(spec: Any) -> tuple[frozenset[str], bool]:
     """The statistics a granularity (a registered name or a ``class_path``) declares, and whether it
     trains a fusion (HyWIA ``learned``), from the class attributes: nothing is instantiated."""
     from ..core.granularities import GRANULARITIES, Granularity
-    from ..fusion.hywia import MODE_NEEDS, HyWIA
+    from ..fusion.hywia import HyWIA
+    from ..fusion.modes import FUSION_MODES, FusionMode
 
     if isinstance(spec, str):
         cls = GRANULARITIES.get(spec)
@@ -103,8 +104,10 @@ def declared_needs(spec: Any) -> tuple[frozenset[str], bool]:
         defaults = inspect.signature(HyWIA.__init__).parameters
         schemes = _get(spec, "init_args", "schemes", default=defaults["schemes"].default)
         mode = _get(spec, "init_args", "mode", default=defaults["mode"].default)
-        needs = frozenset().union(*(declared_needs(s)[0] for s in schemes), MODE_NEEDS.get(mode, ()))
-        return needs, mode == "learned"
+        mode_class = FUSION_MODES.get(mode) if isinstance(mode, str) else _class(mode)
+        if mode_class is None or not issubclass(mode_class, FusionMode):
+            return frozenset().union(*(declared_needs(s)[0] for s in schemes)), False
+        return frozenset().union(*(declared_needs(s)[0] for s in schemes), mode_class.needs), mode_class.trains
     return cls.needs, False
 
 
