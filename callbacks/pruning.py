@@ -191,8 +191,8 @@ class StructuredPruning(Preflight, Callback):
         for name, seconds in result.seconds.items():
             report.record("seconds", {name: round(report.sections["seconds"].get(name, 0.0) + seconds, 3)})
         report.record("importance", result.importance)
-        if result.scorer:
-            report.record("fusion", result.scorer)
+        if result.record:
+            report.record("fusion", result.record)
         if result.width_search:
             report.record("width_search", result.width_search)
         plan = result.plan

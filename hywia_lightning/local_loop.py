@@ -18,6 +18,7 @@ with no Trainer of the user's) nothing is written.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -62,12 +63,18 @@ class LocalLoop:
         devices = [device.index] if device.type == "cuda" and device.index is not None else 1
         callbacks = [*callbacks, ForwardedMetrics(name, self.loggers)]
         folder = self.folder(name)
-        return Trainer(
-            accelerator=device.type, devices=devices, num_nodes=1, strategy="auto", plugins=[LightningEnvironment()],
-            logger=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            default_root_dir=str(folder) if folder is not None else None, callbacks=callbacks, **kwargs,
-        )
+        lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = lightning_info.level
+        lightning_info.setLevel(logging.WARNING)  # its device lines and tips, the job's Trainer printed them already
+        try:
+            return Trainer(
+                accelerator=device.type, devices=devices, num_nodes=1, strategy="auto", plugins=[LightningEnvironment()],
+                logger=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=str(folder) if folder is not None else None, callbacks=callbacks, **kwargs,
+            )
+        finally:
+            lightning_info.setLevel(level)
 
 
 class ForwardedMetrics(Callback):

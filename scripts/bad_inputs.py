@@ -1,8 +1,9 @@
 """Every bad input and fault of tests/bad_inputs.py, run through the real CLI on the bundled model,
 tabulated into docs/reliability.md.
 
-    python scripts/bad_inputs.py                      # everything (~15 min on 2 cores)
-    python scripts/bad_inputs.py --only inputs        # or: faults
+    python -m scripts.bad_inputs                      # everything (~15 min on 2 cores); from the repository root,
+                                                      # so that tests.bad_inputs (the cases) imports
+    python -m scripts.bad_inputs --only inputs        # or: faults
 
 Inputs are added to the default job (``configs/prune_smollm2.yaml``, with 4 calibration windows and
 4 perplexity chunks so that a case that is not refused still ends soon). Faults start from a
@@ -27,9 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from tests.bad_inputs import INPUT_CASES, REPO, Outcome, run_case, run_cli  # noqa: E402
+from tests.bad_inputs import INPUT_CASES, REPO, Outcome, run_case, run_cli
 
 JOB = ["fit", "--config", "configs/prune_smollm2.yaml", "--data.init_args.num_windows", "4",
        "--perplexity.num_chunks", "4"]
@@ -187,7 +187,7 @@ def markdown(inputs: list[dict], faults: list[dict], seconds: float) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["# Reliability: bad inputs and faults, as a user meets them", "",
-             "Written by `python scripts/bad_inputs.py` (tests/bad_inputs.py holds the cases; "
+             "Written by `python -m scripts.bad_inputs` (tests/bad_inputs.py holds the cases; "
              "tests/test_input_errors.py runs the inputs on a tiny model in CI). "
              f"{len(inputs)} inputs and {len(faults)} faults on the bundled model, {seconds / 60:.0f} min on 2 cores. "
              "Each input is added to `python main.py fit --config configs/prune_smollm2.yaml --data.init_args.num_windows 4 "

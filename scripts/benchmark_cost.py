@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 CALIBRATION = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 # kind -> worker arguments; the default set of a run

@@ -26,8 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 BUNDLED = "bundled:SmolLM2-135M-Instruct"
 # name -> LlamaConfig overrides of the bundled config (None: the bundled model itself)

@@ -35,7 +35,6 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def _library() -> None:

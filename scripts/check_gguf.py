@@ -36,12 +36,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from hywia_lightning.data.text_sources import read_text, token_ids  # noqa: E402
-from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity  # noqa: E402
-from hywia_lightning.export.gguf import export_gguf  # noqa: E402
-from hywia_lightning.progress import Progress  # noqa: E402
+from hywia_lightning.data.text_sources import read_text, token_ids
+from hywia_lightning.evaluation.perplexity import chunk_tokens, perplexity
+from hywia_lightning.export.gguf import export_gguf
+from hywia_lightning.progress import Progress
 
 PROMPTS = [
     "The capital of France is",

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hywia_lightning.export.gguf import DTYPES, export_gguf  # noqa: E402
+from hywia_lightning.export.gguf import DTYPES, export_gguf
 
 
 def main(argv: list[str] | None = None) -> None:

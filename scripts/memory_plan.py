@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def split_args(argv: list[str]) -> tuple[float | None, list[str]]:

@@ -15,16 +15,12 @@ recovers its export in a second job). Without it the weights stay whole on every
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hywia_lightning.memory_plan.stages import (  # noqa: E402
+from hywia_lightning.memory_plan.stages import (
     EstimationSettings, EvaluationSettings, JobSettings, ReconstructionSettings, RecoverySettings, plan_memory,
 )
-from hywia_lightning.models.shapes import resolve_shape  # noqa: E402
+from hywia_lightning.models.shapes import resolve_shape
 
 MODELS = {"Llama-2-7B": "meta-llama/Llama-2-7b-hf", "Llama-2-13B": "meta-llama/Llama-2-13b-hf",
           "Llama-2-70B": "meta-llama/Llama-2-70b-hf"}

@@ -183,7 +183,7 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
     layers, scope = target_layers(model, 1, -1), PruningScope(0.25)
     scorer = HyWIA(["random", "obs"], mode=Compensated(grid=2))
     result = prune(model, windows, scorer, scope, UniformAllocation(), layers)
-    record = result.scorer["refit_error"]
+    record = result.record["refit_error"]
     stats = estimate(model, layers, windows, frozenset({"input_moments", "output_gram"}), "query_heads")
     by_layer = {s.layer: s for s in layers}
     scored = scorer.scheme_scores(unit_groups(layers, "query_heads", 4, stats))
@@ -199,10 +199,10 @@ def test_the_compensated_fusion_keeps_per_group_the_blend_the_refit_recovers_bes
             errors[blend] = compensated_error(weight_t, h, keep)
         assert record[group.name]["chosen"] == pytest.approx(min(errors.values()), rel=1e-5)
         assert record[group.name]["uniform"] == pytest.approx(errors[(0.5, 0.5)], rel=1e-5)
-        picked_obs += result.scorer["weights"][group.name] == [0.0, 1.0]
+        picked_obs += result.record["weights"][group.name] == [0.0, 1.0]
     assert picked_obs >= 2  # the scheme that prices the refit wins somewhere over random scores
     from hywia_lightning.report.markdown import render_markdown
 
-    assert "Compensated fusion: the chosen blends leave" in render_markdown({"fusion": result.scorer})
+    assert "Compensated fusion: the chosen blends leave" in render_markdown({"fusion": result.record})
     with pytest.raises(ValueError, match="damping=0.0 must be positive"):
         Compensated(damping=0.0)

@@ -26,7 +26,7 @@ def test_a_model_prunes_through_the_library_alone():
     scorer = HyWIA(["element1", "element2", "vector2", "fluctuation"], "heuristic", normalization="kind")
     result = prune(model, WINDOWS, scorer, PruningScope(0.25), GlobalAllocation(), target_layers(model, 1, -1))
     assert set(result.plan.layers) == {1, 2}
-    assert set(result.scorer["weights"]) == {"layers.1.mlp", "layers.1.self_attn", "layers.2.mlp", "layers.2.self_attn"}
+    assert set(result.record["weights"]) == {"layers.1.mlp", "layers.1.self_attn", "layers.2.mlp", "layers.2.self_attn"}
     apply_plan(model, result.plan)
     assert abs(1 - count_parameters(model) / total - 0.25) <= TOLERANCE
     assert torch.isfinite(logits(model)).all()

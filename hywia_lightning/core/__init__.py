@@ -1,1 +1,1 @@
-"""The method's pieces, plain PyTorch: structures and unit groups, statistics and their estimation, granularities (scorers), allocation, plans, slicing, the distillation objective and the width search, and ``prune()`` that runs them."""
+"""The method's pieces, plain PyTorch: structures and unit groups, statistics and their estimation, granularities (what scores units), allocation, plans, slicing, the distillation objective and the width search, and ``prune()`` that runs them."""

@@ -36,7 +36,7 @@ Grain = Literal["fine", "coarse"] | None
 class Granularity(ABC):
     """Scores the units of unit groups; higher means more important (kept first).
 
-    A scheme implements :meth:`__call__` (one group's scores); a scorer that scores all groups
+    A scheme implements :meth:`__call__` (one group's scores); a granularity that scores all groups
     jointly (the HyWIA fusion) implements :meth:`score_groups` instead. :meth:`check` is the
     optional hook that refuses settings before any heavy work."""
 

@@ -1,4 +1,5 @@
-"""The pruning pipeline as one library call: estimate, score, allocate, select.
+"""The pruning pipeline as one library call: estimate, score, allocate, select (:func:`prune`), and
+as its two public steps: :func:`estimate` and :func:`plan_from_statistics`.
 
     layers = target_layers(model, 4, -2)
     result = prune(model, windows, HyWIA(...), PruningScope(0.2), GlobalAllocation(), layers)
@@ -74,7 +75,7 @@ class PruneResult:
     widths: dict[int, LayerWidths]
     scores: dict[GroupKey, Tensor]
     importance: dict   # score distributions per scheme and group (the report's "importance")
-    scorer: dict       # what the scorer says about itself (the HyWIA fusion's weights)
+    record: dict       # what the granularity's scoring recorded (the HyWIA fusion's weights per group)
     seconds: dict[str, float]
     accumulator_bytes: int = 0  # g and g² this rank held after estimation (its shards when sharded)
     accumulator_shards: int = 1  # the ranks they were sharded over
@@ -85,7 +86,7 @@ class PruneResult:
 def prune(
     model: nn.Module,
     windows: Tensor | None,
-    scorer: Granularity,
+    granularity: Granularity,
     scope: PruningScope,
     allocation: Allocation,
     layers: list[LayerStructures],
@@ -102,29 +103,44 @@ def prune(
 ) -> PruneResult:
     """The plan for ``layers`` of ``model`` at ``scope``: nothing is sliced (see ``apply_plan``).
 
-    ``score`` replaces ``scorer.score_groups`` (the pruning callback's override point); the
-    statistics estimated are still the ones ``scorer.needs``. ``shard_accumulators``: see
+    ``score`` replaces ``granularity.score_groups`` (the pruning callback's override point); the
+    statistics estimated are still the ones ``granularity.needs``. ``shard_accumulators``: see
     :func:`accumulator_shards`. ``width_search``: the allocation's widths are only the start of a
     search against the KL to the dense model on ``distillation``'s windows (rank 0 searches; its
-    plan is every rank's). ``loop``: where estimation and a scorer that trains run their Trainers (a
+    plan is every rank's). ``loop``: where estimation and a granularity that trains run their Trainers (a
     job's run folder and loggers; ``None``: on the model's device, writing nothing);
     ``checkpoint_every``: estimation batches between checkpoints of its sums (needs ``loop``'s run folder)."""
+    start = time.perf_counter()
+    statistics = None
+    if granularity.needs:
+        if windows is None:
+            needs = ", ".join(sorted(granularity.needs))
+            raise ValueError(f"granularity {granularity.name!r} needs calibration windows ({needs})")
+        statistics = estimate(model, layers, windows, granularity.needs, scope.attention_unit, accumulate_dtype,
+                              batch_size, collective, shard_accumulators, loop, checkpoint_every)
+    estimation = time.perf_counter() - start
+    result = plan_from_statistics(model, layers, windows, statistics, granularity, scope, allocation, collective, seed,
+                                  score, width_search, distillation, loop)
+    result.seconds = {"estimation": estimation, **result.seconds}
+    return result
+
+
+def plan_from_statistics(
+    model: nn.Module, layers: list[LayerStructures], windows: Tensor | None, statistics: Statistics | None,
+    granularity: Granularity, scope: PruningScope, allocation: Allocation, collective: Collective | None = None,
+    seed: int = 0, score: Callable[[list, ScoringContext], Scored | dict] | None = None,
+    width_search: WidthSearch | None = None, distillation: DistillationSet | None = None, loop: LocalLoop | None = None,
+) -> PruneResult:
+    """:func:`prune` after estimation: score the groups of ``statistics``, allocate the widths (and
+    search them), select the units. A screen of many granularities on one estimation calls this per one
+    (``scripts/sweep_variants.py``); the statistics are read, not consumed."""
     seconds = {}
     total = count_parameters(model)
     start = time.perf_counter()
-    statistics = None
-    if scorer.needs:
-        if windows is None:
-            raise ValueError(f"granularity {scorer.name!r} needs calibration windows ({', '.join(sorted(scorer.needs))})")
-        statistics = estimate(model, layers, windows, scorer.needs, scope.attention_unit, accumulate_dtype,
-                              batch_size, collective, shard_accumulators, loop, checkpoint_every)
-    seconds["estimation"] = time.perf_counter() - start
-    start = time.perf_counter()
     accumulators = (statistics.accumulator_bytes, statistics.accumulator_shards) if statistics else (0, 1)
     groups = unit_groups(layers, scope.attention_unit, model.config.num_hidden_layers, statistics)
-    del statistics
     context = ScoringContext(model, layers, scope, windows, lambda s: allocation.widths(layers, total, scope, s), seed, loop)
-    scored = (score or scorer.score_groups)(groups, context)
+    scored = (score or granularity.score_groups)(groups, context)
     scored = scored if isinstance(scored, Scored) else Scored(scored)  # a plain dict of scores from an override
     scores = scored.scores
     seconds["scoring"] = time.perf_counter() - start
@@ -144,5 +160,5 @@ def prune(
     if collective is not None and collective.world_size > 1:  # the summed statistics agree; rank 0's plan rules
         plan = PruningPlan.from_dict(collective.broadcast(plan.to_dict()))
     seconds["pruning"] += time.perf_counter() - start
-    return PruneResult(plan, widths, scores, importance_summary(scored.distributions(scorer.name)), scored.record, seconds,
-                       *accumulators, searched, scored.by_scheme)
+    return PruneResult(plan, widths, scores, importance_summary(scored.distributions(granularity.name)), scored.record,
+                       seconds, *accumulators, searched, scored.by_scheme)

@@ -1,5 +1,5 @@
-"""What a scorer may read besides the unit groups (the model, the windows, the allocation, and
-where a scorer that trains runs its Trainer), and what it returns."""
+"""What a granularity may read besides the unit groups (the model, the windows, the allocation,
+and where a granularity that trains runs its Trainer), and what its scoring returns."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class ScoringContext:
     """Handed to :meth:`Granularity.score_groups`; single-group schemes ignore it.
 
-    ``widths(scores)`` is the plan's allocation at the target for the given scores: a scorer
+    ``widths(scores)`` is the plan's allocation at the target for the given scores: a granularity
     that learns (the HyWIA fusion) trains against the widths the plan will have, with a Trainer of
     ``loop`` (``None``: on the model's device, writing nothing).
     """
@@ -42,10 +42,10 @@ class Scored:
 
     scores: dict[GroupKey, Tensor]
     record: dict = field(default_factory=dict)
-    """What the report records about the scorer (the HyWIA fusion's weights per group); empty for one scheme."""
+    """What the report records about the scoring (the HyWIA fusion's weights per group); empty for one scheme."""
     by_scheme: dict[str, dict[str, Tensor]] | None = None
     """``{scheme: {group name: scores}}`` for the report's importance plot, where the scores are a
-    blend of several schemes; ``None``: the scores themselves, under the scorer's name."""
+    blend of several schemes; ``None``: the scores themselves, under the granularity's name."""
 
     def distributions(self, name: str) -> dict[str, dict[str, Tensor]]:
         return self.by_scheme if self.by_scheme is not None else {name: {str(k): v for k, v in self.scores.items()}}

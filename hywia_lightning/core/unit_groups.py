@@ -1,7 +1,7 @@
-"""Unit-major views of coupled structures: what a granularity scorer sees.
+"""Unit-major views of coupled structures: what a granularity sees.
 
 Every tensor of a group is reshaped to ``[num_units, -1]`` so that row ``u`` holds everything unit
-``u`` owns across all coupled projections. A scorer then reduces each row to one number.
+``u`` owns across all coupled projections. A granularity then reduces each row to one number.
 
 Groups are built when they are read (:class:`UnitGroups`), so the unit-major copies, and under
 sharded accumulators the statistics gathered whole from every rank's shard, exist for one group at

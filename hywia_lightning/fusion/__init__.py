@@ -1,1 +1,1 @@
-"""HyWIA: several granularities fused per group (the scorer), the learnable fusion attention, and how it trains."""
+"""HyWIA: several granularities fused per group (a granularity of granularities), the learnable fusion attention, and how it trains."""

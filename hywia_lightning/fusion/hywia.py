@@ -1,4 +1,4 @@
-"""HyWIA as a scorer: several granularities fused per group.
+"""HyWIA: a granularity that fuses several granularities (its ``schemes``) per group.
 
 Every scheme scores every group; the scores are normalized (standardized logs, see
 :mod:`hywia_lightning.fusion.attention`) and blended per group with weights chosen by the fusion
