@@ -138,8 +138,8 @@ def main() -> None:
     start = time.perf_counter()
     statistics = estimate(model, layers, windows, frozenset(NEEDS), "query_heads")
     print(f"statistics in {time.perf_counter() - start:.0f}s", flush=True)
-    refit = {k: v for k, v in yaml.safe_load(DEFAULT_JOB.read_text())["reconstruction"].items() if k != "mode"}
-    refit_mode = reconstruction_mode(yaml.safe_load(DEFAULT_JOB.read_text())["reconstruction"]["mode"])
+    refit = yaml.safe_load(DEFAULT_JOB.read_text())["reconstruction"]
+    refit_mode = reconstruction_mode(refit.pop("mode"))
     dense_ppl = perplexity(model, chunks)
     print(f"dense perplexity {dense_ppl:.2f}", flush=True)
     out = Path(args.out)

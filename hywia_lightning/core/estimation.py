@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..distributed.collective import Collective
 from ..distributed.sharded_sums import Sums
 from ..progress import Progress
+from .frozen import Frozen
 from .lm_loss import language_model_loss
 from .statistics import GRADIENT_NEEDS, InputStatistics, ParameterStatistics, Statistics, check_needs
 
@@ -85,8 +86,7 @@ class Estimator:
         self._window_index: list[int | None] = []    # global index of each window of the current batch
         self._real: Tensor | None = None              # which of them weigh (None: all)
         self._handles: list = []                      # the hooks, from begin() to end()
-        self._trainable: dict[nn.Parameter, bool] = {}
-        self._was_training = False
+        self._frozen: Frozen | None = None            # the model frozen, from begin() to end()
 
     @property
     def needs_backward(self) -> bool:
@@ -112,14 +112,10 @@ class Estimator:
         will pass (``done`` of them already have, in a resumed estimation)."""
         if self._spent:
             raise RuntimeError("accumulate() after statistics(): the sums were already turned into means")
-        self._trainable = {p: p.requires_grad for p in self.model.parameters()}
-        for p in self.model.parameters():
-            p.requires_grad_(False)  # weight gradients are formed per window by the hooks, never by autograd
+        self._frozen = Frozen(self.model)  # weight gradients are formed per window by the hooks, never by autograd
         self._handles = [m.register_forward_pre_hook(self._before_linear) for m in self.linears]
         if self.needs_backward:
             self._handles += [m.register_forward_hook(self._after_linear) for m in self.linears]
-        self._was_training = self.model.training
-        self.model.eval()  # no dropout: the statistics are those of the deployed model
         self._progress = Progress("estimation", total, unit="window")
         self._progress.update(done)
 
@@ -151,9 +147,9 @@ class Estimator:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for p, flag in self._trainable.items():
-            p.requires_grad_(flag)
-        self.model.train(self._was_training)
+        if self._frozen is not None:
+            self._frozen.restore()
+            self._frozen = None
 
     # -- the sums as a checkpoint's entry -----------------------------------------------------------
     def state(self) -> dict:

@@ -121,12 +121,12 @@ def run_estimation(
     writing nothing); every ``checkpoint_every`` batches the sums go to ``loop``'s run folder, and a
     run that finds its own checkpoint there resumes from it."""
     loop = loop or LocalLoop.on_device_of(estimator.model)
-    world = collective.world_size if collective else 1
-    module = ImportanceEstimation(estimator, windows, indices, fingerprint(estimator, windows, indices, world))
     folder = loop.folder("estimation") if checkpoint_every else None
-    name = f"{module.fingerprint}-rank{loop.rank}"
+    module = ImportanceEstimation(estimator, windows, indices)
     callbacks, resume = [], None
-    if folder is not None:
+    if folder is not None:  # only a checkpoint needs to know what it measured
+        module.fingerprint = fingerprint(estimator, windows, indices, collective.world_size if collective else 1)
+        name = f"{module.fingerprint}-rank{loop.rank}"
         callbacks.append(ModelCheckpoint(dirpath=str(folder), filename=name + "-{step}", every_n_train_steps=checkpoint_every,
                                          save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False))
         resume = _resumable(folder, name, collective)
@@ -142,8 +142,8 @@ def run_estimation(
 
 def _resumable(folder: Path, name: str, collective: Collective | None) -> str | None:
     """This rank's checkpoint of the same estimation, where every rank holds one of the same step."""
-    found = sorted(folder.glob(f"{name}-step=*.ckpt"), key=lambda p: int(p.stem.rpartition("=")[2]))
-    step = int(found[-1].stem.rpartition("=")[2]) if found else -1
+    found = {int(p.stem.rpartition("=")[2]): p for p in folder.glob(f"{name}-step=*.ckpt")}
+    step = max(found, default=-1)
     if collective is not None and collective.world_size > 1:
         steps = torch.zeros(collective.world_size, dtype=torch.float64)
         steps[collective.rank] = step
@@ -154,5 +154,5 @@ def _resumable(folder: Path, name: str, collective: Collective | None) -> str | 
             return None
     if step < 0:
         return None
-    log.info("estimation resumes from %s", found[-1])
-    return str(found[-1])
+    log.info("estimation resumes from %s", found[step])
+    return str(found[step])

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..core.frozen import Frozen
 from ..core.lm_loss import language_model_loss
 from ..core.scoring import ScoringContext
 from ..core.unit_groups import GroupKey, effective_attention_unit
@@ -84,7 +85,7 @@ class FusionTraining(LightningModule):
         self.normalized = [g.normalized.float().to(device) for g in groups]
         self._masks: list[Tensor | None] = [None] * len(groups)
         self._handles: list = []
-        self._frozen: dict[nn.Parameter, bool] = {}
+        self._frozen: Frozen | None = None
         self.train_history: list[float] = []
         self.val_history: list[float] = []
 
@@ -93,7 +94,7 @@ class FusionTraining(LightningModule):
         return self._model[0]
 
     def fused(self) -> list[Tensor]:
-        return self.fusion(self.shared, self.schemes, [z.to(self.shared.device) for z in self.normalized])
+        return self.fusion(self.shared, self.schemes, self.normalized)
 
     def weights(self) -> Tensor:
         """Blend weights of every group (G × S) with the current fusion state."""
@@ -112,19 +113,13 @@ class FusionTraining(LightningModule):
 
     # -- the frozen model under masks, for the span of the fit --------------------------------
     def on_fit_start(self) -> None:
-        self._frozen = {p: p.requires_grad for p in self.model.parameters()}
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self._frozen = Frozen(self.model)
         self._handles = [t.projection.register_forward_pre_hook(self._mask_hook(i)) for i, t in enumerate(self.targets)]
-        self._was_training = self.model.training
-        self.model.eval()
 
     def on_fit_end(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for p, flag in self._frozen.items():
-            p.requires_grad_(flag)
-        self.model.train(self._was_training)
+        self._frozen.restore()
         self._masks = [None] * len(self.groups)
 
     def temperature(self) -> float:

@@ -35,11 +35,11 @@ import path in the reconstruction stage's ``mode`` (:func:`reconstruction_mode`)
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 from typing import Callable, Sequence
 
 import torch
+from jsonargparse.typing import import_object
 from torch import Tensor, nn
 
 from ..core.plan import PruningPlan, unit_indices
@@ -254,11 +254,10 @@ def reconstruction_mode(name: str) -> type[ReconstructionMode]:
     if name in RECONSTRUCTION_MODES:
         return RECONSTRUCTION_MODES[name]
     allowed = f"allowed: {', '.join(RECONSTRUCTION_MODES)}, or the import path of a ReconstructionMode subclass"
-    module, _, attribute = name.rpartition(".")
-    if not module:
+    if "." not in name:
         raise ValueError(f"mode={name!r} is unknown; {allowed}")
     try:
-        found = getattr(importlib.import_module(module), attribute)
+        found = import_object(name)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"mode={name!r} cannot be imported ({error}); {allowed}") from None
     if not (isinstance(found, type) and issubclass(found, ReconstructionMode)):
