@@ -133,6 +133,8 @@ class StructuredPruning(Preflight, Callback):
         self.seed = seed
         self.distillation, self.width_search = distillation, width_search
         self.plan: PruningPlan | None = None
+        self.distillation_targets: DistillationSet | None = None  # while the stage runs: for later stages' choices
+        self._judged = 0
 
     @property
     def method(self) -> str:
@@ -182,7 +184,8 @@ class StructuredPruning(Preflight, Callback):
         model = shard_model(pl_module.model, world_mesh(device)) if self.shard_weights else pl_module.model.to(device)
         windows = self.calibration_data(trainer).windows() if self.granularity.needs or self.width_search else None
         with report.stage("distillation"):
-            distillation = self.distillation_set(trainer, model)
+            distillation = self.distillation_targets = self.distillation_set(trainer, model)
+        self._judged = self.width_search.judge_windows if self.width_search is not None else 0
         result = prune(model, windows, self.granularity, self.scope, self.allocation, layers, self.accumulate_dtype,
                        self.estimation_batch_size, trainer_collective(trainer), self.seed, score=self.score,
                        shard_accumulators=self.shard_accumulators, width_search=self.width_search,
@@ -208,6 +211,7 @@ class StructuredPruning(Preflight, Callback):
         if distillation is not None:
             with report.stage("distillation"):
                 report.record("distillation", self.final_kl(pl_module.model, distillation))
+        self.distillation_targets = None
         self.record(trainer, pl_module, layers, params_before, windows is not None)
         pl_module.report.record("pruning", {"accumulator_bytes_per_rank": result.accumulator_bytes,
                                             "accumulator_shards": result.accumulator_shards,
@@ -224,14 +228,18 @@ class StructuredPruning(Preflight, Callback):
 
     def final_kl(self, model: torch.nn.Module, distillation: DistillationSet) -> dict:
         """The pruned model's KL to the dense one on the held-out windows (and per window, so that any
-        subset compares across runs) and, after a width search, on those it never judged a proposal on."""
+        subset compares across runs) and on those no choice was judged on (:meth:`mark_judged`)."""
         per_window = distillation.kl_per_window(model).double()
         values = {**distillation.describe(), "kl": float(per_window.mean()),
                   "kl_per_window": [round(float(v), 6) for v in per_window]}
-        seen = self.width_search.judge_windows if self.width_search is not None else 0
-        if 0 < seen < len(per_window):
-            values.update(kl_unseen_by_search=float(per_window[seen:].mean()), unseen_windows=len(per_window) - seen)
+        if 0 < self._judged < len(per_window):
+            values.update(kl_unseen=float(per_window[self._judged :].mean()), unseen_windows=len(per_window) - self._judged)
         return values
+
+    def mark_judged(self, windows: int) -> None:
+        """A choice (the width search's, a later stage's) was made on the first ``windows`` held-out
+        windows: the report's unseen KL leaves them out."""
+        self._judged = max(self._judged, windows)
 
     def score(self, groups: list[UnitGroup], context: ScoringContext) -> Scored | dict[GroupKey, Tensor]:
         """One score per unit for every group; override to score groups your own way (return the

@@ -15,6 +15,7 @@ from jsonargparse.typing import PositiveInt
 from lightning import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from hywia_lightning.core.distillation import DistillationSet
 from hywia_lightning.core.plan import PruningPlan
 from hywia_lightning.data.calibration import CalibrationData
 from hywia_lightning.progress import show_info_logs
@@ -34,6 +35,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         self, mode: str = "independent", damping: float | list[float] = 0.01,
         intercept: bool = False, prior: Literal["zero", "original"] = "zero", batch_size: PositiveInt = 1,
         calibration: CalibrationData | None = None, folds: PositiveInt = 4,
+        choose_by: Literal["heldout_error", "kl"] = "heldout_error", kl_windows: PositiveInt = 8,
     ) -> None:
         """
         Args:
@@ -54,11 +56,21 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
                 ``None`` uses the job's ``data``.
             folds: with a list of dampings, the windows' folds (window ``i`` in fold ``i % folds``):
                 each candidate is solved without one fold and judged on it.
+            choose_by: what chooses among a list of dampings: ``heldout_error`` (the output error on
+                the left-out folds) or ``kl``, the pruned model's KL to the dense model on the first
+                ``kl_windows`` of the pruning stage's held-out ``distillation`` windows, with the
+                layers not refit yet dense (``sequential`` mode; the windows are split over ranks).
+            kl_windows: the distillation windows ``choose_by: kl`` judges on; the report's KL on the
+                others is one no choice was made on.
         """
+        if choose_by == "kl" and not isinstance(damping, list):
+            raise ValueError(f"reconstruction.choose_by=kl chooses among candidate dampings: give damping a list "
+                             f"(e.g. [0.01, 0.1, 1.0]), not {damping!r}, or choose_by: heldout_error")
         strategy = reconstruction_mode(mode)
         check_refit_settings(damping, prior, folds)
         self.mode, self.damping, self.intercept, self.calibration = mode, damping, intercept, calibration
         self.batch_size, self.prior, self.folds = batch_size, prior, folds
+        self.choose_by, self.kl_windows = choose_by, kl_windows
         self.strategy = strategy(damping, intercept, batch_size, prior, folds)
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -67,11 +79,26 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             raise ValueError("LeastSquaresReconstruction refits pruned layers: add callbacks.StructuredPruning to trainer.callbacks")
         if all(c.plan is not None for c in pruning):
             return  # resumed from a checkpoint: the refit weights are in it, no window is needed
+        if self.choose_by == "kl":
+            self.check_kl_judge(pruning)
         windows = calibration_for("LeastSquaresReconstruction", self.calibration, trainer).num_windows
         if isinstance(self.damping, list) and windows < self.folds:
             raise ValueError(f"reconstruction.folds={self.folds} folds of {windows} calibration windows leave a "
                              f"fold empty: lower folds to at most {windows} or give more windows")
         checked_calibration("LeastSquaresReconstruction", self.calibration, trainer, pl_module)
+
+    def check_kl_judge(self, pruning: list[StructuredPruning]) -> None:
+        distillation = [c.distillation for c in pruning]
+        if any(d is None for d in distillation):
+            raise ValueError("reconstruction.choose_by=kl judges the refit by the KL to the dense model on the pruning "
+                             "stage's held-out windows: set pruning.init_args.distillation (e.g. {windows: 32}), or "
+                             "choose_by: heldout_error")
+        if any(self.kl_windows > d.windows for d in distillation):
+            raise ValueError(f"reconstruction.kl_windows={self.kl_windows} is more than the pruning stage's "
+                             f"distillation.windows={min(d.windows for d in distillation)}: lower it or add windows")
+        if any(c.shard_weights for c in pruning):
+            raise ValueError("reconstruction.choose_by=kl runs the judge windows on whole layers; with "
+                             "pruning.shard_weights: true use choose_by: heldout_error")
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -103,7 +130,16 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         with pl_module.report.stage("reconstruction"):
             self.strategy.prepare_layer(plan, index, layer)
 
+    def judge(self, trainer: Trainer) -> DistillationSet | None:
+        """This rank's share of the windows ``choose_by: kl`` judges on (the pruning stage's)."""
+        if self.choose_by != "kl":
+            return None
+        pruning = next(c for c in trainer.callbacks if isinstance(c, StructuredPruning))
+        pruning.mark_judged(self.kl_windows)
+        return pruning.distillation_targets[: self.kl_windows][trainer.global_rank :: trainer.world_size]
+
     def on_after_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
+        self.strategy.judge = self.judge(trainer)
         with pl_module.report.stage("reconstruction"):
             windows = self.windows(trainer)
             results = self.strategy.after_slicing(pl_module.model, plan, windows, self.reduce(trainer),
@@ -112,12 +148,14 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         mean_before, mean_after = (sum(x) / len(errors) for x in zip(*errors)) if errors else (0.0, 0.0)
         pl_module.report.record("reconstruction", {
             "mode": self.mode, "damping": self.damping, "intercept": self.intercept, "prior": self.prior,
-            **({"folds": self.folds} if isinstance(self.damping, list) else {}),
+            **({"folds": self.folds} if isinstance(self.damping, list) and self.choose_by != "kl" else {}),
+            **({"choose_by": "kl", "kl_windows": self.kl_windows} if self.choose_by == "kl" else {}),
             "mean_error_before": mean_before, "mean_error_after": mean_after,
             "layers": {
                 str(key): {"error_before": r.error_before, "error_after": r.error_after, "condition": r.condition,
                            "damping": r.damping, "fallback": r.fallback, "seconds": round(r.seconds, 4),
-                           **({"heldout_error": {str(d): e for d, e in r.heldout.items()}} if r.heldout else {})}
+                           **({"heldout_error": {str(d): e for d, e in r.heldout.items()}} if r.heldout else {}),
+                           **({"kl": {str(d): e for d, e in r.judged_kl.items()}} if r.judged_kl else {})}
                 for key, r in sorted(results.items())
             },
         })

@@ -186,9 +186,11 @@ WIDTH_ROWS = {
     "hywia_default_uniform": "uniform widths (every pruned layer loses the same share)",
     "hywia_default_search": "widths searched against the KL to the dense model (`width_search`)",
     "hywia_default_uniform_cal_valid128": "uniform widths, 128 calibration windows instead of 32 (the same KL windows)",
+    "hywia_default_kljudge": "uniform widths, the refit's damping chosen by the KL on held-out windows 0..7 "
+                             "(`choose_by: kl`) instead of the output error on held-out folds",
 }
 WIDTH_TARGETS = ("20", "30", "50")
-UNSEEN_FROM = 16  # the search's judge_windows: windows 16..31 are never seen by it
+UNSEEN_FROM = 16  # the search's judge_windows (and at least the refit's kl_windows): windows 16..31 are never judged on
 
 
 def _kl(r: dict | None, first: int = 0) -> str:
@@ -201,7 +203,7 @@ def _kl(r: dict | None, first: int = 0) -> str:
     if first == 0:
         value = distillation.get("kl")
     elif distillation.get("windows", 0) - distillation.get("unseen_windows", 0) == first:
-        value = distillation.get("kl_unseen_by_search")
+        value = distillation.get("kl_unseen", distillation.get("kl_unseen_by_search"))
     return f"{value:.4f}" if value is not None else "–"
 
 

@@ -73,6 +73,10 @@ ABLATIONS = {
        for scheme in RERUN},
     "hywia_damping1": ("HybridPruning", HYWIA_DEFAULT, {**DAMPING01, "damping": 1.0}),
     "hywia_default_norecon": ("StructuredPruning", DEFAULT, None),
+    # the default refit's damping chosen by the KL to the dense model on the first 8 held-out windows
+    # instead of the output error on held-out folds (issue 25: a refit that keeps behaviour, not just text)
+    "hywia_default_kljudge": ("HybridPruning", {**HYWIA_DEFAULT, "distillation": DISTILLATION},
+                              {**DEFAULT_RECONSTRUCTION, "choose_by": "kl", "kl_windows": 8}),
 }
 # Superseded variants (the refit with its damping fixed at 0.1, *_damping01_*, and the ridge refit
 # before it, *_ridge_*) left configs/bench/; their results stay in docs/benchmark/results.json and

@@ -26,6 +26,8 @@ import torch
 from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
+from ..reconstruction.layer_stream import LayerStream
+
 REST_FLOOR = -40.0  # the student's rest bucket's log-mass is taken as at least this (a smaller KL: still a bound)
 
 
@@ -144,6 +146,9 @@ class DistillationSet:
     def __getitem__(self, rows: slice) -> "DistillationSet":
         return DistillationSet(self.windows[rows], self.teacher[rows], self.batch_size)
 
+    def __len__(self) -> int:
+        return len(self.windows)
+
     def kl_per_window(self, model: nn.Module) -> Tensor:
         return kl_per_window(model, self.windows, self.teacher, self.batch_size)
 
@@ -154,3 +159,68 @@ class DistillationSet:
     def describe(self) -> dict:
         return {"windows": len(self.windows), "tokens": self.windows.numel(),
                 "top_k": self.teacher.indices.shape[-1], "teacher_bytes": self.teacher.nbytes}
+
+
+class PartialKL:
+    """The KL over a distillation set from any decoder layer's cached inputs on: what a choice made
+    at one layer costs end to end, without running the layers before it again.
+
+    ``inputs[i]`` are the set's hidden states at layer ``i``'s input (batches as
+    :class:`~hywia_lightning.reconstruction.layer_stream.LayerStream` caches them). :meth:`full`
+    runs every layer from ``first`` and caches each one's inputs (the width search measures
+    candidates of every layer around one state); :meth:`reach` keeps only the frontier, for a
+    caller that makes its layers final one after another (the refit's judge). Sums, not means, so
+    that ranks holding parts of a set add them up (:attr:`positions` is the denominator).
+    """
+
+    def __init__(self, model: nn.Module, distill: DistillationSet, first: int, batch_size: int = 8) -> None:
+        self.model, self.teacher = model, distill.teacher
+        self.positions = distill.windows.numel()
+        self.end = model.config.num_hidden_layers
+        self.stream = LayerStream(model, distill.windows, first, self.end - 1, batch_size) if len(distill) else None
+        self.inputs: dict[int, list[Tensor]] = {first: [h.clone() for h in self.stream.hidden] if self.stream else []}
+
+    def full(self) -> float:
+        """Every layer from the first one, caching each layer's inputs for :meth:`from_layer`."""
+        first = min(self.inputs)
+        self._restart(first)
+        for layer in range(first, self.end):
+            self.inputs[layer] = [h.clone() for h in self._hidden()]
+            self._advance()
+        return self._kl_sum()
+
+    def from_layer(self, layer: int) -> float:
+        """The summed KL with every layer from ``layer`` on run again (the ones before as cached)."""
+        self._restart(layer)
+        for _ in range(layer, self.end):
+            self._advance()
+        return self._kl_sum()
+
+    def reach(self, layer: int) -> None:
+        """Every layer before ``layer`` is final: move the cached inputs up to ``layer``'s (and drop
+        those of the layers before)."""
+        while (frontier := min(self.inputs)) < layer:
+            self._restart(frontier)
+            self._advance()
+            del self.inputs[frontier]
+            self.inputs[frontier + 1] = [h.clone() for h in self._hidden()]
+
+    def _restart(self, layer: int) -> None:
+        if self.stream is not None:
+            self.stream.restart(layer, self.inputs[layer])
+
+    def _hidden(self) -> list[Tensor]:
+        return self.stream.hidden if self.stream is not None else []
+
+    def _advance(self) -> None:
+        if self.stream is not None:
+            self.stream.advance()
+
+    @torch.no_grad()
+    def _kl_sum(self) -> float:
+        total, start = 0.0, 0
+        for hidden in self._hidden():
+            logits = self.model.lm_head(self.model.model.norm(hidden))
+            total += float(kl_per_position(logits, self.teacher[start : start + len(hidden)]).sum())
+            start += len(hidden)
+        return total

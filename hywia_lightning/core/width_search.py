@@ -46,7 +46,7 @@ from ..reconstruction.layer_stream import LayerStream
 from ..reconstruction.least_squares import RefitStatistics, dense_grams, solve_refit
 from ..reconstruction.modes import output_projection
 from .allocation import PruningScope
-from .distillation import DistillationSet, kl_per_position
+from .distillation import DistillationSet, PartialKL
 from .plan import (
     TOLERANCE, LayerWidths, allowed_head_counts, channel_params, head_params, kept_output_columns, kv_head_params,
 )
@@ -207,38 +207,14 @@ class _MaskedModel:
         self.cache.clear()
 
 
-class _KL:
-    """The mean KL over ``count`` distillation windows, from any pruned layer's cached inputs on."""
-
-    def __init__(self, model: nn.Module, distill: DistillationSet, first: int, count: int, batch_size: int) -> None:
-        self.model, self.count = model, count
-        self.teacher = distill.teacher[:count]
-        self.stream = LayerStream(model, distill.windows[:count], first, model.config.num_hidden_layers - 1, batch_size)
-        self.first, self.end = first, model.config.num_hidden_layers
-        self.inputs: dict[int, list[Tensor]] = {first: [h.clone() for h in self.stream.hidden]}
+class _MeanKL(PartialKL):
+    """The mean KL per position instead of the sum."""
 
     def full(self) -> float:
-        """Every layer from the first pruned one, caching each layer's inputs for :meth:`from_layer`."""
-        self.stream.restart(self.first, self.inputs[self.first])
-        while self.stream.next < self.end:
-            self.inputs[self.stream.next] = [h.clone() for h in self.stream.hidden]
-            self.stream.advance()
-        return self._kl()
+        return super().full() / self.positions
 
     def from_layer(self, layer: int) -> float:
-        self.stream.restart(layer, self.inputs[layer])
-        while self.stream.next < self.end:
-            self.stream.advance()
-        return self._kl()
-
-    def _kl(self) -> float:
-        total, start = 0.0, 0
-        with torch.no_grad():
-            for hidden in self.stream.hidden:
-                logits = self.model.lm_head(self.model.model.norm(hidden))
-                total += float(kl_per_position(logits, self.teacher[start : start + len(hidden)]).sum())
-                start += len(hidden)
-        return total / (self.count * self.teacher.indices.shape[1])
+        return super().from_layer(layer) / self.positions
 
 
 def _grid(structure: _Structure, current: int, levels: int, round_index: int) -> list[int]:
@@ -356,8 +332,8 @@ def search_widths(
     count = min(settings.search_windows, judged)
     first = layers[0].layer
     masked = _MaskedModel(model, structures, scores, scope, windows, settings.damping, settings.batch_size)
-    measure = _KL(model, distill, first, count, settings.batch_size)
-    judge = measure if count == judged else _KL(model, distill, first, judged, settings.batch_size)
+    measure = _MeanKL(model, distill[:count], first, settings.batch_size)
+    judge = measure if count == judged else _MeanKL(model, distill[:judged], first, settings.batch_size)
     try:
         masked.put_all(state)
         best_state, best_kl = dict(state), judge.full()

@@ -129,6 +129,7 @@ class RefitResult:
     fallback: str | None      # what was done when the damped system was not positive definite
     seconds: float
     heldout: dict[float, float] | None = None  # a chosen damping: each candidate's held-out relative error
+    judged_kl: dict[float, float] | None = None  # a damping chosen by the KL: each candidate's KL to the dense model
 
 
 @dataclass

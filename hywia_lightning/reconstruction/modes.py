@@ -28,6 +28,12 @@ A damping given as a list of candidates is chosen per structure by held-out wind
 (:func:`~hywia_lightning.reconstruction.least_squares.choose_damping`), in :class:`Sequential` mode: its moments
 are taken per structure, so one fold's moments per structure is all it holds more.
 
+:class:`Sequential` can judge the candidates by the pruned model's KL to the dense model instead
+(:attr:`ReconstructionMode.judge`, held-out windows the refit never sees): each candidate refit is
+put in place and the judge windows run from that layer on, through the dense structures of every
+layer not refit yet, so the choice weighs what the structure does to the model's next-token
+distributions, not to its own output on the calibration text.
+
 A new mode subclasses :class:`ReconstructionMode`, overrides the two hooks, and is named by its
 import path in the reconstruction stage's ``mode`` (:func:`reconstruction_mode`).
 """
@@ -36,12 +42,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from jsonargparse.typing import import_object
 from torch import Tensor, nn
 
+from ..core.distillation import DistillationSet, PartialKL
 from ..core.plan import PruningPlan, unit_indices
 from ..core.slicing import record_layer_widths
 from ..core.structures import LayerStructures, decoder_layers, discover_structures
@@ -115,6 +123,10 @@ class ReconstructionMode:
     folds of held-out windows (modes that support it; the others refuse a list)."""
 
     chooses_damping = False  # whether the mode can choose its damping from candidates
+    judge: DistillationSet | None = None
+    """This rank's share of held-out windows and the dense model's targets on them: where set (and
+    the mode chooses), candidates are judged by the summed KL over every rank's share instead of
+    held-out output error."""
 
     def __init__(self, damping: float | Sequence[float] = 0.01, intercept: bool = False, batch_size: int = 1,
                  prior: str = "zero", folds: int = 4) -> None:
@@ -221,10 +233,13 @@ class Sequential(ReconstructionMode):
         sharded = has_sharded_weights(model)  # the pruned model's shards: every layer call a collective
         stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size,
                              padded_share(windows, reduce) if sharded else None, ids) if keys else None
-        folds = self.folds if isinstance(self.damping, list) else 1
+        judge = PartialKL(model, self.judge, keys[0].layer, self.batch_size) if keys and self.judge is not None else None
+        folds = self.folds if isinstance(self.damping, list) and judge is None else 1
         for key in keys:
             while stream.next < key.layer:
                 stream.advance()
+            if judge is not None:
+                judge.reach(key.layer)
             dense = gather_module(self._dense.pop(key))  # a copy of a sharded block: gathered for this structure only
             pruned = getattr(decoder_layers(model)[key.layer], MODULE_NAME[key.kind])
             projection = PROJECTION[key.kind]
@@ -234,7 +249,10 @@ class Sequential(ReconstructionMode):
                     setattr(stats, name, reduce(getattr(stats, name)))
                 stats.tokens = int(reduce(torch.tensor(float(stats.tokens))).item())
             dense_weight, sliced = getattr(dense, projection).weight, full_weight(getattr(pruned, projection).weight)
-            if folds > 1:
+            if judge is not None:
+                result = self.choose_by_kl(model, key, getattr(pruned, projection), dense_weight, sliced, parts[0],
+                                           judge, reduce)
+            elif folds > 1:
                 result = choose_damping(dense_weight, sliced, parts, self.damping, str(key), self.intercept, self.prior)
             else:
                 result = self.solve(dense_weight, sliced, parts[0], key)
@@ -243,6 +261,45 @@ class Sequential(ReconstructionMode):
             progress.update()
         record_layer_widths(model)
         return results
+
+
+    def choose_by_kl(self, model: nn.Module, key: GroupKey, linear: nn.Linear, dense_weight: Tensor, sliced: Tensor,
+                     stats: RefitStatistics, judge: PartialKL, reduce: Reduce) -> RefitResult:
+        """The candidate refit with the least KL to the dense model on the judge windows (summed
+        over ranks: every rank chooses the same), the layers not refit yet dense; ties go to the
+        larger damping. ``linear`` comes back as it was."""
+        weight, bias = linear.weight.detach().clone(), linear.bias
+        results, sums = {}, []
+        with dense_structures(model, self._dense):
+            for damping in self.damping:
+                results[damping] = solve_refit(dense_weight, sliced, stats, damping, str(key), intercept=self.intercept,
+                                               prior=self.prior)
+                assign(linear, results[damping])
+                sums.append(judge.from_layer(key.layer))
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                linear.bias = bias
+        totals = reduce(torch.tensor(sums, dtype=torch.float64))
+        positions = float(reduce(torch.tensor(float(judge.positions), dtype=torch.float64)))
+        kl = {damping: float(total) / positions for damping, total in zip(self.damping, totals)}
+        best = min(kl.values())
+        result = results[max(d for d, value in kl.items() if value == best)]
+        result.judged_kl = kl
+        return result
+
+
+@contextmanager
+def dense_structures(model: nn.Module, dense: dict[GroupKey, nn.Module]) -> Iterator[None]:
+    """The ``dense`` copies in the model's decoder layers in place of their pruned structures, for a while."""
+    layers = decoder_layers(model)
+    pruned = {key: getattr(layers[key.layer], MODULE_NAME[key.kind]) for key in dense}
+    try:
+        for key, module in dense.items():
+            setattr(layers[key.layer], MODULE_NAME[key.kind], module)
+        yield
+    finally:
+        for key, module in pruned.items():
+            setattr(layers[key.layer], MODULE_NAME[key.kind], module)
 
 
 RECONSTRUCTION_MODES = {"independent": Independent, "sequential": Sequential}

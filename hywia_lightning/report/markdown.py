@@ -82,7 +82,9 @@ def _summary(s: dict) -> list[str]:
         damping = recon["damping"]
         if isinstance(damping, list):  # chosen per structure by held-out windows
             chosen = Counter(layer["damping"] for layer in recon.get("layers", {}).values())
-            damping = (f"chosen from {damping} by {recon.get('folds')} folds of held-out windows ("
+            judge = (f"the KL to the dense model on {recon['kl_windows']} held-out windows" if recon.get("choose_by") == "kl"
+                     else f"{recon.get('folds')} folds of held-out windows")
+            damping = (f"chosen from {damping} by {judge} ("
                        + ", ".join(f"{d:g}: {n}" for d, n in sorted(chosen.items())) + " structures)")
         lines.append(f"- reconstruction: {recon['mode']}, damping {damping}, mean relative output error "
                      f"{_num(recon['mean_error_before'], 4)} → {_num(recon['mean_error_after'], 4)}")
@@ -260,6 +262,11 @@ def _plots(s: dict) -> list[str]:
     return (["## Plots", ""] + lines) if lines else []
 
 
+
+def _unseen_kl(distillation: dict) -> float | None:
+    """The KL on the windows no choice was judged on (``kl_unseen_by_search`` in reports before the refit could judge)."""
+    return distillation.get("kl_unseen", distillation.get("kl_unseen_by_search"))
+
 def _distillation(s: dict) -> list[str]:
     """The final KL to the dense model and, with a width search, what each of its rounds found."""
     distillation, search = s.get("distillation"), s.get("width_search")
@@ -269,8 +276,8 @@ def _distillation(s: dict) -> list[str]:
              f"Mean KL(p_dense ‖ q_pruned) over {_int(distillation.get('tokens'))} next-token positions of "
              f"{distillation.get('windows')} held-out calibration windows (teacher's top {distillation.get('top_k')} "
              f"plus the rest's mass): **{_num(distillation.get('kl'), 4)}**" + (
-                 f"; on the {distillation['unseen_windows']} windows the width search never judged a proposal on: "
-                 f"{_num(distillation['kl_unseen_by_search'], 4)}" if "kl_unseen_by_search" in distillation else "") + ".", ""]
+                 f"; on the {distillation['unseen_windows']} windows no choice was judged on: "
+                 f"{_num(_unseen_kl(distillation), 4)}" if _unseen_kl(distillation) is not None else "") + ".", ""]
     if search:
         rows = [[str(r["round"]), _num(r.get("measured_kl"), 4),
                  ", ".join(f"{_num(a['kl'], 4)} ({_int(a['moved_parameters'])}{', kept' if a['accepted'] else ''})"
