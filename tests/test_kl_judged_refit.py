@@ -4,6 +4,7 @@ choice is the least, the same on 1 or 2 ranks' shares, and a job without the win
 refused before any work."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ import torch
 from callbacks import LeastSquaresReconstruction
 from hywia_lightning.core.distillation import DistillationSet, PartialKL
 from hywia_lightning.core.unit_groups import GroupKey
+from hywia_lightning.memory_plan.stages import DistillationSettings, ReconstructionSettings, plan_memory, teacher_bytes
+from hywia_lightning.models.shapes import ModelShape
 from hywia_lightning.reconstruction.least_squares import RefitStatistics, solve_refit
 from hywia_lightning.reconstruction.modes import Sequential, dense_structures
 
-from .conftest import tiny_llama
+from .conftest import tiny_config, tiny_llama
 from .pipeline import prune_job, run_fit
+from .test_memory_plan import estimation_job
 
 JUDGE = {"mode": "sequential", "damping": [0.01, 1.0, 100.0], "prior": "original", "intercept": True,
          "choose_by": "kl", "kl_windows": 3}
@@ -106,3 +110,15 @@ def test_judging_by_the_kl_without_its_windows_is_refused_before_any_work(tiny_m
     with pytest.raises(ValueError, match="kl_windows=3 is more than the pruning stage's distillation.windows=2"):
         run_fit(job, tmp_path)
     assert not (tmp_path / "export").exists()
+
+
+def test_the_memory_plan_counts_the_judge():
+    """Judging by the KL holds the teacher's targets, the judge windows' hidden states and one
+    batch's logits beside the refit, and no folds' moments."""
+    shape = ModelShape.from_config(tiny_config().to_dict())
+    job = replace(estimation_job(shape), target_ratio=0.2, distillation=DistillationSettings(windows=4, batch_size=2))
+    plain, judged = ({s.stage: s for s in plan_memory(shape, replace(job, reconstruction=ReconstructionSettings(
+        "sequential", kl_windows=kl))).stages}["reconstruction"] for kl in (0, 3))
+    d = job.distillation
+    expected = teacher_bytes(d) + 2 * 3 * d.seq_len * shape.hidden_size * 4 + 2 * d.seq_len * shape.vocab_size * 12
+    assert judged.bytes - plain.bytes == expected

@@ -191,11 +191,14 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
         refit = _stage(config, "reconstruction", "LeastSquaresReconstruction")
         if refit is not None:
             refit_data = _get(refit.get("calibration"), "init_args", default=refit.get("calibration")) or calibration
+            by_kl, chooses = refit.get("choose_by") == "kl", isinstance(refit.get("damping"), list)
+            folds = int(refit.get("folds") or 4) if chooses and not by_kl else 1
+            kl_windows = int(refit.get("kl_windows") or 8) if by_kl else 0
             reconstruction = ReconstructionSettings(refit.get("mode") or "independent",
                                                     int(_get(refit_data, "seq_len", default=128)),
                                                     int(_get(refit_data, "num_windows", default=32)),
                                                     int(refit.get("batch_size") or 1),
-                                                    int(refit.get("folds") or 4) if isinstance(refit.get("damping"), list) else 1)
+                                                    folds, kl_windows)
     ppl = _stage(config, "perplexity", "PerplexityEvaluation")
     perplexity = EvaluationSettings(int(ppl.get("batch_size") or 8), int(ppl.get("seq_len") or 128)) if ppl is not None else None
     recovery = None

@@ -55,6 +55,7 @@ class ReconstructionSettings:
     num_windows: int = 32                        # over all ranks (each caches its share's hidden states)
     batch_size: int = 1                          # windows per call of a layer
     folds: int = 1                               # a damping chosen by held-out windows: one set of moments per fold
+    kl_windows: int = 0                          # a damping chosen by the KL (choose_by: kl) on this many distillation windows
 
 
 @dataclass(frozen=True)
@@ -463,6 +464,12 @@ def reconstruction_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
         parts += [Part("one structure's moments", moments + 12 * n * n),
                   Part("cached hidden states", hidden),
                   Part("forward of one batch through one layer", 2 * layer_forward), solve]
+        if r.kl_windows and job.distillation is not None:  # the judge: its windows' hidden states, cached and run
+            d = job.distillation
+            judged = -(-r.kl_windows // job.world_size)
+            parts += [Part("teacher targets", teacher_bytes(d)),
+                      Part("judge windows' hidden states", 2 * judged * d.seq_len * shape.hidden_size * 4),
+                      Part("logits", min(d.batch_size, judged) * d.seq_len * shape.vocab_size * 3 * 4)]
         return StagePeak("reconstruction", parts, "sequential: one structure's moments at a time")
     parts += [Part("cached hidden states", hidden), _waiting_refits(shape, job)]
     accumulating = [Part("Gram matrices (float64, one layer)", gram_bytes(shape, e)), Part("float32 product of a batch", 12 * n * n),

@@ -233,7 +233,9 @@ class Sequential(ReconstructionMode):
         sharded = has_sharded_weights(model)  # the pruned model's shards: every layer call a collective
         stream = LayerStream(model, windows, keys[0].layer, keys[-1].layer, self.batch_size,
                              padded_share(windows, reduce) if sharded else None, ids) if keys else None
-        judge = PartialKL(model, self.judge, keys[0].layer, self.batch_size) if keys and self.judge is not None else None
+        judge = None
+        if keys and self.judge is not None:  # the distillation's batch: a batch of logits is vocabulary-wide
+            judge = PartialKL(model, self.judge, keys[0].layer, self.judge.batch_size)
         folds = self.folds if isinstance(self.damping, list) and judge is None else 1
         for key in keys:
             while stream.next < key.layer:
