@@ -264,7 +264,6 @@ class Sequential(ReconstructionMode):
         record_layer_widths(model)
         return results
 
-
     def choose_by_kl(self, model: nn.Module, key: GroupKey, linear: nn.Linear, dense_weight: Tensor, sliced: Tensor,
                      stats: RefitStatistics, judge: PartialKL, reduce: Reduce) -> RefitResult:
         """The candidate refit with the least KL to the dense model on the judge windows (summed
