@@ -234,7 +234,7 @@ def widths_table(results: dict[str, dict]) -> str:
 # the default pruning, then LoRA recovery (issue: recovery by distillation): row -> what recovered it
 RECOVERY_ROWS = {
     "hywia_default": "none (the pruned model)",
-    "hywia_default_lora": "`lm` on WikiText-2 valid.txt windows (the test text's corpus)",
+    "hywia_default_lora": "`lm` on WikiText-2 valid.txt windows (the test text's corpus; lr 3e-4)",
     "hywia_default_lm": "`lm` on 384 windows the dense model sampled",
     "hywia_default_distill": "**`kl` (distillation from the dense model)** on the same 384 sampled windows",
 }
@@ -304,11 +304,12 @@ def write_results(results: dict[str, dict], out: Path) -> None:
         "configuration with uniform widths and with widths searched against the KL (docs/hywia.md); the KL is "
         "measured on 32 held-out `valid.txt` windows, disjoint from the calibration windows (the last 32 of the "
         "seed's window order), and on the 16 of them the search never judged a proposal on. Produced by "
-        "`python scripts/benchmark.py --rows " + " ".join(f"{row}_{t}" for row in WIDTH_ROWS for t in WIDTH_TARGETS)
+        "`python scripts/benchmark.py --rows " + " ".join(f"{row}_{t}" for row in WIDTH_ROWS for t in WIDTH_TARGETS
+                                                         if (BENCH / f"{row}_{t}.yaml").is_file())
         + "` (full sets: `--full-sets --zeroshot-only`).\n\n"
         + widths_table(ordered)
         + "\n## Recovery: LoRA by distillation or by the language-model loss\n\nThe default pruning (uniform "
-        "widths) followed by 200 LoRA steps of 8 × 128 tokens (r=8 on every projection, AdamW lr 3e-4, 10-step "
+        "widths) followed by 200 LoRA steps of 8 × 128 tokens (r=8 on every projection, AdamW lr 2e-3, 10-step "
         "warm-up); `kl`: the KL from the dense model at temperature 1, `lm`: the next-token loss; val KL: on the "
         "16 held-out recovery windows. Produced by `python scripts/benchmark.py --rows "
         + " ".join(f"{row}_{t}" for row in list(RECOVERY_ROWS)[1:] for t in RECOVERY_TARGETS

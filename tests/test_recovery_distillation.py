@@ -67,6 +67,7 @@ def test_distillation_lowers_the_kl_and_reports_its_curves(distilled):
     recovery = json.loads((distilled / "export" / "report.json").read_text())["recovery"]
     assert recovery["loss"] == {"kind": "kl", "temperature": 1.0, "kl_weight": 0.5, "teacher": recovery["loss"]["teacher"]}
     assert recovery["data"]["source"] == "generated" and recovery["data"]["train_examples"] == 2
+    assert recovery["optimizer"] == {"class": "AdamW", "lr": 0.003}
     assert [s for s, _ in recovery["kl_curve"]] == [s for s, _ in recovery["loss_curve"]] == list(range(6))
     assert recovery["loss_curve"] == recovery["kl_curve"]  # the loss is the KL ...
     assert len(recovery["lm_curve"]) == 6  # ... and the language-model loss is drawn beside it

@@ -256,10 +256,11 @@ class LoRARecovery(CausalLM):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         merged, self.adapter = merge_lora(self.model.get_base_model(), self.lora_config, state)
         self.model = merged.to(self.device).eval()
-        datamodule = self.trainer.datamodule
+        datamodule, optimizer = self.trainer.datamodule, self.trainer.optimizers[0]
         self.report.record("recovery", {
             "lora": {"r": self.lora_config.r, "alpha": self.lora_config.lora_alpha,
                      "dropout": self.lora_config.lora_dropout, "target_modules": sorted(self.lora_config.target_modules)},
+            "optimizer": {"class": type(optimizer).__name__, "lr": optimizer.defaults.get("lr")},
             "loss": {"kind": self.loss, "temperature": self.temperature, "kl_weight": self.kl_weight,
                      "teacher": self.teacher_name_or_path if self.needs_teacher else None},
             "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
