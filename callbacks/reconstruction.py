@@ -144,6 +144,7 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             windows = self.windows(trainer)
             results = self.strategy.after_slicing(pl_module.model, plan, windows, self.reduce(trainer),
                                                   self.window_ids(trainer, windows))
+        self.strategy.judge = None  # the pruning stage's targets: not kept past the refit
         errors = [(r.error_before, r.error_after) for r in results.values()]
         mean_before, mean_after = (sum(x) / len(errors) for x in zip(*errors)) if errors else (0.0, 0.0)
         pl_module.report.record("reconstruction", {
