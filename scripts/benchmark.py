@@ -203,7 +203,7 @@ def _kl(r: dict | None, first: int = 0) -> str:
     if first == 0:
         value = distillation.get("kl")
     elif distillation.get("windows", 0) - distillation.get("unseen_windows", 0) == first:
-        value = distillation.get("kl_unseen", distillation.get("kl_unseen_by_search"))
+        value = distillation.get("kl_unseen_by_search")  # rows since kl_unseen always have kl_per_window
     return f"{value:.4f}" if value is not None else "–"
 
 

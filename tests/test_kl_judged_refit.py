@@ -38,6 +38,9 @@ def test_partial_kl_from_any_layer_is_the_whole_model_kl():
     assert judge.from_layer(3) / judge.positions == pytest.approx(whole, rel=1e-5)
     halves = [PartialKL(model, distill[r::2], first=1, batch_size=2) for r in (0, 1)]
     assert sum(h.from_layer(1) for h in halves) / judge.positions == pytest.approx(whole, rel=1e-5)
+    empty = PartialKL(model, distill[5:], first=1, batch_size=2)  # a rank with no judge window adds nothing
+    empty.reach(3)
+    assert empty.positions == 0 and empty.from_layer(3) == 0.0
 
 
 def test_the_dense_copies_stand_in_for_a_while():

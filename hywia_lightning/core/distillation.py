@@ -177,49 +177,37 @@ class PartialKL:
         self.model, self.teacher = model, distill.teacher
         self.positions = distill.windows.numel()
         self.end = model.config.num_hidden_layers
-        self.stream = LayerStream(model, distill.windows, first, self.end - 1, batch_size) if len(distill) else None
-        self.inputs: dict[int, list[Tensor]] = {first: [h.clone() for h in self.stream.hidden] if self.stream else []}
+        self.stream = LayerStream(model, distill.windows, first, self.end - 1, batch_size)
+        self.inputs: dict[int, list[Tensor]] = {first: [h.clone() for h in self.stream.hidden]}
 
     def full(self) -> float:
         """Every layer from the first one, caching each layer's inputs for :meth:`from_layer`."""
         first = min(self.inputs)
-        self._restart(first)
+        self.stream.restart(first, self.inputs[first])
         for layer in range(first, self.end):
-            self.inputs[layer] = [h.clone() for h in self._hidden()]
-            self._advance()
+            self.inputs[layer] = [h.clone() for h in self.stream.hidden]
+            self.stream.advance()
         return self._kl_sum()
 
     def from_layer(self, layer: int) -> float:
         """The summed KL with every layer from ``layer`` on run again (the ones before as cached)."""
-        self._restart(layer)
+        self.stream.restart(layer, self.inputs[layer])
         for _ in range(layer, self.end):
-            self._advance()
+            self.stream.advance()
         return self._kl_sum()
 
     def reach(self, layer: int) -> None:
         """Every layer before ``layer`` is final: move the cached inputs up to ``layer``'s (and drop
         those of the layers before)."""
         while (frontier := min(self.inputs)) < layer:
-            self._restart(frontier)
-            self._advance()
-            del self.inputs[frontier]
-            self.inputs[frontier + 1] = [h.clone() for h in self._hidden()]
-
-    def _restart(self, layer: int) -> None:
-        if self.stream is not None:
-            self.stream.restart(layer, self.inputs[layer])
-
-    def _hidden(self) -> list[Tensor]:
-        return self.stream.hidden if self.stream is not None else []
-
-    def _advance(self) -> None:
-        if self.stream is not None:
+            self.stream.restart(frontier, self.inputs.pop(frontier))
             self.stream.advance()
+            self.inputs[frontier + 1] = [h.clone() for h in self.stream.hidden]
 
     @torch.no_grad()
     def _kl_sum(self) -> float:
         total, start = 0.0, 0
-        for hidden in self._hidden():
+        for hidden in self.stream.hidden:
             logits = self.model.lm_head(self.model.model.norm(hidden))
             total += float(kl_per_position(logits, self.teacher[start : start + len(hidden)]).sum())
             start += len(hidden)

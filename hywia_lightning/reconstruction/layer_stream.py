@@ -44,6 +44,8 @@ def run_windows(model: nn.Module, windows: Tensor, batch_size: int = 1) -> None:
     device = next(model.parameters()).device
     with torch.no_grad():
         for batch in windows.reshape(-1, windows.shape[-1]).split(batch_size):
+            if not len(batch):
+                continue  # no windows at all (a rank's empty share): nothing to run
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except StopForward:

@@ -150,8 +150,13 @@ class ReconstructionMode:
         raise NotImplementedError
 
     def solve(self, dense: nn.Linear | Tensor, sliced: Tensor, stats: RefitStatistics, key: GroupKey) -> RefitResult:
+        return self.solve_with(self.damping, dense, sliced, stats, key)
+
+    def solve_with(self, damping: float, dense: nn.Linear | Tensor, sliced: Tensor, stats: RefitStatistics,
+                   key: GroupKey) -> RefitResult:
+        """One projection's refit at ``damping`` with the mode's intercept and prior."""
         weight = dense.weight if isinstance(dense, nn.Linear) else dense
-        return solve_refit(weight, sliced, stats, self.damping, str(key), intercept=self.intercept, prior=self.prior)
+        return solve_refit(weight, sliced, stats, damping, str(key), intercept=self.intercept, prior=self.prior)
 
 
 def padded_share(windows: Tensor, reduce: Reduce) -> int:
@@ -270,12 +275,10 @@ class Sequential(ReconstructionMode):
         over ranks: every rank chooses the same), the layers not refit yet dense; ties go to the
         larger damping. ``linear`` comes back as it was."""
         weight, bias = linear.weight.detach().clone(), linear.bias
-        results, sums = {}, []
+        sums = []
         with dense_structures(model, self._dense):
-            for damping in self.damping:
-                results[damping] = solve_refit(dense_weight, sliced, stats, damping, str(key), intercept=self.intercept,
-                                               prior=self.prior)
-                assign(linear, results[damping])
+            for damping in self.damping:  # one candidate refit held at a time: the winner is solved again
+                assign(linear, self.solve_with(damping, dense_weight, sliced, stats, key))
                 sums.append(judge.from_layer(key.layer))
                 with torch.no_grad():
                     linear.weight.copy_(weight)
@@ -284,7 +287,7 @@ class Sequential(ReconstructionMode):
         positions = float(reduce(torch.tensor(float(judge.positions), dtype=torch.float64)))
         kl = {damping: float(total) / positions for damping, total in zip(self.damping, totals)}
         best = min(kl.values())
-        result = results[max(d for d, value in kl.items() if value == best)]
+        result = self.solve_with(max(d for d, value in kl.items() if value == best), dense_weight, sliced, stats, key)
         result.judged_kl = kl
         return result
 

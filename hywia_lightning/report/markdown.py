@@ -262,10 +262,10 @@ def _plots(s: dict) -> list[str]:
     return (["## Plots", ""] + lines) if lines else []
 
 
-
 def _unseen_kl(distillation: dict) -> float | None:
     """The KL on the windows no choice was judged on (``kl_unseen_by_search`` in reports before the refit could judge)."""
     return distillation.get("kl_unseen", distillation.get("kl_unseen_by_search"))
+
 
 def _distillation(s: dict) -> list[str]:
     """The final KL to the dense model and, with a width search, what each of its rounds found."""
