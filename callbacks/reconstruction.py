@@ -67,6 +67,9 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             raise ValueError(f"reconstruction.choose_by=kl chooses among candidate dampings: give damping a list "
                              f"(e.g. [0.01, 0.1, 1.0]), not {damping!r}, or choose_by: heldout_error")
         strategy = reconstruction_mode(mode)
+        if choose_by == "kl" and not strategy.judges_by_kl:
+            raise ValueError(f"reconstruction.choose_by=kl: mode={mode!r} does not judge its refit by the KL to the "
+                             "dense model; use mode: sequential, or choose_by: heldout_error")
         check_refit_settings(damping, prior, folds)
         self.mode, self.damping, self.intercept, self.calibration = mode, damping, intercept, calibration
         self.batch_size, self.prior, self.folds = batch_size, prior, folds
@@ -131,15 +134,16 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
             self.strategy.prepare_layer(plan, index, layer)
 
     def judge(self, trainer: Trainer) -> DistillationSet | None:
-        """This rank's share of the windows ``choose_by: kl`` judges on (the pruning stage's)."""
+        """This rank's share of the windows ``choose_by: kl`` judges on (the pruning stage's first ones)."""
         if self.choose_by != "kl":
             return None
         pruning = next(c for c in trainer.callbacks if isinstance(c, StructuredPruning))
-        pruning.mark_judged(self.kl_windows)
         return pruning.distillation_targets[: self.kl_windows][trainer.global_rank :: trainer.world_size]
 
     def on_after_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
         self.strategy.judge = self.judge(trainer)
+        if self.strategy.judge is not None:  # the report's unseen KL leaves these windows out
+            next(c for c in trainer.callbacks if isinstance(c, StructuredPruning)).mark_judged(self.kl_windows)
         with pl_module.report.stage("reconstruction"):
             windows = self.windows(trainer)
             results = self.strategy.after_slicing(pl_module.model, plan, windows, self.reduce(trainer),

@@ -108,6 +108,9 @@ ABLATION_ROWS = {
     "hywia_damping01": "refit damping fixed at 0.1 for every structure (the previous default)",
     "hywia_damping1": "refit damping fixed at 1 for every structure",
     **{f"hywia_default_{change}": CHANGES[change] for change in ("heuristic", "fixed")},
+    "hywia_default_learned": "HyWIA learned fusion attention over wanda + fluctuation (`mode: learned`, the LM loss)",
+    "hywia_default_learnedkl": "HyWIA learned fusion attention trained against the KL from the unmasked model "
+                               "(`objective: kl`)",
     **{f"{scheme}_default": SINGLES[scheme] for scheme in ("wanda", "obs", "element2", "element1", "vector2")},
     "fluctuation_default": "fluctuation alone",
 }
@@ -186,6 +189,7 @@ WIDTH_ROWS = {
     "hywia_default_uniform": "uniform widths (every pruned layer loses the same share)",
     "hywia_default_search": "widths searched against the KL to the dense model (`width_search`)",
     "hywia_default_uniform_cal_valid128": "uniform widths, 128 calibration windows instead of 32 (the same KL windows)",
+    "hywia_default_uniform_cal_valid512": "uniform widths, 512 calibration windows instead of 32 (the same KL windows)",
     "hywia_default_kljudge": "uniform widths, the refit's damping chosen by the KL on held-out windows 0..7 "
                              "(`choose_by: kl`) instead of the output error on held-out folds",
 }
@@ -237,6 +241,7 @@ RECOVERY_ROWS = {
     "hywia_default_lora": "`lm` on WikiText-2 valid.txt windows (the test text's corpus; lr 3e-4)",
     "hywia_default_lm": "`lm` on 384 windows the dense model sampled",
     "hywia_default_distill": "**`kl` (distillation from the dense model)** on the same 384 sampled windows",
+    "hywia_default_distill_r32": "`kl`, LoRA rank 32 (alpha 64) instead of 8, on the same windows",
 }
 RECOVERY_TARGETS = ("20", "50")
 

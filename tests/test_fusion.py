@@ -61,11 +61,13 @@ def test_bad_fusion_keys_are_refused():
         Learned(temperatures=(1.0,))
 
 
-def test_the_fusion_learns_which_granularity_is_right_per_layer():
+@pytest.mark.parametrize("objective", ["lm", "kl"])
+def test_the_fusion_learns_which_granularity_is_right_per_layer(objective):
     """Half of every layer's MLP channels are dead (zero down_proj columns). Scheme A ranks them last
     in the front layers and is noise in the back ones; scheme B the reverse. Trained on the frozen
-    model's loss over text the model itself predicts well (its greedy continuations), the fusion must
-    trust A in front and B at the back, and so keep (almost) only live channels everywhere."""
+    model's loss over text the model itself predicts well (its greedy continuations), or on the KL
+    from the unmasked model, the fusion must trust A in front and B at the back, and so keep (almost)
+    only live channels everywhere."""
     torch.manual_seed(0)
     model = tiny_llama(num_key_value_heads=2, num_hidden_layers=4)
     dead = torch.arange(0, 96, 2)
@@ -84,10 +86,16 @@ def test_the_fusion_learns_which_granularity_is_right_per_layer():
         groups.append(GroupScores.build(f"layers.{i}.mlp", "mlp", i, 4, [a, b]))
         targets.append(MaskTarget(layer.mlp.down_proj, 1, keep=48))
     torch.manual_seed(0)
-    module = FusionTraining(model, FusionAttention(2, width=8), groups, targets, lr=0.05, temperatures=(0.5, 0.1))
+    module = FusionTraining(model, FusionAttention(2, width=8), groups, targets, lr=0.05, temperatures=(0.5, 0.1),
+                            objective=objective)
     prompts = torch.randint(0, 300, (16, 1), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         windows = model.generate(prompts, max_new_tokens=31, min_new_tokens=31, do_sample=False)
+    if objective == "kl":  # masks that keep every unit are the teacher: nothing to lose
+        module.on_fit_start()
+        assert module.loss(windows[:1], [torch.ones(96)] * 4).item() == pytest.approx(0, abs=1e-6)
+        assert module.loss(windows[:1], [hard_mask(f.detach(), t) for f, t in zip(module.fused(), targets)]) > 0.01
+        module.on_fit_end()
     module.fit(windows[:12], windows[12:], epochs=12, patience=12, seed=0)
     w = module.weights()
     assert (w[:2, 0] > w[:2, 1]).all() and (w[2:, 1] > w[2:, 0]).all(), w

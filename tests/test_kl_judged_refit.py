@@ -103,6 +103,8 @@ def test_a_job_judges_by_the_kl_and_reports_it(tiny_model_dir, tmp_path):
 def test_judging_by_the_kl_without_its_windows_is_refused_before_any_work(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="choose_by=kl chooses among candidate dampings: give damping a list"):
         LeastSquaresReconstruction(mode="sequential", damping=0.1, choose_by="kl")
+    with pytest.raises(ValueError, match="mode='independent' does not judge its refit by the KL"):
+        LeastSquaresReconstruction(mode="independent", damping=[0.1, 1.0], choose_by="kl")
     job = prune_job(tiny_model_dir, tmp_path, data={"num_windows": 6}, target_ratio=0.2, granularity="wanda")
     job["reconstruction"] = dict(JUDGE)
     with pytest.raises(ValueError, match="set pruning.init_args.distillation"):

@@ -130,6 +130,24 @@ def test_a_distilling_recovery_counts_the_teacher_sharded_like_the_student(tmp_p
         assert (job.recovery.teacher, job.recovery.kl) == expected, (loss, teacher)
 
 
+def test_a_fusion_trained_against_the_kl_counts_the_teacher_logits(tmp_path):
+    """``mode: Learned`` with ``objective: kl`` runs the unmasked model beside the masked one: the
+    fusion training stage holds the KL's vocabulary-sized tensors (as a distilling recovery does)."""
+    shape = ModelShape.from_config(tiny_config().to_dict())
+    config = yaml.safe_load((REPO / "configs" / "bench" / "hywia_default_learned_20.yaml").read_text())
+    plans = {}
+    for objective in ("lm", "kl"):
+        config["pruning"]["init_args"]["fusion"]["mode"]["init_args"]["objective"] = objective
+        path = tmp_path / f"{objective}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        job = job_settings(read_job(["--config", str(path)]))[0]
+        assert job.estimation.learned_fusion and job.estimation.fusion_kl == (objective == "kl")
+        job = replace(job, estimation=replace(job.estimation, layers=tuple(range(1, shape.num_hidden_layers))))
+        plans[objective] = {s.stage: s for s in plan_memory(shape, job).stages}["fusion training"]
+    added = part(plans["kl"], "KL: teacher logits, distributions and their gradients")
+    assert added == 128 * shape.vocab_size * (4 + 7 * 4) and plans["kl"].bytes - plans["lm"].bytes == added
+
+
 def test_shard_weights_divides_the_dense_weights_and_adds_the_slicing_stage():
     """Estimation, scoring and the independent refit hold 1/N of the weights plus what FSDP2 gathers;
     slicing shards the pruned model again (1/N of it per rank, as tests/test_sharded_estimation.py

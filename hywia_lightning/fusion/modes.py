@@ -22,7 +22,7 @@ A new mode subclasses :class:`FusionMode` and implements :meth:`FusionMode.blend
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from jsonargparse.typing import PositiveInt
@@ -102,7 +102,8 @@ class Learned(FusionMode):
     trains = True
 
     def __init__(self, epochs: PositiveInt = 6, lr: float = 0.02, patience: PositiveInt = 2, holdout: PositiveInt = 8,
-                 temperatures: tuple[float, float] = (1.0, 0.05), width: PositiveInt = 16) -> None:
+                 temperatures: tuple[float, float] = (1.0, 0.05), width: PositiveInt = 16,
+                 objective: Literal["lm", "kl"] = "lm") -> None:
         """
         Args:
             epochs: passes over the training windows (at most; early stopping may end sooner).
@@ -111,9 +112,14 @@ class Learned(FusionMode):
             holdout: calibration windows held out for early stopping (the last ones).
             temperatures: soft-mask temperature at the first and the last epoch (annealed geometrically).
             width: width of the attention's queries and keys.
+            objective: what the masked model is trained against: ``lm``, the calibration windows'
+                next tokens, or ``kl``, the unmasked (dense) model's next-token distributions.
         """
         if not (len(temperatures) == 2 and all(t > 0 for t in temperatures)):
             raise ValueError(f"temperatures={temperatures} must be two positive numbers (start, end)")
+        if objective not in ("lm", "kl"):
+            raise ValueError(f"objective={objective!r} is unknown; allowed: lm, kl")
+        self.objective = objective
         self.epochs, self.lr, self.patience, self.holdout = epochs, lr, patience, holdout
         self.temperatures, self.width = tuple(temperatures), width
 
@@ -132,11 +138,12 @@ class Learned(FusionMode):
         train, held_out = context.windows[:-self.holdout], context.windows[-self.holdout:]
         torch.manual_seed(seed)
         module = FusionTraining(context.model, FusionAttention(len(schemes), self.width), fused,
-                                mask_targets(context, keys, widths), self.lr, self.temperatures)
+                                mask_targets(context, keys, widths), self.lr, self.temperatures, self.objective)
         initial = module.weights()
         module.fit(train, held_out, self.epochs, self.patience, seed, context.loop)
         weights = module.weights().double()
         return weights, {"training": {
+            "objective": self.objective,
             "epochs_run": len(module.val_history),
             "train_loss_per_epoch": [round(v, 5) for v in module.train_history],
             "held_out_loss_per_epoch": [round(v, 5) for v in module.val_history],

@@ -4,8 +4,12 @@ Each pruned group gets a soft mask over its units, ``σ((f − τ)/T)``, where `
 scores, ``τ`` the midpoint between the k-th and (k+1)-th largest (k = the units the plan keeps) and
 ``T`` a temperature annealed geometrically from ``T₀`` to ``T₁`` over the epochs. The masks scale
 the units' inputs to ``o_proj`` / ``down_proj`` of the frozen model, and the calibration language
-model loss trains only the fusion. Validation applies the *hard* masks, the exact pruning decision
-(before reconstruction), on held-out windows.
+model loss trains only the fusion, or (``objective="kl"``) the KL from the unmasked model's
+next-token distributions (:func:`~hywia_lightning.core.distillation.kl_to_logits`; the teacher is the
+same frozen model run once more per window with no mask, so nothing is stored): what the pruned
+model should keep is the dense model's behaviour, not the calibration text's next tokens.
+Validation applies the *hard* masks, the exact pruning decision (before reconstruction), on held-out
+windows, with the same objective.
 
 :class:`FusionTraining` is a LightningModule trained by Lightning: Adam by ``configure_optimizers``,
 ``EarlyStopping`` on the held-out loss (``patience`` epochs without a better one), ``ModelCheckpoint``
@@ -25,6 +29,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..core.distillation import kl_to_logits, model_logits
 from ..core.frozen import Frozen
 from ..core.lm_loss import language_model_loss
 from ..core.scoring import ScoringContext
@@ -65,16 +70,18 @@ def hard_mask(fused: Tensor, target: MaskTarget) -> Tensor:
 
 
 class FusionTraining(LightningModule):
-    """Trains a :class:`FusionAttention` against the frozen model's calibration loss.
+    """Trains a :class:`FusionAttention` against the frozen model's calibration loss (``objective``:
+    ``lm``, the next-token loss, or ``kl``, the KL from the unmasked model).
 
     The model is held outside the module's children: Lightning never moves, casts or checkpoints
     it, and the fusion attention is the module's only state."""
 
     def __init__(
         self, model: nn.Module, fusion: FusionAttention, groups: list[GroupScores], targets: list[MaskTarget],
-        lr: float, temperatures: tuple[float, float],
+        lr: float, temperatures: tuple[float, float], objective: str = "lm",
     ) -> None:
         super().__init__()
+        self.objective = objective
         self.fusion, self.groups, self.targets = fusion, groups, targets
         self._model = [model]  # a list: not a registered child
         self.lr, self.temperatures = lr, temperatures
@@ -128,18 +135,28 @@ class FusionTraining(LightningModule):
         return t0 * (t1 / t0) ** (self.current_epoch / max(self.trainer.max_epochs - 1, 1))
 
     # -- Lightning's steps ----------------------------------------------------------------------
+    def loss(self, window: Tensor, masks: list[Tensor]) -> Tensor:
+        """The objective on ``window`` with ``masks`` on the model's output projections."""
+        if self.objective == "lm":
+            self._masks = masks
+            return language_model_loss(self.model, window)
+        self._masks = [None] * len(masks)  # the teacher: the same model, nothing masked
+        with torch.no_grad():
+            teacher = model_logits(self.model, window)
+        self._masks = masks
+        return kl_to_logits(model_logits(self.model, window), teacher).mean()
+
     def training_step(self, window: Tensor, index: int) -> Tensor:
-        self._masks = [soft_mask(f, t, self.temperature()) for f, t in zip(self.fused(), self.targets)]
-        loss = language_model_loss(self.model, window)
+        loss = self.loss(window, [soft_mask(f, t, self.temperature()) for f, t in zip(self.fused(), self.targets)])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=1)
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._masks = [hard_mask(f.detach(), t) for f, t in zip(self.fused(), self.targets)]
+        self._hard_masks = [hard_mask(f.detach(), t) for f, t in zip(self.fused(), self.targets)]
 
     def validation_step(self, window: Tensor, index: int) -> None:
-        """Calibration loss with the hard masks: the exact pruning decision of the current fusion."""
-        self.log("val_loss", language_model_loss(self.model, window), on_step=False, on_epoch=True, batch_size=1)
+        """The objective with the hard masks: the exact pruning decision of the current fusion."""
+        self.log("val_loss", self.loss(window, self._hard_masks), on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_start(self) -> None:
         self._progress = Progress("fusion training", self.trainer.max_epochs, unit="epoch", every=0)

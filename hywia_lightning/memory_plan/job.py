@@ -181,6 +181,7 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
             batch_size=int(pruning.get("estimation_batch_size") or 1),
             num_windows=int(_get(calibration, "num_windows", default=32)), seq_len=int(_get(calibration, "seq_len", default=128)),
             learned_fusion=learned,
+            fusion_kl=learned and _get(spec, "init_args", "mode", "init_args", "objective", default="lm") == "kl",
         )
         distill, search = pruning.get("distillation"), pruning.get("width_search")
         if distill is not None:

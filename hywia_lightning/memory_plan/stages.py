@@ -46,6 +46,7 @@ class EstimationSettings:
     num_windows: int = 32
     seq_len: int = 128
     learned_fusion: bool = False                 # HyWIA mode: learned (a fusion training stage)
+    fusion_kl: bool = False                      # ... trained against the KL from the unmasked model
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,14 @@ def _logits(shape: ModelShape, tokens: int) -> int:
     return 12 * tokens * shape.vocab_size
 
 
+def _kl_logits(shape: ModelShape, tokens: int, b: int) -> int:
+    """A KL to a teacher run beside: the teacher's logits (``b`` bytes); in float32 its log-probabilities,
+    probabilities and their product, the student's log-probabilities at the temperature; in the backward
+    the gradients of the product, of the log-probabilities and of the logits. Measured:
+    docs/performance/memory_plan_recovery.md"""
+    return tokens * shape.vocab_size * (b + 7 * 4)
+
+
 def weights(shape: ModelShape, b: int, kept: float = 1.0) -> int:
     return int(shape.parameters() * kept * b)
 
@@ -355,8 +364,10 @@ def fusion_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
     per_token = sum(_layer_activations(shape, layer, b, (shape.heads(layer) * shape.head_dim + shape.intermediate(layer))
                                        if layer in masked else 0)
                     for layer in range(first, shape.num_hidden_layers))
-    return StagePeak("fusion training", persistent + [Part("activations", tokens * per_token),
-                                                        Part("logits", _logits(shape, tokens))], "one window per step")
+    parts = persistent + [Part("activations", tokens * per_token), Part("logits", _logits(shape, tokens))]
+    if e.fusion_kl:
+        parts.append(Part("KL: teacher logits, distributions and their gradients", _kl_logits(shape, tokens, b)))
+    return StagePeak("fusion training", parts, "one window per step")
 
 
 def _layer_inputs(shape: ModelShape, e: EstimationSettings, layer: int) -> list[int]:
@@ -572,11 +583,8 @@ def recovery_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
         activations = tokens * sum(per_layer)
     parts += [Part("activations" + (" (checkpointed)" if rc.activation_checkpointing else ""), activations),
               Part("logits", _logits(shape, tokens))]
-    if rc.kl:  # vocabulary-sized: the teacher's logits; in float32 its log-probabilities, probabilities and
-        # their product, the student's log-probabilities at the temperature; in the backward the gradients of
-        # the product, of the log-probabilities and of the logits (summed with the LM loss's). Measured:
-        # docs/performance/memory_plan_recovery.md
-        parts.append(Part("KL: teacher logits, distributions and their gradients", tokens * shape.vocab_size * (b + 7 * 4)))
+    if rc.kl:  # vocabulary-sized (the logits' gradient summed with the LM loss's)
+        parts.append(Part("KL: teacher logits, distributions and their gradients", _kl_logits(shape, tokens, b)))
     note = f"FSDP over {world} ranks" if rc.fsdp else ("DDP: every rank holds the model" if world > 1 else "one device")
     return StagePeak("recovery", parts, note)
 

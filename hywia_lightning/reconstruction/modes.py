@@ -123,6 +123,7 @@ class ReconstructionMode:
     folds of held-out windows (modes that support it; the others refuse a list)."""
 
     chooses_damping = False  # whether the mode can choose its damping from candidates
+    judges_by_kl = False  # whether it chooses by :attr:`judge` where one is set (``choose_by: kl``)
     judge: DistillationSet | None = None
     """This rank's share of held-out windows and the dense model's targets on them: where set (and
     the mode chooses), candidates are judged by the summed KL over every rank's share instead of
@@ -217,7 +218,7 @@ class Independent(ReconstructionMode):
 
 
 class Sequential(ReconstructionMode):
-    chooses_damping = True
+    chooses_damping = judges_by_kl = True
 
     def before_slicing(self, model, plan, windows, reduce):
         layers = decoder_layers(model)
