@@ -139,7 +139,9 @@ def test_hywia_with_a_user_scheme_runs_from_yaml(mode, tiny_model_dir, tmp_path)
         rows = list(csv.DictReader((tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").open()))
         logged = [float(r["fusion/val_loss"]) for r in rows if r.get("fusion/val_loss")]
         assert logged == pytest.approx(training["held_out_loss_per_epoch"], abs=1e-5)
-        assert "| epoch | train loss (soft masks) | held-out loss (hard masks) |" in (tmp_path / "export" / "report.md").read_text()
+        report_md = (tmp_path / "export" / "report.md").read_text()
+        assert training["objective"] == "lm" and "Fusion training (the calibration text's next tokens): " in report_md
+        assert "| epoch | train loss (soft masks) | held-out loss (hard masks) |" in report_md
         assert (tmp_path / "fusion" / "best.ckpt").is_file()  # ModelCheckpoint kept the best fusion state
 
 

@@ -191,7 +191,9 @@ def _fusion(s: dict) -> list[str]:
     lines = [f"## Fusion weights ({fusion['mode']})", ""] + _table(header, rows) + [""]
     training = fusion.get("training")
     if training:
-        lines += [f"Fusion training: {training['epochs_run']} epochs, best held-out loss "
+        objective = {"kl": " (the KL from the unmasked model)", "lm": " (the calibration text's next tokens)"}.get(
+            training.get("objective"), "")
+        lines += [f"Fusion training{objective}: {training['epochs_run']} epochs, best held-out loss "
                   f"{_num(training['best_held_out_loss'], 4)}, weights moved by up to {_num(training['weights_moved'], 3)}.", ""]
         curves = list(zip(training.get("train_loss_per_epoch", []), training["held_out_loss_per_epoch"]))
         if curves:
