@@ -1,6 +1,7 @@
 """The measuring tools of the performance benchmarks: stage peaks of resident memory, and the
-alternating order of timed runs (no timing is asserted)."""
+alternating order of timed runs (no timing is asserted), and the held-out KL of any export."""
 
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,25 @@ def test_benchmark_results_keep_the_summary_and_count_the_chosen_dampings():
     assert short["importance"] == {"quantiles": [0.5]} and short["perplexity"] == {"value": 68.26}
     assert row["reconstruction"]["layers"] is layers and "groups" in row["importance"]
     assert summarized(short) == short  # idempotent: every write summarizes every row again
+
+
+def test_heldout_kl_is_zero_for_the_dense_model_and_positive_for_a_changed_one(tiny_model_dir, tmp_path):
+    """scripts/heldout_kl.py: the yardstick of rows that measure no KL in their own job."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    changed = tmp_path / "changed"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5)  # sharper next-token distributions
+    model.save_pretrained(changed)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(changed)
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    result = subprocess.run(
+        [sys.executable, "scripts/heldout_kl.py", str(tiny_model_dir), str(changed), "--teacher", str(tiny_model_dir),
+         "--source", str(tmp_path / "text.txt"), "--windows", "4", "--seq-len", "16", "--unseen-from", "2"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    dense, other = (json.loads(line) for line in result.stdout.splitlines())
+    assert dense["kl"] == dense["kl_from_2"] == 0 and other["kl"] > 0 and other["kl_from_2"] > 0
