@@ -35,7 +35,8 @@ layer not refit yet, so the choice weighs what the structure does to the model's
 distributions, not to its own output on the calibration text.
 
 A new mode subclasses :class:`ReconstructionMode`, overrides the two hooks, and is named by its
-import path in the reconstruction stage's ``mode`` (:func:`reconstruction_mode`).
+import path in the reconstruction stage's ``mode`` (:func:`reconstruction_mode`); one that chooses
+by :attr:`ReconstructionMode.judge` sets ``judges_by_kl`` (``choose_by: kl`` is refused otherwise).
 """
 
 from __future__ import annotations
