@@ -133,17 +133,17 @@ class LeastSquaresReconstruction(Preflight, PruningHooks, Callback):
         with pl_module.report.stage("reconstruction"):
             self.strategy.prepare_layer(plan, index, layer)
 
-    def judge(self, trainer: Trainer) -> DistillationSet | None:
-        """This rank's share of the windows ``choose_by: kl`` judges on (the pruning stage's first ones)."""
+    def take_judge(self, trainer: Trainer) -> DistillationSet | None:
+        """This rank's share of the windows ``choose_by: kl`` judges on (the pruning stage's first
+        ones), marked as judged there: the report's unseen KL leaves them out."""
         if self.choose_by != "kl":
             return None
         pruning = next(c for c in trainer.callbacks if isinstance(c, StructuredPruning))
+        pruning.mark_judged(self.kl_windows)
         return pruning.distillation_targets[: self.kl_windows][trainer.global_rank :: trainer.world_size]
 
     def on_after_slicing(self, trainer: Trainer, pl_module: LightningModule, plan: PruningPlan) -> None:
-        self.strategy.judge = self.judge(trainer)
-        if self.strategy.judge is not None:  # the report's unseen KL leaves these windows out
-            next(c for c in trainer.callbacks if isinstance(c, StructuredPruning)).mark_judged(self.kl_windows)
+        self.strategy.judge = self.take_judge(trainer)
         with pl_module.report.stage("reconstruction"):
             windows = self.windows(trainer)
             results = self.strategy.after_slicing(pl_module.model, plan, windows, self.reduce(trainer),

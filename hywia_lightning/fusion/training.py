@@ -90,7 +90,8 @@ class FusionTraining(LightningModule):
         self.register_buffer("shared", torch.stack([g.shared_features() for g in groups]).to(device), persistent=False)
         self.register_buffer("schemes", torch.stack([g.scheme_features() for g in groups]).to(device), persistent=False)
         self.normalized = [g.normalized.float().to(device) for g in groups]
-        self._masks: list[Tensor | None] = [None] * len(groups)
+        self._masks: list[Tensor | None] = [None] * len(groups)  # what the hooks apply now
+        self._hard_masks: list[Tensor] = []  # the current fusion's exact plan, for a validation epoch
         self._handles: list = []
         self._frozen: Frozen | None = None
         self.train_history: list[float] = []
