@@ -130,6 +130,28 @@ def test_a_distilling_recovery_counts_the_teacher_sharded_like_the_student(tmp_p
         assert (job.recovery.teacher, job.recovery.kl) == expected, (loss, teacher)
 
 
+def test_the_hidden_state_term_counts_the_layers_it_compares(tmp_path):
+    """``hidden_weight > 0``: the teacher's hidden states and a float32 difference per compared layer,
+    read from YAML (``hidden_layers``, or every layer); nothing with no weight."""
+    shape = resolve_shape("meta-llama/Llama-2-7b-hf")[0]
+    counted = {}
+    for name, keys in {"none": {}, "two": {"hidden_weight": 0.5, "hidden_layers": [3, 7]},
+                       "every": {"hidden_weight": 0.5}}.items():
+        config = yaml.safe_load((REPO / "configs" / "recover_smollm2.yaml").read_text())
+        config["model"]["init_args"].update(loss="kl", **keys)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        counted[name] = job_settings(read_job(["--config", str(path)]))[0].recovery.hidden_layers
+    assert counted == {"none": 0, "two": 2, "every": None}
+    settings = RecoverySettings(batch_size=4, seq_len=256, teacher=True, kl=True)
+    term = "hidden-state term: teacher hidden states, differences"
+    parts = {n: part(recovery_peak(shape, JobSettings(dtype="bfloat16", recovery=replace(settings, hidden_layers=n))), term)
+             for n in (2, None)}
+    tokens, d, layers = 4 * 256, shape.hidden_size, shape.num_hidden_layers
+    assert parts == {2: tokens * d * ((layers + 1) * 2 + 2 * 4), None: tokens * d * ((layers + 1) * 2 + layers * 4)}
+    assert not [p for p in recovery_peak(shape, JobSettings(dtype="bfloat16", recovery=settings)).parts if p.name == term]
+
+
 def test_a_fusion_trained_against_the_kl_counts_the_teacher_logits(tmp_path):
     """``mode: Learned`` with ``objective: kl`` runs the unmasked model beside the masked one: the
     fusion training stage holds the KL's vocabulary-sized tensors (as a distilling recovery does)."""

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hywia_lightning.core.distillation import kl_per_position, kl_to_logits, top_k_targets
+from hywia_lightning.core.distillation import hidden_state_error, kl_per_position, kl_to_logits, top_k_targets
 from hywia_lightning.data.recovery_data import RECOVERY_SEED, RecoveryData
 from hywia_lightning.data.self_generation import Generation, sample_windows
 
@@ -97,6 +97,37 @@ def test_the_loss_is_the_one_named(loss, tiny_model_dir, tmp_path):
     else:
         kl = torch.tensor([v for _, v in recovery["kl_curve"]])
         torch.testing.assert_close(total, 0.25 * kl + 0.75 * lm, atol=1e-5, rtol=1e-5)
+
+
+def test_the_hidden_state_term_is_scale_free_and_zero_at_the_teacher():
+    teacher, student = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    assert hidden_state_error(teacher, teacher).abs().max() == 0
+    torch.testing.assert_close(hidden_state_error(3 * student, 3 * teacher), hidden_state_error(student, teacher))
+    massive = teacher.clone()
+    massive[:, 0] *= 100  # a position with massive activations weighs what the others weigh
+    torch.testing.assert_close(hidden_state_error(massive + student - teacher, massive)[:, 1:],
+                               hidden_state_error(student, teacher)[:, 1:])
+
+
+def test_the_hidden_state_term_is_added_to_the_kl_with_its_weight(tiny_model_dir, tmp_path):
+    run_fit(distillation_job(tiny_model_dir, tmp_path, max_steps=4, hidden_weight=2.0, hidden_layers=[1, 3]), tmp_path)
+    recovery = json.loads((tmp_path / "export" / "report.json").read_text())["recovery"]
+    assert recovery["loss"]["hidden_weight"] == 2.0 and recovery["loss"]["hidden_layers"] == [1, 3]
+    total, kl, hidden = (torch.tensor([v for _, v in recovery[f"{name}_curve"]]) for name in ("loss", "kl", "hidden"))
+    torch.testing.assert_close(total, kl + 2.0 * hidden, atol=1e-5, rtol=1e-5)
+    assert hidden[-1] < hidden[0] and hidden[0] > 0  # the student's layers moved toward the teacher's
+    assert "| training hidden-state term |" in (tmp_path / "export" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"loss": "lm", "hidden_weight": 1.0}, r"hidden_weight=1.0 distils hidden states .* use loss: kl or mix"),
+    ({"hidden_weight": 1.0, "hidden_layers": [0, 4]}, r"hidden_layers=\[0, 4\] must be distinct decoder layer indices in \[0, 4\)"),
+    ({"hidden_weight": -1.0}, r"hidden_weight=-1.0 must be >= 0"),
+])
+def test_bad_hidden_state_settings_name_their_key(settings, message, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_fit(distillation_job(tiny_model_dir, tmp_path, **settings), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_bad_loss_settings_name_their_key(tiny_model_dir, tmp_path):

@@ -102,6 +102,17 @@ def kl_to_logits(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.
     return (entropy_term - (p * log_q).sum(-1)) * temperature**2
 
 
+def hidden_state_error(student: Tensor, teacher: Tensor) -> Tensor:
+    """The squared distance of the student's hidden states to the teacher's at every position
+    (``[..., seq_len]``), relative to the teacher's squared norm there: scale-free, so that neither
+    a layer with a larger residual stream nor a position with massive activations (the first token's)
+    outweighs the others. The intermediate-state term of Minitron's distillation (Muralidharan et
+    al., 2024, arXiv 2407.14679) with a per-position normalization instead of a learned projection
+    (the pruned model keeps the hidden size)."""
+    teacher = teacher.float()
+    return (student.float() - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-12)
+
+
 def model_logits(model: nn.Module, batch: Tensor) -> Tensor:
     device = next(model.parameters()).device
     return model(input_ids=batch.to(device), use_cache=False).logits

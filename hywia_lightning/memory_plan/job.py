@@ -216,6 +216,8 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
             dropout=float(model.get("dropout") or 0.0), batch_size=int(_get(data, "batch_size", default=8)),
             seq_len=int(_get(data, "seq_len", default=256)), activation_checkpointing=checkpointing, fsdp=fsdp,
             teacher=distils or model.get("teacher") is not None, kl=distils,
+            hidden_layers=(0 if not distils or not float(model.get("hidden_weight") or 0) > 0
+                           else None if model.get("hidden_layers") is None else len(model["hidden_layers"])),
         )
     devices, num_nodes = _devices(trainer.get("devices"), accelerator), int(trainer.get("num_nodes") or 1)
     shards = devices * num_nodes if pruning is not None and pruning.get("shard_accumulators") is not False else 1

@@ -93,6 +93,7 @@ class RecoverySettings:
     fsdp: bool = False
     teacher: bool = False  # the unpruned teacher (distillation, or a named teacher's validation KL)
     kl: bool = False       # the loss has a KL to the teacher (its logits and full distributions per token)
+    hidden_layers: int | None = 0  # layers the loss's hidden-state term compares: 0 no term, None every layer
 
 
 @dataclass(frozen=True)
@@ -585,6 +586,10 @@ def recovery_peak(shape: ModelShape, job: JobSettings) -> StagePeak:
               Part("logits", _logits(shape, tokens))]
     if rc.kl:  # vocabulary-sized (the logits' gradient summed with the LM loss's)
         parts.append(Part("KL: teacher logits, distributions and their gradients", _kl_logits(shape, tokens, b)))
+    compared = shape.num_hidden_layers if rc.hidden_layers is None else rc.hidden_layers
+    if compared:  # every hidden state the teacher returns, and one float32 difference per compared layer
+        parts.append(Part("hidden-state term: teacher hidden states, differences",
+                          tokens * shape.hidden_size * ((shape.num_hidden_layers + 1) * b + compared * 4)))
     note = f"FSDP over {world} ranks" if rc.fsdp else ("DDP: every rank holds the model" if world > 1 else "one device")
     return StagePeak("recovery", parts, note)
 

@@ -7,7 +7,10 @@ global rank 0 (from the full state, gathered under FSDP), so the evaluation and 
 see a plain pruned model; the adapters alone are exported too.
 
 The loss (``loss``): ``kl``, distillation from the unpruned model (the default), ``lm``, the
-language-model loss on the data's labels, or ``mix``, ``kl_weight · kl + (1 − kl_weight) · lm``.
+language-model loss on the data's labels, or ``mix``, ``kl_weight · kl + (1 − kl_weight) · lm``;
+with ``hidden_weight > 0`` (``kl`` and ``mix``) plus that weight times the mean over
+``hidden_layers`` of the decoder layers' output distance to the teacher's
+(:func:`~hywia_lightning.core.distillation.hidden_state_error`).
 Why distillation: the dense model's next-token distribution at every position carries far more
 signal per token than the one-hot next token, and it asks the pruned model to keep what the dense
 one did rather than to fit the recovery corpus (NVIDIA's Minitron recovers pruned models this way).
@@ -37,7 +40,7 @@ from peft import LoraConfig, PeftModel
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from ..core.distillation import kl_to_logits
+from ..core.distillation import hidden_state_error, kl_to_logits
 from ..distributed.strategies import full_state_dict
 from ..models.causal_lm import CausalLM
 from ..models.loading import load_causal_lm
@@ -67,6 +70,8 @@ class LoRARecovery(CausalLM):
         temperature: PositiveFloat = 1.0,
         kl_weight: float = 0.5,
         teacher: str | None = None,
+        hidden_weight: float = 0.0,
+        hidden_layers: list[int] | None = None,
     ) -> None:
         """
         Args:
@@ -82,6 +87,10 @@ class LoRARecovery(CausalLM):
             kl_weight: ``mix`` only: the KL's share of the loss, in [0, 1].
             teacher: the dense model the KL distils from (``None``: ``model_name_or_path``, the
                 model the job prunes). Name it when ``model_name_or_path`` is already a pruned export.
+            hidden_weight: ``kl`` and ``mix``: the weight of the hidden-state term added to the loss
+                (0: none). Measured on the bundled model (docs/recovery.md).
+            hidden_layers: the decoder layers (0-based) whose outputs the hidden-state term compares
+                (``None``: every layer; the last one's output is the model's, after its final norm).
         """
         super().__init__(model_name_or_path, cache_dir, dtype)
         if not 0 <= dropout < 1:
@@ -90,13 +99,14 @@ class LoRARecovery(CausalLM):
             raise ValueError(f"model.init_args.loss={loss!r} is unknown; allowed: kl, lm, mix")
         if not 0 <= kl_weight <= 1:
             raise ValueError(f"model.init_args.kl_weight={kl_weight} must be in [0, 1] (the KL's share of a mix)")
+        self.hidden_layers = self._check_hidden(hidden_weight, hidden_layers, loss)
         if loss != "lm" and teacher is None and getattr(self.model.config, "layer_intermediate_size", None) is not None:
             raise ValueError(
                 f"model.init_args.model_name_or_path={model_name_or_path!r} is a pruned export (its config has "
                 f"per-layer widths), so it cannot be its own teacher for loss={loss!r}: set model.init_args.teacher "
                 "to the dense model it was pruned from, or use loss: lm"
             )
-        self.loss, self.temperature, self.kl_weight = loss, temperature, kl_weight
+        self.loss, self.temperature, self.kl_weight, self.hidden_weight = loss, temperature, kl_weight, hidden_weight
         self.teacher_name_or_path, self.teacher_named = teacher or model_name_or_path, teacher is not None
         self.teacher: nn.Module | None = None  # loaded in configure_model (or by dense_model, earlier)
         self.val_kl = MeanMetric()  # token-weighted, summed over ranks when computed
@@ -109,11 +119,26 @@ class LoRARecovery(CausalLM):
         self.gradient_checkpointing = gradient_checkpointing
         # [step, value] of every training batch (the mean over ranks), and of every validation; rank 0
         self.loss_curve: list[list[float]] = []
-        self.parts_curve: dict[str, list[list[float]]] = {"kl": [], "lm": []}
+        self.parts_curve: dict[str, list[list[float]]] = {"kl": [], "lm": [], "hidden": []}
         self.val_curve: list[list[float]] = []
         self.val_kl_curve: list[list[float]] = []
         self.adapter: dict[str, Tensor] | None = None  # set when the adapters are merged
         self._seconds_before_resume, self._train_start = 0.0, time.perf_counter()
+
+    def _check_hidden(self, weight: float, layers: list[int] | None, loss: str) -> list[int]:
+        """The layers the hidden-state term compares (every one for ``None``); bad keys refused by name."""
+        count = self.model.config.num_hidden_layers
+        if not weight >= 0:
+            raise ValueError(f"model.init_args.hidden_weight={weight} must be >= 0 (0: no hidden-state term)")
+        if weight > 0 and loss == "lm":
+            raise ValueError(f"model.init_args.hidden_weight={weight} distils hidden states from the teacher, which "
+                             "loss: lm does not run; use loss: kl or mix, or hidden_weight: 0")
+        if layers is None:
+            return list(range(count))
+        if not layers or any(not 0 <= i < count for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"model.init_args.hidden_layers={layers} must be distinct decoder layer indices in "
+                             f"[0, {count}) (or null: every layer)")
+        return sorted(layers)
 
     def prepare_data(self) -> None:
         """The first hook of ``fit``: refuse a run that cannot train before pruning spends its time."""
@@ -180,6 +205,8 @@ class LoRARecovery(CausalLM):
             loss = self.kl_weight * parts["kl"] + (1 - self.kl_weight) * parts["lm"]
         else:
             loss = parts[self.loss]
+        if "hidden" in parts:
+            loss = loss + self.hidden_weight * parts["hidden"]
         self.log("train_loss", loss, prog_bar=True)
         for name, value in parts.items():
             self.log(f"train_{name}", value)
@@ -194,16 +221,23 @@ class LoRARecovery(CausalLM):
 
     def loss_parts(self, batch: dict[str, Tensor], temperature: float | None) -> dict[str, Tensor]:
         """The language-model loss on the batch's labels, and with a ``temperature`` the KL to the
-        teacher at it, over every position that is not padding (one forward of the student, one of the teacher)."""
-        output = self.model(**batch, use_cache=False)
+        teacher at it (and the hidden-state term, where it has a weight), over every position that is
+        not padding (one forward of the student, one of the teacher)."""
+        hidden = temperature is not None and self.hidden_weight > 0
+        output = self.model(**batch, use_cache=False, output_hidden_states=hidden)
         parts = {"lm": output.loss}
         if temperature is not None:
             with torch.no_grad():
-                teacher = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                teacher = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       use_cache=False, output_hidden_states=hidden)
             mask = batch["attention_mask"].to(output.logits.dtype)
-            kl = kl_to_logits(output.logits, teacher.logits, temperature)
+            masked_mean = lambda per_position: (per_position * mask).sum() / mask.sum()
+            parts["kl"] = masked_mean(kl_to_logits(output.logits, teacher.logits, temperature))
+            if hidden:  # hidden_states[0] is the embedding output: layer i's output is at i + 1
+                parts["hidden"] = torch.stack([
+                    masked_mean(hidden_state_error(output.hidden_states[i + 1], teacher.hidden_states[i + 1]))
+                    for i in self.hidden_layers]).mean()
             del teacher  # its logits: only the probabilities kl_to_logits keeps are needed now
-            parts["kl"] = (kl * mask).sum() / mask.sum()
         return parts
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -262,7 +296,9 @@ class LoRARecovery(CausalLM):
                      "dropout": self.lora_config.lora_dropout, "target_modules": sorted(self.lora_config.target_modules)},
             "optimizer": {"class": type(optimizer).__name__, "lr": optimizer.defaults.get("lr")},
             "loss": {"kind": self.loss, "temperature": self.temperature, "kl_weight": self.kl_weight,
-                     "teacher": self.teacher_name_or_path if self.needs_teacher else None},
+                     "teacher": self.teacher_name_or_path if self.needs_teacher else None,
+                     **({"hidden_weight": self.hidden_weight, "hidden_layers": self.hidden_layers}
+                        if self.hidden_weight > 0 else {})},
             "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
             "steps": self.global_step,
             "batches": len(self.loss_curve),

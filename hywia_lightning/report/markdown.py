@@ -210,7 +210,7 @@ def _fusion(s: dict) -> list[str]:
 
 # the recovery's curves in report.json (each [[step, value], ...], in nats) and how they are named
 RECOVERY_CURVES = {"loss_curve": "training loss", "kl_curve": "training KL", "lm_curve": "training LM loss",
-                   "val_loss": "validation LM loss", "val_kl": "validation KL"}
+                   "hidden_curve": "training hidden-state term", "val_loss": "validation LM loss", "val_kl": "validation KL"}
 
 
 def recovery_curves(recovery: dict) -> list[tuple[str, list]]:
