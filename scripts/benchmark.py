@@ -242,6 +242,7 @@ RECOVERY_ROWS = {
     "hywia_default_lm": "`lm` on 384 windows the dense model sampled",
     "hywia_default_distill": "**`kl` (distillation from the dense model)** on the same 384 sampled windows",
     "hywia_default_distill_r32": "`kl`, LoRA rank 32 (alpha 64) instead of 8, on the same windows",
+    "hywia_default_distill_text1600": "`kl` on 1,616 sampled windows (each seen once; val KL on its own 16)",
 }
 RECOVERY_TARGETS = ("20", "50")
 

@@ -62,7 +62,8 @@ class Generation:
         temperature: softmax temperature of the sampling, > 0 (1: the model's own distribution).
         top_p: nucleus: sample among the most likely tokens whose probabilities sum to ``top_p``, in (0, 1].
         top_k: the nucleus is searched among this many most likely tokens.
-        batch_size: samples generated side by side (on a CPU a step costs about the same for 1 or 32).
+        batch_size: samples generated side by side (on a CPU a step of 128 costs about twice one of 32:
+            1,616 windows of 128 tokens took 795 s at 128 on 2 cores, 384 took 826 s at 32 beside another job).
     """
 
     temperature: PositiveFloat = 1.0
