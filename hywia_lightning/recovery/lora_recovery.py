@@ -200,7 +200,7 @@ class LoRARecovery(CausalLM):
         log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        parts = self.loss_parts(batch, None if self.loss == "lm" else self.temperature)
+        parts = self.loss_parts(batch, None if self.loss == "lm" else self.temperature, hidden=self.hidden_weight > 0)
         if self.loss == "mix":
             loss = self.kl_weight * parts["kl"] + (1 - self.kl_weight) * parts["lm"]
         else:
@@ -219,11 +219,12 @@ class LoRARecovery(CausalLM):
                 self.parts_curve[name].append([self.global_step, value])
         return loss
 
-    def loss_parts(self, batch: dict[str, Tensor], temperature: float | None) -> dict[str, Tensor]:
+    def loss_parts(self, batch: dict[str, Tensor], temperature: float | None,
+                   hidden: bool = False) -> dict[str, Tensor]:
         """The language-model loss on the batch's labels, and with a ``temperature`` the KL to the
-        teacher at it (and the hidden-state term, where it has a weight), over every position that is
-        not padding (one forward of the student, one of the teacher)."""
-        hidden = temperature is not None and self.hidden_weight > 0
+        teacher at it (and with ``hidden`` the hidden-state term), over every position that is not
+        padding (one forward of the student, one of the teacher)."""
+        hidden = hidden and temperature is not None
         output = self.model(**batch, use_cache=False, output_hidden_states=hidden)
         parts = {"lm": output.loss}
         if temperature is not None:
@@ -237,7 +238,7 @@ class LoRARecovery(CausalLM):
                 parts["hidden"] = torch.stack([
                     masked_mean(hidden_state_error(output.hidden_states[i + 1], teacher.hidden_states[i + 1]))
                     for i in self.hidden_layers]).mean()
-            del teacher  # its logits: only the probabilities kl_to_logits keeps are needed now
+            del teacher  # its logits and states: only the probabilities kl_to_logits keeps are needed now
         return parts
 
     def validation_step(self, batch, batch_idx: int) -> None:
