@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
+MODEL = "bundled:SmolLM2-135M-Instruct"  # every row's model, and the recovery rows' teacher
 TARGETS = {"20": 0.2, "50": 0.5}
 DEFAULT_TARGETS = {"20": 0.2, "30": 0.3, "50": 0.5}  # the default and its uniform twin also show the curve between
 # row name -> (pruning callback, its init_args that define the row[, reconstruction init_args])
@@ -108,23 +109,22 @@ CALIBRATION_SIZES = {"valid128": {"num_windows": 128}, "valid512": {"num_windows
 # on the same text the dense model sampled itself (no WikiText), the same steps. Both name the
 # teacher, so that both report the validation KL.
 GENERATED_RECOVERY = {"source": "generated", "generated_windows": 384}
+DISTIL = {"loss": "kl", "teacher": MODEL}
 RECOVERED = {
     # the WikiText row as first measured (lr 3e-4); the generated-text rows use LORA's lr
     "hywia_default_lora_50": (0.5, {"loss": "lm", "optimizer": {"class_path": "torch.optim.AdamW",
                                                                 "init_args": {"lr": 0.0003, "weight_decay": 0.0}}}, {}),
-    **{f"hywia_default_{loss}_{target}": (ratio, {"loss": "kl" if loss == "distill" else "lm",
-                                                   "teacher": "bundled:SmolLM2-135M-Instruct"}, GENERATED_RECOVERY)
+    **{f"hywia_default_{loss}_{target}": (ratio, {**DISTIL, "loss": "kl" if loss == "distill" else "lm"},
+                                          GENERATED_RECOVERY)
        for loss in ("distill", "lm") for target, ratio in TARGETS.items()},
     # rank 32 (alpha 64: the same scale): ahead on the recovery's own validation windows after 60 steps of
     # the 50% row (KL 1.531 at r=8, 1.464 at r=32), behind after the 200 steps at 20% (0.535 vs 0.521):
     # the rows keep r=8 (docs/recovery.md)
-    "hywia_default_distill_r32_20": (0.2, {"loss": "kl", "teacher": "bundled:SmolLM2-135M-Instruct", "r": 32, "alpha": 64},
-                                     GENERATED_RECOVERY),
+    "hywia_default_distill_r32_20": (0.2, {**DISTIL, "r": 32, "alpha": 64}, GENERATED_RECOVERY),
     # more sampled text: 1,600 training windows (+16 held out), so that the 200 steps of 8 see each once
     # instead of ~4 times (sampled 128 side by side: twice the tokens per second of 32 on a CPU)
     **{f"hywia_default_distill_text1600_{target}": (
-        ratio, {"loss": "kl", "teacher": "bundled:SmolLM2-135M-Instruct"},
-        {"source": "generated", "generated_windows": 1616, "generation": {"batch_size": 128}})
+        ratio, DISTIL, {"source": "generated", "generated_windows": 1616, "generation": {"batch_size": 128}})
        for target, ratio in TARGETS.items()},
 }
 # lr 2e-3, chosen on the recovery data's own validation windows (KL to the dense model after 60 steps of
@@ -175,7 +175,7 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None
     return {
         "seed_everything": 0,
         "model": {"class_path": "hywia_lightning.CausalLM",
-                  "init_args": {"model_name_or_path": "bundled:SmolLM2-135M-Instruct"}},
+                  "init_args": {"model_name_or_path": MODEL}},
         "data": {"class_path": "hywia_lightning.CalibrationData",
                  "init_args": {"source": CALIBRATION, "num_windows": 32, "seq_len": 128, "seed": 0, **(calibration or {})}},
         "trainer": {

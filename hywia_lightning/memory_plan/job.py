@@ -211,13 +211,14 @@ def job_settings(config: Namespace) -> tuple[JobSettings, str, str | None]:
         checkpointing = bool(model.get("gradient_checkpointing")) or (
             fsdp and _get(strategy, "init_args", "activation_checkpointing", default=True) is not False)
         distils = model.get("loss", "kl") != "lm"  # LoRARecovery's default loss is the KL
+        layers = model.get("hidden_layers")  # null: every layer
+        hidden = distils and float(model.get("hidden_weight") or 0) > 0
         recovery = RecoverySettings(
             r=int(model.get("r") or 8), target_modules=tuple(model.get("target_modules") or RecoverySettings.target_modules),
             dropout=float(model.get("dropout") or 0.0), batch_size=int(_get(data, "batch_size", default=8)),
             seq_len=int(_get(data, "seq_len", default=256)), activation_checkpointing=checkpointing, fsdp=fsdp,
             teacher=distils or model.get("teacher") is not None, kl=distils,
-            hidden_layers=(0 if not distils or not float(model.get("hidden_weight") or 0) > 0
-                           else None if model.get("hidden_layers") is None else len(model["hidden_layers"])),
+            hidden_layers=(None if layers is None else len(layers)) if hidden else 0,
         )
     devices, num_nodes = _devices(trainer.get("devices"), accelerator), int(trainer.get("num_nodes") or 1)
     shards = devices * num_nodes if pruning is not None and pruning.get("shard_accumulators") is not False else 1
