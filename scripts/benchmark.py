@@ -160,6 +160,7 @@ CALIBRATION_ROWS = {
     "hywia_default_cal_generated": "`generated`: 32 samples of 128 tokens from the dense model",
     "hywia_default_cal_mix": "`[generated, builtin:python-docs/train]`: 16 windows of each",
     "hywia_default_cal_generated128": "**`generated`, 128 windows: the offline default** (configs/prune_smollm2.yaml)",
+    "hywia_default_cal_chat128": "`generated` conversations (`generation.conversation`), 128 windows",
     "hywia_default": "WikiText-2 `valid.txt` (the protocol's calibration: the test text's corpus)",
 }
 CALIBRATION_COMMAND = "python scripts/benchmark.py --rows " + " ".join(
@@ -243,6 +244,7 @@ RECOVERY_ROWS = {
     "hywia_default_distill": "**`kl` (distillation from the dense model)** on the same 384 sampled windows",
     "hywia_default_distill_r32": "`kl`, LoRA rank 32 (alpha 64) instead of 8, on the same windows",
     "hywia_default_distill_text1600": "`kl` on 1,616 sampled windows (each seen once; val KL on its own 16)",
+    "hywia_default_distill_chat": "`kl` on 384 sampled conversations (the chat template, Magpie; val KL on its own 16)",
 }
 RECOVERY_TARGETS = ("20", "50")
 

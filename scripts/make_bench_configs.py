@@ -98,6 +98,8 @@ CALIBRATIONS = {
     "generated": {"source": "generated"},                # text the dense model samples (hywia_lightning.data.self_generation)
     "generated128": {"source": "generated", "num_windows": 128},  # 4x the tokens: configs/prune_smollm2.yaml's
     "mix": {"source": ["generated", "builtin:python-docs/train"]},  # half of the windows from each
+    # 128 conversations the model writes in its chat template (generation.conversation, Magpie)
+    "chat128": {"source": "generated", "num_windows": 128, "generation": {"conversation": True, "batch_size": 128}},
 }
 # The default with the KL measured, calibrated on more WikiText-2 valid.txt windows than the protocol's 32
 # (hywia_default_uniform_cal_<name>_<target>): how quality moves with calibration size, the KL judged on
@@ -125,6 +127,11 @@ RECOVERED = {
     # instead of ~4 times (sampled 128 side by side: twice the tokens per second of 32 on a CPU)
     **{f"hywia_default_distill_text1600_{target}": (
         ratio, DISTIL, {"source": "generated", "generated_windows": 1616, "generation": {"batch_size": 128}})
+       for target, ratio in TARGETS.items()},
+    # the same 384 windows' count sampled as conversations in the model's chat template (Magpie: requests
+    # and answers the model writes itself) instead of free text from its BOS
+    **{f"hywia_default_distill_chat_{target}": (
+        ratio, DISTIL, {**GENERATED_RECOVERY, "generation": {"conversation": True, "batch_size": 128}})
        for target, ratio in TARGETS.items()},
 }
 # lr 2e-3, chosen on the recovery data's own validation windows (KL to the dense model after 60 steps of

@@ -36,17 +36,23 @@ def tiny_llama(num_key_value_heads: int = 2, seed: int = 0, **overrides) -> Llam
     return LlamaForCausalLM(tiny_config(num_key_value_heads, **overrides)).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with 300 tokens, trained in a blink on the built-in corpus."""
+def train_tiny_tokenizer(*extra_special: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with 300 tokens (``<eos>`` and ``extra_special`` among them), trained in a
+    blink on the built-in corpus."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=300, special_tokens=["<eos>", *extra_special], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator([read_text("builtin:python-docs/train", "test")[:200_000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>",
+                                   additional_special_tokens=list(extra_special))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return train_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

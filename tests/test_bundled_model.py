@@ -72,3 +72,17 @@ def test_stock_config_exports_a_stock_llama_and_a_llama_gguf(tmp_path):
     fields = gguf.GGUFReader(export / "model.gguf").fields
     assert fields["general.architecture"].contents() == "llama"
     assert fields["llama.feed_forward_length"].contents() == saved["intermediate_size"]
+
+
+def test_the_bundled_models_conversations_start_in_its_chat_template():
+    """``generation.conversation`` on the bundled SmolLM2-Instruct: its default system prompt, then the user's turn."""
+    from transformers import AutoTokenizer
+
+    from hywia_lightning.data.self_generation import ConversationScript
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path(models.BUNDLED_MODEL))
+    script = ConversationScript.of(tokenizer)
+    assert tokenizer.decode(script.start).startswith("<|im_start|>system\n")
+    assert tokenizer.decode(script.start).endswith("<|im_end|>\n<|im_start|>user\n")
+    assert tokenizer.convert_ids_to_tokens(script.end_of_turn) == "<|im_end|>"
+    assert tokenizer.decode(script.to_assistant) == "\n<|im_start|>assistant\n"

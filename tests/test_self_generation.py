@@ -8,11 +8,11 @@ import torch
 import hywia_lightning.data.calibration as calibration
 from hywia_lightning.data.calibration import CalibrationData, split_count
 from hywia_lightning.data.generation_cache import generation_key, generation_path
-from hywia_lightning.data.self_generation import Generation, sample_windows
+from hywia_lightning.data.self_generation import ConversationScript, Generation, sample_windows
 from hywia_lightning.distributed.collective import Collective
 from hywia_lightning.input_errors import InputError
 
-from .conftest import tiny_llama
+from .conftest import tiny_llama, train_tiny_tokenizer
 from .pipeline import prune_job, run_fit
 
 
@@ -165,3 +165,61 @@ def test_a_job_calibrates_on_generated_text_and_reports_it(tiny_model_dir, tmp_p
     markdown = (tmp_path / "export" / "report.md").read_text()
     assert "`generated`: sampled from the dense model" in markdown
     assert not report.get("warnings") and "Warning" not in markdown  # evaluated on python-docs, calibrated on generated text
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The tiny tokenizer with ChatML's markers as special tokens, and its template."""
+    tokenizer = train_tiny_tokenizer("<|im_start|>", "<|im_end|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def test_the_conversation_script_is_read_from_the_chat_template(chat_tokenizer):
+    script = ConversationScript.of(chat_tokenizer)
+    assert chat_tokenizer.decode(script.start) == "<|im_start|>user\n"
+    assert script.end_of_turn == chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert chat_tokenizer.decode(script.to_assistant) == "\n<|im_start|>assistant\n"
+    assert chat_tokenizer.decode(script.to_user) == "\n<|im_start|>user\n"
+
+
+def test_steering_writes_the_next_roles_header_after_each_turn(chat_tokenizer):
+    script = ConversationScript.of(chat_tokenizer)
+    pending, answering, written = [[]], [False], []
+    end, word = script.end_of_turn, 100
+    for sampled in [word, end, *[end] * len(script.to_assistant), word, end, *[word] * len(script.to_user)]:
+        written.append(int(script.steer(torch.tensor([[sampled]]), pending, answering)[0, 0]))
+    header = [end, *script.to_assistant]
+    assert written[1 : 1 + len(header)] == header  # the sampled tokens in the header's place are dropped
+    second = written.index(end, len(header) + 1)
+    assert written[second : second + 1 + len(script.to_user)] == [end, *script.to_user] and answering == [False]
+
+
+def test_conversations_are_sampled_in_the_template_and_deterministically(chat_tokenizer):
+    model = tiny_llama()
+    settings = Generation(batch_size=4, conversation=True)
+    a, b = (sample_windows(model, chat_tokenizer, 16, 48, 0, settings) for _ in range(2))
+    assert a.shape == (16, 48) and torch.equal(a, b)
+    script = ConversationScript.of(chat_tokenizer)
+    allowed = {script.end_of_turn, *script.to_assistant, *script.to_user}
+    specials = torch.tensor([i for i in chat_tokenizer.all_special_ids if i not in allowed])
+    assert not torch.isin(a, specials).any()  # no other special token is ever written
+    turns = 0
+    for row in a.tolist():  # every window starts in the user's turn: its turns end user, assistant, user, ...
+        for n, position in enumerate(p for p, token in enumerate(row) if token == script.end_of_turn):
+            header = script.to_user if n % 2 else script.to_assistant
+            follows = row[position + 1 : position + 1 + len(header)]
+            assert follows == header[: len(follows)]  # the window may end inside the header
+            turns += 1
+    assert turns >= 1  # 768 steps over 300 tokens: some samples end a turn
+
+
+def test_conversation_needs_a_chat_template(model, tiny_tokenizer, tmp_path):
+    data = generated(tiny_tokenizer, model, tmp_path, generation=Generation(conversation=True))
+    with pytest.raises(ValueError, match="conversation=true.*tokenizer has none; use conversation: false"):
+        data.windows()
+    assert not (tmp_path / "calibration").exists()  # refused before any sampling
