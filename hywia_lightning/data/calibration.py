@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..distributed.collective import Collective
 from .generation_cache import cached_generation, generation_key
-from .self_generation import GENERATED, ConversationScript, Generation, sample_windows
+from .self_generation import GENERATED, Generation, sample_windows
 from .text_sources import check_source, read_text, token_ids
 
 
@@ -198,8 +198,6 @@ class CalibrationData(LightningDataModule):
 
     def _generated(self, count: int, seed: int) -> Tensor:
         model = self._dense_model()
-        if self.generation.conversation:
-            ConversationScript.of(self.tokenizer)  # a tokenizer with no chat template is refused before any sampling
         key = generation_key(model.name_or_path, count, self.seq_len, seed, self.generation)
         windows, generated = cached_generation(
             key, lambda: sample_windows(model, self.tokenizer, count, self.seq_len, seed, self.generation), self.cache_dir)

@@ -172,6 +172,7 @@ def banned_tokens(tokenizer, vocab_size: int, allowed: int | None = None) -> Ten
 @torch.no_grad()
 def sample_windows(model, tokenizer, num_windows: int, seq_len: int, seed: int, settings: Generation) -> Tensor:
     """``[num_windows, seq_len]`` token ids sampled from ``model`` (see the module's docstring)."""
+    script = ConversationScript.of(tokenizer) if settings.conversation else None  # refused before any sampling
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     was_training = model.training
@@ -181,7 +182,7 @@ def sample_windows(model, tokenizer, num_windows: int, seq_len: int, seed: int, 
     try:
         for first in range(0, num_windows, settings.batch_size):
             size = min(settings.batch_size, num_windows - first)
-            batches.append(_sample_batch(model, tokenizer, size, seq_len, generator, settings, device))
+            batches.append(_sample_batch(model, tokenizer, size, seq_len, generator, settings, script, device))
             log.info("generated calibration: %d/%d windows of %d tokens (%.0f s)", first + size, num_windows, seq_len,
                      time.perf_counter() - start)
     finally:
@@ -190,8 +191,7 @@ def sample_windows(model, tokenizer, num_windows: int, seq_len: int, seed: int, 
 
 
 def _sample_batch(model, tokenizer, size: int, seq_len: int, generator: torch.Generator, settings: Generation,
-                  device: torch.device) -> Tensor:
-    script = ConversationScript.of(tokenizer) if settings.conversation else None
+                  script: ConversationScript | None, device: torch.device) -> Tensor:
     start = script.start if script else [start_token(tokenizer)]
     tokens = torch.tensor([start] * size, dtype=torch.long, device=device)
     out = model(input_ids=tokens, use_cache=True)
