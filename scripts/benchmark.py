@@ -191,6 +191,10 @@ WIDTH_ROWS = {
     "hywia_default_search": "widths searched against the KL to the dense model (`width_search`)",
     "hywia_default_uniform_cal_valid128": "uniform widths, 128 calibration windows instead of 32 (the same KL windows)",
     "hywia_default_uniform_cal_valid512": "uniform widths, 512 calibration windows instead of 32 (the same KL windows)",
+    "hywia_default_uniform_heads9": "uniform widths, all 9 query heads kept in every layer: the MLPs take the whole cut "
+                                    "(FLAP's shape at 20%)",
+    "hywia_default_uniform_kvgroups": "uniform widths, attention losing whole KV groups (`attention_unit: kv_groups`) "
+                                      "instead of query heads within each group",
     "hywia_default_kljudge": "uniform widths, the refit's damping chosen by the KL on held-out windows 0..7 "
                              "(`choose_by: kl`) instead of the output error on held-out folds",
 }
@@ -241,6 +245,8 @@ RECOVERY_ROWS = {
     "hywia_default": "none (the pruned model)",
     "hywia_default_lora": "`lm` on WikiText-2 valid.txt windows (the test text's corpus; lr 3e-4)",
     "hywia_default_lm": "`lm` on 384 windows the dense model sampled",
+    "hywia_default_distill_wikitext": "`kl` on WikiText-2 valid.txt windows (a diagnostic: the test text's corpus, "
+                                      "val KL on its own 16)",
     "hywia_default_distill": "**`kl` (distillation from the dense model)** on the same 384 sampled windows",
     "hywia_default_distill_r32": "`kl`, LoRA rank 32 (alpha 64) instead of 8, on the same windows",
     "hywia_default_distill_text1600": "`kl` on 1,616 sampled windows (each seen once; val KL on its own 16)",

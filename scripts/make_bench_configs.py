@@ -105,6 +105,12 @@ CALIBRATIONS = {
 # (hywia_default_uniform_cal_<name>_<target>): how quality moves with calibration size, the KL judged on
 # the same 32 held-out windows (the last of the seed's order).
 CALIBRATION_SIZES = {"valid128": {"num_windows": 128}, "valid512": {"num_windows": 512}}
+# The default with the KL measured and another split of the cut between attention and MLPs
+# (hywia_default_uniform_<name>_<target>): ``heads9``, every pruned layer keeps all 9 query heads and
+# its MLP takes the whole cut, the shape FLAP's own allocation gives at 20% (../shared/BENCHMARK.md;
+# at 50% the MLPs alone cannot hold the cut); ``kvgroups``, attention loses whole KV groups (3 query
+# heads and their key/value head) instead of query heads within each group, so the MLPs keep more.
+SPLITS = {"heads9": ({"heads_to_keep": 9}, ("20",)), "kvgroups": ({"attention_unit": "kv_groups"}, ("20", "50"))}
 # Rows of the default pruning followed by a short LoRA recovery: row -> (target, loss, recovery data).
 # hywia_default_lora_50: the language-model loss on WikiText-2 valid.txt windows (the test text's corpus);
 # hywia_default_{distill,lm}_<target>: distillation from the dense model, or the language-model loss,
@@ -128,6 +134,9 @@ RECOVERED = {
     **{f"hywia_default_distill_text1600_{target}": (
         ratio, DISTIL, {"source": "generated", "generated_windows": 1616, "generation": {"batch_size": 128}})
        for target, ratio in TARGETS.items()},
+    # a diagnostic, not a candidate: distillation on WikiText-2 valid.txt (the test text's corpus, as
+    # hywia_default_lora_50) instead of sampled text, the same steps: does real text lift the tasks?
+    "hywia_default_distill_wikitext_50": (0.5, DISTIL, {}),
     # the same 384 windows' count sampled as conversations in the model's chat template (Magpie: requests
     # and answers the model writes itself) instead of free text from its BOS
     **{f"hywia_default_distill_chat_{target}": (
@@ -237,6 +246,10 @@ def configs() -> dict[str, str]:
         for target, ratio in TARGETS.items():
             name = f"hywia_default_uniform_cal_{cal}_{target}"
             jobs[name] = job(name, (callback, {"target_ratio": ratio, **args}), reconstruction, data)
+    for split, (keys, targets) in SPLITS.items():  # another split of the cut between attention and MLPs
+        for target in targets:
+            name = f"hywia_default_uniform_{split}_{target}"
+            jobs[name] = job(name, (callback, {"target_ratio": TARGETS[target], **args, **keys}), reconstruction)
     callback, args, reconstruction = UNIFORM_DEFAULT
     for name, (ratio, loss, data) in RECOVERED.items():
         jobs[name] = with_recovery(name, job(name, (callback, {"target_ratio": ratio, **args}), reconstruction), loss, data)
