@@ -93,13 +93,15 @@ EVALUATION = "../shared/data/wikitext-2/test.txt"
 # The default configuration calibrated on other text (hywia_default_cal_<name>_<target>), judged on
 # the same WikiText-2 test tokens: which calibration source the offline default should use (issue 16).
 # hywia_default itself is the WikiText-2 valid row. name -> the data keys that differ from the protocol's.
+# conversations the model writes in its chat template (generation.conversation, Magpie: requests and
+# answers it writes itself), sampled 128 side by side
+CONVERSATIONS = {"conversation": True, "batch_size": 128}
 CALIBRATIONS = {
     "pydocs": {"source": "builtin:python-docs/train"},   # the Python documentation that ships with CPython
     "generated": {"source": "generated"},                # text the dense model samples (hywia_lightning.data.self_generation)
     "generated128": {"source": "generated", "num_windows": 128},  # 4x the tokens: configs/prune_smollm2.yaml's
     "mix": {"source": ["generated", "builtin:python-docs/train"]},  # half of the windows from each
-    # 128 conversations the model writes in its chat template (generation.conversation, Magpie)
-    "chat128": {"source": "generated", "num_windows": 128, "generation": {"conversation": True, "batch_size": 128}},
+    "chat128": {"source": "generated", "num_windows": 128, "generation": CONVERSATIONS},  # 128 conversations
 }
 # The default with the KL measured, calibrated on more WikiText-2 valid.txt windows than the protocol's 32
 # (hywia_default_uniform_cal_<name>_<target>): how quality moves with calibration size, the KL judged on
@@ -137,10 +139,8 @@ RECOVERED = {
     # a diagnostic, not a candidate: distillation on WikiText-2 valid.txt (the test text's corpus, as
     # hywia_default_lora_50) instead of sampled text, the same steps: does real text lift the tasks?
     "hywia_default_distill_wikitext_50": (0.5, DISTIL, {}),
-    # the same 384 windows' count sampled as conversations in the model's chat template (Magpie: requests
-    # and answers the model writes itself) instead of free text from its BOS
-    **{f"hywia_default_distill_chat_{target}": (
-        ratio, DISTIL, {**GENERATED_RECOVERY, "generation": {"conversation": True, "batch_size": 128}})
+    # the same 384 windows' count sampled as conversations instead of free text from the BOS
+    **{f"hywia_default_distill_chat_{target}": (ratio, DISTIL, {**GENERATED_RECOVERY, "generation": CONVERSATIONS})
        for target, ratio in TARGETS.items()},
 }
 # lr 2e-3, chosen on the recovery data's own validation windows (KL to the dense model after 60 steps of
