@@ -251,6 +251,7 @@ RECOVERY_ROWS = {
     "hywia_default_distill_r32": "`kl`, LoRA rank 32 (alpha 64) instead of 8, on the same windows",
     "hywia_default_distill_text1600": "`kl` on 1,616 sampled windows (each seen once; val KL on its own 16)",
     "hywia_default_distill_chat": "`kl` on 384 sampled conversations (the chat template, Magpie; val KL on its own 16)",
+    "hywia_default_distill_steps20": "`kl` on the same 384 sampled windows, 20 steps instead of 200",
 }
 RECOVERY_TARGETS = ("20", "50")
 

@@ -113,7 +113,8 @@ CALIBRATION_SIZES = {"valid128": {"num_windows": 128}, "valid512": {"num_windows
 # at 50% the MLPs alone cannot hold the cut); ``kvgroups``, attention loses whole KV groups (3 query
 # heads and their key/value head) instead of query heads within each group, so the MLPs keep more.
 SPLITS = {"heads9": ({"heads_to_keep": 9}, ("20",)), "kvgroups": ({"attention_unit": "kv_groups"}, ("20", "50"))}
-# Rows of the default pruning followed by a short LoRA recovery: row -> (target, loss, recovery data).
+# Rows of the default pruning followed by a short LoRA recovery: row -> (target, loss, recovery data[,
+# trainer keys that differ from RECOVERY_STEPS steps]).
 # hywia_default_lora_50: the language-model loss on WikiText-2 valid.txt windows (the test text's corpus);
 # hywia_default_{distill,lm}_<target>: distillation from the dense model, or the language-model loss,
 # on the same text the dense model sampled itself (no WikiText), the same steps. Both name the
@@ -141,6 +142,10 @@ RECOVERED = {
     "hywia_default_distill_wikitext_50": (0.5, DISTIL, {}),
     # the same 384 windows' count sampled as conversations instead of free text from the BOS
     **{f"hywia_default_distill_chat_{target}": (ratio, DISTIL, {**GENERATED_RECOVERY, "generation": CONVERSATIONS})
+       for target, ratio in TARGETS.items()},
+    # a tenth of the steps (20, validated once at the end): how much of the recovery the first ~3 minutes buy
+    **{f"hywia_default_distill_steps20_{target}": (ratio, DISTIL, GENERATED_RECOVERY,
+                                                   {"max_steps": 20, "val_check_interval": 20})
        for target, ratio in TARGETS.items()},
 }
 # lr 2e-3, chosen on the recovery data's own validation windows (KL to the dense model after 60 steps of
@@ -203,9 +208,10 @@ def job(name: str, pruning: tuple[str, dict] | None, reconstruction: dict | None
     }
 
 
-def with_recovery(name: str, pruning_job: dict, loss: dict, data: dict) -> dict:
+def with_recovery(name: str, pruning_job: dict, loss: dict, data: dict, steps: dict | None = None) -> dict:
     """``pruning_job`` followed by LoRA recovery: the calibration windows move into the pruning
-    stages (the job's data becomes the recovery's), so the pruned model is the same as without it."""
+    stages (the job's data becomes the recovery's), so the pruned model is the same as without it.
+    ``steps``: trainer keys that differ from :data:`RECOVERY_STEPS` steps, validated halfway and at the end."""
     config = copy.deepcopy(pruning_job)
     calibration = config.pop("data")
     config["model"] = {"class_path": "hywia_lightning.LoRARecovery",
@@ -217,6 +223,7 @@ def with_recovery(name: str, pruning_job: dict, loss: dict, data: dict) -> dict:
     trainer.update(max_steps=RECOVERY_STEPS, val_check_interval=RECOVERY_STEPS // 2, check_val_every_n_epoch=None,
                    num_sanity_val_steps=-1,
                    default_root_dir=f"runs/bench/{name}")
+    trainer.update(steps or {})
     config["pruning"]["init_args"]["calibration"] = copy.deepcopy(calibration)
     if "reconstruction" in config:
         config["reconstruction"]["calibration"] = copy.deepcopy(calibration)
@@ -251,8 +258,9 @@ def configs() -> dict[str, str]:
             name = f"hywia_default_uniform_{split}_{target}"
             jobs[name] = job(name, (callback, {"target_ratio": TARGETS[target], **args, **keys}), reconstruction)
     callback, args, reconstruction = UNIFORM_DEFAULT
-    for name, (ratio, loss, data) in RECOVERED.items():
-        jobs[name] = with_recovery(name, job(name, (callback, {"target_ratio": ratio, **args}), reconstruction), loss, data)
+    for name, (ratio, loss, data, *steps) in RECOVERED.items():
+        jobs[name] = with_recovery(name, job(name, (callback, {"target_ratio": ratio, **args}), reconstruction), loss, data,
+                                   *steps)
     header = (
         "# python main.py fit --config configs/bench/{name}.yaml\n"
         "# A row of the benchmark (../shared/BENCHMARK.md), written by scripts/make_bench_configs.py.\n"
